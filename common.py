@@ -152,6 +152,8 @@ class DeviceLoader:
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             batch = order[start:start + self.batch_size].to(self.device)
+            if self.shuffle and len(batch) == 1:
+                break  # a lone last sample would make train-mode BatchNorm fail
             x = self.images[batch]
             if self.crop:
                 x = random_crop(x, self.crop, torch.randint(0, 2 * self.crop + 1, (len(batch), 2), generator=gen))
@@ -705,7 +707,7 @@ class Run:
             v = row.get(c)
             if isinstance(v, bool) or isinstance(v, int):
                 cells.append(f"{v:>10d}")
-            elif isinstance(v, float) and c in ("acc", "pgd_monitor") or c.endswith("_acc"):
+            elif isinstance(v, float) and (c in ("acc", "pgd_monitor") or c.endswith("_acc")):
                 cells.append(f"{100 * v:>9.2f}%")
             elif isinstance(v, float):
                 cells.append(f"{v:>10.4g}" if c != "seconds" else f"{v:>10.1f}")
@@ -722,16 +724,15 @@ class Run:
         eps, step = args.epsilon / 255, eval_step(args.dataset)
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         best = self.best["weights"] or last
+        best_epoch = self.best["epoch"] or len(self.rows)
         final = {}
-        for name, weights in (("last", last), ("best", best)):
-            if name == "best" and self.best["epoch"] in (0, len(self.rows)) and weights is best:
-                if self.best["epoch"] == len(self.rows) or self.best["weights"] is None:
-                    final["best"] = final["last"]  # the best epoch is the last one: same weights
-                    continue
+        for name, weights, epoch in (("last", last, len(self.rows)), ("best", best, best_epoch)):
+            if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
+                final["best"] = final["last"]  # the best weights are the last ones: same numbers
+                continue
             model.load_state_dict(weights)
             torch.manual_seed(args.seed)  # the evaluation's random starts do not depend on training
-            self.print(f"# evaluating the {name} model (epoch "
-                       f"{len(self.rows) if name == 'last' else self.best['epoch']}) on {n} test images")
+            self.print(f"# evaluating the {name} model (epoch {epoch}) on {n} test images")
             final[name] = evaluate(model, x, y, eps, step, args.eval_iters, args.eval_restarts,
                                    autoattack=args.autoattack, num_classes=data.num_classes)
         model.load_state_dict(last)
