@@ -1,0 +1,68 @@
+"""Time per training epoch of several method scripts on the same data, model and device, in one run.
+
+    python bench/epoch_time.py --dataset mnist --data-dir DIR --model mnist-cnn --epochs 3 \
+        fgsm_rs.py fgsm_sdi.py "las_at.py --strategy-every 1"
+
+Each spec is a script plus its own flags. Every run trains for --epochs with the shared flags given here,
+evaluates on a single test image (the evaluation is not what is timed), and is timed by the `seconds`
+column of its results.json (training only: the per-epoch monitor and checkpoint are outside it). The first
+epoch is left out of the mean when there are more (warm-up: allocation, cuDNN autotuning, compilation).
+The table gives seconds per epoch and the ratio to the first spec.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="+", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"')
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--model", default=None)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", help="also write the table as JSON here")
+    args = p.parse_args()
+    shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.epochs),
+              "--eval-samples", "1", "--eval-iters", "1", "--eval-restarts", "1"]
+    for flag in ("model", "batch_size", "device"):
+        if getattr(args, flag) is not None:
+            shared += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, spec in enumerate(args.specs):
+            script, *own = shlex.split(spec)
+            out = os.path.join(tmp, str(k))
+            cmd = [sys.executable, os.path.join(ROOT, script), *shared, *own, "--out-dir", out]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            with open(os.path.join(out, "results.json")) as f:
+                res = json.load(f)
+            seconds = [r["seconds"] for r in res["epochs"]]
+            timed = seconds[1:] or seconds
+            rows.append({"spec": spec, "seconds_per_epoch": sum(timed) / len(timed), "epochs_timed": len(timed),
+                         "device": res["device"], "torch": res["torch"]})
+            print(f"  {spec}: {rows[-1]['seconds_per_epoch']:.2f} s/epoch", file=sys.stderr, flush=True)
+    base = rows[0]["seconds_per_epoch"]
+    print(f"{args.dataset}, model {args.model or 'recipe default'}, {args.epochs} epochs, device {rows[0]['device']}, "
+          f"torch {rows[0]['torch']}")
+    print(f"{'spec':<44} {'s/epoch':>9} {'ratio':>7}")
+    for r in rows:
+        r["ratio"] = r["seconds_per_epoch"] / base
+        print(f"{r['spec']:<44} {r['seconds_per_epoch']:>9.2f} {r['ratio']:>6.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
