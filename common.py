@@ -504,7 +504,7 @@ def _nonneg_int(text):
 nonneg_float, pos_float, pos_int, nonneg_int = _nonneg_float, _pos_float, _pos_int, _nonneg_int
 
 
-def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate"):
+def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate", alpha_help="attack step size, in /255 units"):
     """The flags every method shares. Flags left at None are filled from the method's recipe for
     the chosen dataset by parse_args()."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -516,7 +516,7 @@ def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate"):
     p.add_argument("--batch-size", type=pos_int, default=None)
     p.add_argument(lr_flag, type=pos_float, default=None, help=lr_help)
     p.add_argument("--epsilon", type=nonneg_float, default=None, help="L∞ radius, in /255 units")
-    p.add_argument("--alpha", type=nonneg_float, default=None, help="attack step size, in /255 units")
+    p.add_argument("--alpha", type=nonneg_float, default=None, help=alpha_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -654,8 +654,7 @@ class Run:
             else:
                 self.print(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
         else:
-            self.print(f"# {self.args.method} " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                           for k, v in vars(self.args).items() if k != "method"))
+            self.print(f"# python {self.args.method}.py {command_line(self.args)}")
         for epoch in range(self.start_epoch, self.args.epochs):
             if self.stopped:
                 break
@@ -756,6 +755,22 @@ class Run:
         return results
 
 
+def command_line(args):
+    """The flags of a parsed run as a command line that reproduces it (recipe values made explicit)."""
+    words = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key == "method" or value is None or value is False:
+            continue
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
 def main_guard(main):
     """Run a script's main(): Ctrl-C and a non-finite loss end it with a message, not a traceback."""
     try:
@@ -772,14 +787,18 @@ def plot_curves(rows, path, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"
-            and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)]
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # a column may be None in some epochs (e.g. LAS-AT's reward when no strategy update happened)
+    keys = [k for k in (rows[0] if rows else {}) if k != "epoch" and any(number(r.get(k)) for r in rows)
+            and all(number(r.get(k)) or r.get(k) is None for r in rows)]
     cols = 3
     nrows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
     epochs = [r["epoch"] for r in rows]
     for ax, k in zip(axes.flat, keys):
-        ax.plot(epochs, [r[k] for r in rows], marker="o", ms=3)
+        points = [(e, r[k]) for e, r in zip(epochs, rows) if r.get(k) is not None]
+        ax.plot(*zip(*points), marker="o", ms=3)
         ax.set_title(k)
         ax.set_xlabel("epoch")
     for ax in list(axes.flat)[len(keys):]:

@@ -40,7 +40,7 @@ LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "m
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, alpha_help="input step of δ₀, /255 units (default 0.9·ε)")
     p.add_argument("--eta", type=common.nonneg_float, default=None,
                    help="η, magnitude of every latent δ_k, a plain number in the latent's own units written "
                         "in /255 like ε (default: = --epsilon; the authors' code sets both from one value)")

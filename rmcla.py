@@ -41,7 +41,8 @@ RECIPES = {
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_flag="--lr", lr_help="initial learning rate")
+    p = common.base_parser(__doc__, lr_flag="--lr", lr_help="initial learning rate",
+                           alpha_help="size of the one targeted step, /255 units (default ε, as the code)")
     p.add_argument("--beta", type=common.pos_float, default=None,
                    help="β in y′_c = β·max_{k≠c} y′_k (default 9; CIFAR-100 11)")
     p.add_argument("--gamma", type=common.pos_float, default=0.01,

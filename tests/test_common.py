@@ -393,3 +393,10 @@ def test_plot_has_a_panel_per_numeric_column(tmp_path):
     from PIL import Image
     w, h = Image.open(tmp_path / "c.png").size
     assert w > 0 and h > 0 and math.isclose(w / h, 12 / 5.6, rel_tol=0.05)  # 4 panels on a 2×3 grid
+
+
+def test_logged_command_line_reproduces_the_arguments():
+    import fgsm_rs
+    args = fgsm_rs.get_args(["--dataset", "mnist", "--early-stop", "--epochs", "3", "--data-dir", "d"])
+    again = fgsm_rs.get_args(common.command_line(args).split())
+    assert vars(again) == vars(args)
