@@ -635,6 +635,8 @@ class Run:
             else:
                 v.load_state_dict(ckpt["tracked"][k])
         self.rows, self.best, self.train_time = ckpt["rows"], ckpt["best"], ckpt["train_time"]
+        if self.best["weights"] is not None:  # map_location moved them to the device; they are kept on the CPU
+            self.best["weights"] = {k: v.cpu() for k, v in self.best["weights"].items()}
         self.stopped, self.start_epoch = ckpt["stopped"], ckpt["epochs_done"]
         self.state.clear()
         self.state.update(ckpt["state"])

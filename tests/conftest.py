@@ -149,7 +149,10 @@ def small_args(data_dir, out_dir, epochs=2, **extra):
 
 def run_script(script, args, env=None, expect=0, timeout=600):
     """Run a method script in a subprocess (through tests/_launch.py) and check its exit code."""
-    full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    # One thread: float reductions then run in one fixed order, so two runs of the same command are
+    # bitwise equal whatever the machine's load (with several threads, MKL may change its thread count).
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "MKL_DYNAMIC": "FALSE", **(env or {})}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_launch.py"), os.path.join(ROOT, script),
                            *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if expect is not None:
