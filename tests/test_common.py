@@ -400,3 +400,13 @@ def test_logged_command_line_reproduces_the_arguments():
     args = fgsm_rs.get_args(["--dataset", "mnist", "--early-stop", "--epochs", "3", "--data-dir", "d"])
     again = fgsm_rs.get_args(common.command_line(args).split())
     assert vars(again) == vars(args)
+
+
+def test_autoattack_without_a_package_says_so(trained, monkeypatch, capsys):
+    model, x, y = trained
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # makes `import autoattack` raise ImportError
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    assert common.autoattack_accuracy(model, x, y, 8 / 255, 10) is None
+    assert "AutoAttack skipped" in capsys.readouterr().out
+    res = common.evaluate(model, x[:8], y[:8], 8 / 255, 2 / 255, pgd_iters=2, restarts=1, cw_iters=2, autoattack=True)
+    assert res["autoattack"] is None and set(res) == {"clean", "pgd2_1", "cw2", "autoattack"}
