@@ -617,7 +617,7 @@ class Run:
     def _save_checkpoint(self, epochs_done):
         ckpt = {
             "epochs_done": epochs_done, "rows": self.rows, "best": self.best, "train_time": self.train_time,
-            "stopped": self.stopped, "state": self.state,
+            "stopped": self.stopped, "state": self.state, "args": vars(self.args),
             "tracked": {k: (v.detach().cpu() if torch.is_tensor(v) else v.state_dict())
                         for k, v in self.tracked.items()},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -638,6 +638,13 @@ class Run:
         if self.best["weights"] is not None:  # map_location moved them to the device; they are kept on the CPU
             self.best["weights"] = {k: v.cpu() for k, v in self.best["weights"].items()}
         self.stopped, self.start_epoch = ckpt["stopped"], ckpt["epochs_done"]
+        # Flags that only affect evaluation or where the run happens may change; others change the run.
+        free = {"resume", "device", "out_dir", "data_dir", "eval_samples", "eval_iters", "eval_restarts",
+                "autoattack", "compile"}
+        for key, saved in ckpt.get("args", {}).items():
+            if key not in free and getattr(self.args, key, saved) != saved:
+                self.print(f"# warning: --{key.replace('_', '-')} was {saved} when this run started and is "
+                           f"{getattr(self.args, key)} now; the resumed run is not the run that was started")
         self.state.clear()
         self.state.update(ckpt["state"])
         rng = ckpt["rng"]

@@ -410,3 +410,17 @@ def test_autoattack_without_a_package_says_so(trained, monkeypatch, capsys):
     assert "AutoAttack skipped" in capsys.readouterr().out
     res = common.evaluate(model, x[:8], y[:8], 8 / 255, 2 / 255, pgd_iters=2, restarts=1, cw_iters=2, autoattack=True)
     assert res["autoattack"] is None and set(res) == {"clean", "pgd2_1", "cw2", "autoattack"}
+
+
+def test_resume_with_changed_training_flags_warns(tmp_path):
+    model = common.make_model("wrn-10-1", "cifar10")
+    run = common.Run(_run_args(tmp_path, epochs=1))
+    run.track(model=model)
+    for epoch in run.epochs():
+        run.end_epoch(epoch, model, _tiny_data(), lr=0.1, loss=1.0, acc=0.5)
+    run.log_file.close()
+    again = common.Run(_run_args(tmp_path, epochs=3, resume=True, eval_samples=4))
+    again.track(model=model)
+    assert [e for e in again.epochs()] == [1, 2]  # continues after the saved epoch
+    log = (tmp_path / "log.txt").read_text()
+    assert "--epochs was 1" in log and "--eval-samples" not in log
