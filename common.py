@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,13 +52,23 @@ LAYOUTS = {
     "mnist": "DATA_DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "tiny-imagenet": "DATA_DIR/tiny-imagenet-200/{wnids.txt,train/WNID/images/*.JPEG,"
                      "val/images/*.JPEG,val/val_annotations.txt} (the unzipped tiny-imagenet-200.zip)",
+    "folder": "DATA_DIR/train/CLASS/* and DATA_DIR/test/CLASS/* (torchvision's ImageFolder layout; val/ is "
+              "accepted for test/), images of one size in any format PIL reads",
 }
+# Every --dataset: the fixed ones above, and "folder" (any image folder; its facts come from dataset_info()).
+DATASET_NAMES = list(DATASETS) + ["folder"]
 
 
 def _missing(name, data_dir, why):
     # One line, no traceback: the user needs to know where the files are expected, nothing else.
     raise SystemExit(f"fastat: dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not "
                      f"be downloaded ({why}); expected layout: {LAYOUTS[name].replace('DATA_DIR', data_dir)}")
+
+
+def _bad_data(message):
+    """A dataset that is there but unusable: one line on stderr and exit code 2, as for a bad flag."""
+    print(f"fastat: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _torchvision_split(name, data_dir, cls, **split):
@@ -76,42 +87,169 @@ def _torchvision_split(name, data_dir, cls, **split):
         _missing(name, data_dir, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
 
+def _class_folders(directory):
+    # torchvision's find_classes() would also take hidden folders (.ipynb_checkpoints, ...) as classes.
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _decode(samples, size=None):
+    """Decode (path, label) pairs into a uint8 array N×C×H×W and int64 labels.
+
+    Files PIL cannot identify (a README, .DS_Store, Tiny ImageNet's box files) are skipped and counted.
+    Every image must be `size` (W, H), or the size of the first image: no silent resizing. The images stay
+    one channel if all of them are grayscale; otherwise every image becomes RGB (a grayscale image among
+    colour ones is replicated into three channels, as PIL's convert("RGB") does)."""
+    from PIL import Image, UnidentifiedImageError
+    arrays, labels, skipped, first = [], [], 0, None
+    for path, label in samples:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if size is None:
+                    size, first = img.size, path
+                if img.size != size:
+                    _bad_data(f"{path} is {img.size[0]}x{img.size[1]} but the images are "
+                              f"{size[0]}x{size[1]}{f' (like {first})' if first else ''}: every image must have "
+                              f"one size (fastat does not resize; resize the folder beforehand)")
+                gray = img.mode in ("1", "L", "LA")
+                arrays.append(np.asarray(img.convert("L" if gray else "RGB")))
+        except UnidentifiedImageError:
+            skipped += 1
+            continue
+        except OSError as err:  # a truncated or corrupt image file
+            _bad_data(f"cannot read image {path}: {err}")
+        labels.append(label)
+    if skipped:
+        print(f"fastat: skipped {skipped} file(s) that are not images", file=sys.stderr, flush=True)
+    if not arrays:
+        return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
+        x = np.stack(arrays).transpose(0, 3, 1, 2)
+    else:
+        x = np.stack(arrays)[:, None]
+    return np.ascontiguousarray(x), np.array(labels, dtype=np.int64)
+
+
+def _decode_cached(cache, samples, root, size=None, with_stats=False):
+    """_decode() once: the arrays are cached in `cache` (an .npz beside the data) together with the list of
+    files they came from, and decoded again whenever that list changes. Returns a dict with x, y (and the
+    per-channel mean and std of x/255 if with_stats)."""
+    files = np.array([os.path.relpath(p, root) for p, _ in samples], dtype=str)
+    labels = np.array([c for _, c in samples], dtype=np.int64)
+    if os.path.exists(cache):
+        try:
+            with np.load(cache) as f:
+                cached = {k: f[k] for k in f.files}
+            if (np.array_equal(cached["files"], files) and np.array_equal(cached["labels"], labels)
+                    and (not with_stats or "mean" in cached)):
+                return cached
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable or from another version: decode again
+    x, y = _decode(samples, size)
+    out = {"x": x, "y": y, "files": files, "labels": labels}
+    if with_stats and len(x):
+        v = torch.from_numpy(x).float().div_(255).transpose(0, 1).flatten(1)  # C × (N·H·W)
+        out["mean"], out["std"] = v.mean(1).numpy(), v.std(1).numpy()
+    tmp = cache + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
+        os.replace(tmp, cache)  # atomic: an interrupted write leaves no half-written cache
+    except OSError:  # a read-only data directory only costs the decode next time
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return out
+
+
+def _folder_samples(directory, class_to_idx):
+    """(path, label) for every non-hidden file under directory/CLASS/ (recursively), in torchvision's order."""
+    from torchvision.datasets.folder import make_dataset
+    unknown = sorted(set(_class_folders(directory)) - set(class_to_idx))
+    if unknown:
+        _bad_data(f"{directory}/{unknown[0]} is not a class of the training split (classes are the folders "
+                  f"of train/)")
+    return make_dataset(directory, class_to_idx, allow_empty=True,
+                        is_valid_file=lambda p: not os.path.basename(p).startswith("."))
+
+
+_FOLDERS = {}  # (data_dir, split) → decoded split, so parse-time checks and get_data() decode once
+
+
+def _folder_split(data_dir, train):
+    """--dataset folder: DATA_DIR/train/CLASS/* and DATA_DIR/test/CLASS/* (or val/), torchvision's
+    ImageFolder layout. Classes are the sorted folder names of train/."""
+    key = (os.path.abspath(data_dir), train)
+    if key in _FOLDERS:
+        return _FOLDERS[key]
+    train_dir = os.path.join(data_dir, "train")
+    test_dir = next((os.path.join(data_dir, d) for d in ("test", "val") if os.path.isdir(os.path.join(data_dir, d))),
+                    None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        _missing("folder", data_dir, "no download source for an image folder")
+    classes = _class_folders(train_dir)
+    if not classes:
+        _bad_data(f"{train_dir} holds no class folders")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    size = None
+    if not train:  # the test images must have the training images' size
+        x = _folder_split(data_dir, True)["x"]
+        size = (x.shape[3], x.shape[2])
+    samples = _folder_samples(train_dir if train else test_dir, class_to_idx)
+    split = "train" if train else "test"
+    out = _decode_cached(os.path.join(data_dir, f"fastat-folder-{split}-uint8.npz"), samples, data_dir, size,
+                         with_stats=train)
+    if train:
+        counts = np.bincount(out["y"], minlength=len(classes))
+        if (counts == 0).any():
+            _bad_data(f"{os.path.join(train_dir, classes[int(np.argmin(counts))])} holds no images: every class "
+                      f"folder of train/ needs at least one")
+    elif not len(out["y"]):
+        _bad_data(f"{test_dir} holds no images")
+    out["classes"] = classes
+    _FOLDERS[key] = out
+    return out
+
+
 def _tiny_imagenet(data_dir, train):
-    """Tiny ImageNet: train as an image folder, val relabelled from val_annotations.txt; decoded
-    once (grayscale images to RGB) and cached next to the data as a uint8 array."""
+    """Tiny ImageNet: train/ is an image folder; val/ is relabelled from val_annotations.txt. Decoded once
+    (grayscale images to RGB, as most are colour) and cached next to the data as uint8 arrays."""
     root = os.path.join(data_dir, "tiny-imagenet-200")
     if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, "val")):
         _missing("tiny-imagenet", data_dir, "no download source: get tiny-imagenet-200.zip and unzip it there")
-    split = "train" if train else "val"
-    cache = os.path.join(root, f"fastat-{split}-uint8.npz")
-    if os.path.exists(cache):
-        with np.load(cache) as f:
-            return f["x"], f["y"]
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-    train_folder = ImageFolder(os.path.join(root, "train"))  # class index = sorted wnid order
+    class_to_idx = {c: i for i, c in enumerate(_class_folders(os.path.join(root, "train")))}  # sorted wnids
     if train:
-        samples = train_folder.samples
+        samples = _folder_samples(os.path.join(root, "train"), class_to_idx)
     else:
         samples = []
         with open(os.path.join(root, "val", "val_annotations.txt")) as f:
             for line in f:
                 if line.strip():
                     file, wnid = line.split("\t")[:2]
-                    samples.append((os.path.join(root, "val", "images", file), train_folder.class_to_idx[wnid]))
-    x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in samples]).transpose(0, 3, 1, 2)
-    y = np.array([c for _, c in samples], dtype=np.int64)
-    try:
-        np.savez(cache, x=x, y=y)
-    except OSError:  # a read-only data directory only costs the decode next time
-        pass
-    return x, y
+                    samples.append((os.path.join(root, "val", "images", file), class_to_idx[wnid]))
+    out = _decode_cached(os.path.join(root, f"fastat-{'train' if train else 'val'}-uint8.npz"), samples, root,
+                         size=(64, 64))
+    return out["x"], out["y"]
+
+
+def dataset_info(name, data_dir="data"):
+    """classes, shape, crop padding, flip, mean, std of a dataset. For --dataset folder they come from the
+    images: the channel count and size, padding = size/8, mean and std of the training split."""
+    if name != "folder":
+        return DATASETS[name]
+    split = _folder_split(data_dir, train=True)
+    shape = tuple(split["x"].shape[1:])
+    return dict(classes=len(split["classes"]), shape=shape, crop=shape[1] // 8, flip=True,
+                mean=tuple(split["mean"].tolist()), std=tuple(split["std"].tolist()))
 
 
 def load_split(name, data_dir, train):
     """Return one split as (uint8 array N×C×H×W, int64 labels)."""
     from torchvision import datasets
-    if name == "tiny-imagenet":
+    if name == "folder":
+        split = _folder_split(data_dir, train)
+        x, y = split["x"], split["y"]
+    elif name == "tiny-imagenet":
         x, y = _tiny_imagenet(data_dir, train)
     elif name in ("cifar10", "cifar100"):
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -161,9 +299,17 @@ class DeviceLoader:
                 x = torch.where((torch.rand(len(batch), generator=gen) < 0.5).to(self.device)[:, None, None, None],
                                 x.flip(3), x)
             x = x.float().div_(255)
-            if self.device.type == "cuda":
+            if gpu_path(self.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[batch], self.indices[batch]
+
+
+def gpu_path(device):
+    """Train in bf16 autocast with channels_last tensors? Always on CUDA. On the CPU only when the environment
+    sets FASTAT_CPU_BF16=1: slow there, but it lets the tests run the GPU path's dtypes and memory layout
+    (double backward, hooks, per-sample memories) on a machine without a GPU."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("FASTAT_CPU_BF16") == "1")
 
 
 def random_crop(x, pad, offsets):
@@ -192,7 +338,7 @@ class Data:
 
 
 def get_data(args, device, val_size=0):
-    info = DATASETS[args.dataset]
+    info = dataset_info(args.dataset, args.data_dir)
     x, y = load_split(args.dataset, args.data_dir, train=True)
     tx, ty = load_split(args.dataset, args.data_dir, train=False)
     if val_size >= len(y):
@@ -203,11 +349,18 @@ def get_data(args, device, val_size=0):
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     train_idx, val_idx = train_idx.to(device), val_idx.to(device)
     train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, device, shuffle=True,
-                         crop=info["crop"], flip=info["flip"], seed=args.seed)
+                         crop=info["crop"], flip=info["flip"] and not getattr(args, "no_flip", False),
+                         seed=args.seed)
     val = DeviceLoader(x[val_idx], y[val_idx], val_idx, args.batch_size, device) if val_size else None
     source = val if val is not None else train
     m = min(args.monitor_size, len(source.labels))
-    monitor = (source.images[:m].float() / 255, source.labels[:m])
+    # A fixed random subset, not the first m images: an image folder (and Tiny ImageNet) lists its images
+    # class by class, so the first m would be one or two classes and the monitor would measure nothing.
+    pick = torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(1))[:m].sort().values
+    pick = pick.to(source.labels.device)
+    monitor = (source.images[pick].float() / 255, source.labels[pick])
+    if tx.shape[1:] != x.shape[1:]:  # a built-in dataset always matches; a folder is checked when decoded
+        raise SystemExit(f"fastat: test images are {tuple(tx.shape[1:])}, training images {tuple(x.shape[1:])}")
     return Data(args.dataset, info["classes"], info["mean"], info["std"], train, val,
                 torch.from_numpy(tx).to(device), torch.from_numpy(ty).to(device), len(y), monitor)
 
@@ -276,8 +429,9 @@ class PreActResNet18(Normalized):
 
 
 class WideBasic(nn.Module):
-    def __init__(self, in_planes, planes, stride):
+    def __init__(self, in_planes, planes, stride, dropout=0.0):
         super().__init__()
+        self.dropout = dropout  # drop rate between the two convs (Zagoruyko & Komodakis), train mode only
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -289,28 +443,30 @@ class WideBasic(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        out = F.relu(self.bn2(self.conv1(out)))
+        out = self.conv2(F.dropout(out, self.dropout, self.training) if self.dropout else out)
         return out + shortcut
 
 
 class WideResNet(Normalized):
-    """WRN-depth-width (Zagoruyko & Komodakis 2016), pre-activation, no dropout; depth = 6n + 4."""
+    """WRN-depth-width (Zagoruyko & Komodakis 2016), pre-activation; depth = 6n + 4. dropout: drop rate
+    inside every block (default 0, no dropout; latent_at.py sets its authors' 0.3)."""
 
-    def __init__(self, depth=34, width=10, num_classes=10, in_channels=3, mean=(0.0,), std=(1.0,)):
+    def __init__(self, depth=34, width=10, num_classes=10, in_channels=3, mean=(0.0,), std=(1.0,), dropout=0.0):
         super().__init__(mean, std)
         assert (depth - 4) % 6 == 0, "WRN depth must be 6n+4"
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.block1 = self._group(widths[0], widths[1], n, 1)
-        self.block2 = self._group(widths[1], widths[2], n, 2)
-        self.block3 = self._group(widths[2], widths[3], n, 2)
+        self.block1 = self._group(widths[0], widths[1], n, 1, dropout)
+        self.block2 = self._group(widths[1], widths[2], n, 2, dropout)
+        self.block3 = self._group(widths[2], widths[3], n, 2, dropout)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
 
     @staticmethod
-    def _group(in_planes, planes, n, stride):
-        return nn.Sequential(*[WideBasic(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+    def _group(in_planes, planes, n, stride, dropout=0.0):
+        return nn.Sequential(*[WideBasic(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout)
                                for i in range(n)])
 
     def forward(self, x):
@@ -333,35 +489,57 @@ class MnistCNN(Normalized):
         return self.net(self.normalize(x))
 
 
+class LeNet(Normalized):
+    """The LeNet of pytorch/examples mnist/main.py from Dec 2018 to Nov 2019 (the PyTorch 1.0 that Amata ran;
+    later versions use conv 32/64 k3 with dropout): conv(1→20,k5)–ReLU–maxpool 2–conv(20→50,k5)–ReLU–maxpool 2–
+    FC(800→500)–ReLU–FC(10), no padding, no dropout. It returns logits (the original ends in log_softmax, which
+    the cross-entropy applies itself). The first FC layer's width follows the image size: 50·4·4 = 800 on 28×28."""
+
+    def __init__(self, num_classes=10, in_channels=1, mean=(0.0,), std=(1.0,), image_size=(28, 28)):
+        super().__init__(mean, std)
+        h, w = (((s - 4) // 2 - 4) // 2 for s in image_size)  # two valid 5×5 convolutions, each then pooled by 2
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes))
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
+
+
 def model_name(text):
-    """argparse type for --model: preact18, wrn-DEPTH-WIDTH (depth = 6n+4) or mnist-cnn."""
+    """argparse type for --model: preact18, wrn-DEPTH-WIDTH (depth = 6n+4), mnist-cnn or lenet."""
     name = text.lower()
     if name in ("preact18", "preactresnet18"):
         return "preact18"
     if name in ("mnist-cnn", "cnn"):
         return "mnist-cnn"
+    if name == "lenet":
+        return "lenet"
     m = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
     if m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0 and int(m[2]) >= 1:
         return name
     raise argparse.ArgumentTypeError(
         f"'{text}' is not a model: use preact18, wrn-DEPTH-WIDTH with depth = 6n+4 (wrn-34-10, wrn-28-10, "
-        f"wrn-16-2, ...) or mnist-cnn")
+        f"wrn-16-2, ...), mnist-cnn or lenet")
 
 
-def make_model(name, dataset):
-    info = DATASETS[dataset]
+def make_model(name, dataset, data_dir="data"):
+    info = dataset_info(dataset, data_dir)
     kw = dict(num_classes=info["classes"], in_channels=info["shape"][0], mean=info["mean"], std=info["std"])
     if name == "preact18":
         return PreActResNet18(**kw)
     if name == "mnist-cnn":
         return MnistCNN(**kw)
+    if name == "lenet":
+        return LeNet(image_size=info["shape"][1:], **kw)
     depth, width = map(int, name.split("-")[1:])
     return WideResNet(depth, width, **kw)
 
 
 def get_model(args, device):
-    model = make_model(args.model, args.dataset).to(device)
-    if torch.device(device).type == "cuda":
+    model = make_model(args.model, args.dataset, args.data_dir).to(device)
+    if gpu_path(device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -405,11 +583,13 @@ def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=T
     return best_delta, robust
 
 
-def pgd_accuracy(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None):
-    """Robust accuracy over a whole set in batches; prints progress every few seconds if `label`."""
+def pgd_accuracy(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None,
+                 per_sample=False):
+    """Robust accuracy over a whole set in batches; prints progress every few seconds if `label`.
+    per_sample: return the bool mask of samples classified correctly instead of the accuracy."""
     was_training = model.training
     model.eval()
-    correct, done, last_print = 0, 0, time.time()
+    correct, done, last_print, masks = 0, 0, time.time(), []
     for start in range(0, len(y), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
@@ -418,17 +598,21 @@ def pgd_accuracy(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_siz
                 ok = model(xb).argmax(1) == yb
         else:
             ok = attack_pgd(model, xb, yb, eps, step, iters, restarts, loss)[1]
+        masks.append(ok)
         correct += ok.sum().item()
         done += len(yb)
         if label and (time.time() - last_print > 5 or done == len(y)):
             print(f"  {label}: {done}/{len(y)} images, accuracy so far {100 * correct / done:.2f}%", flush=True)
             last_print = time.time()
     model.train(was_training)
+    if per_sample:
+        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=y.device)
     return correct / max(len(y), 1)
 
 
-def autoattack_accuracy(model, x, y, eps, num_classes, batch_size=500):
-    """Standard L∞ AutoAttack via the official `autoattack` package, else `torchattacks`."""
+def autoattack_accuracy(model, x, y, eps, num_classes, batch_size=500, per_sample=False):
+    """Standard L∞ AutoAttack via the official `autoattack` package, else `torchattacks`.
+    per_sample: return the bool mask of samples that survive instead of the accuracy."""
     x = x.float() / 255 if x.dtype == torch.uint8 else x
     model.eval()
     try:
@@ -445,8 +629,9 @@ def autoattack_accuracy(model, x, y, eps, num_classes, batch_size=500):
         attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes)
         x_adv = torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
     with torch.no_grad():
-        return sum((model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                   for i in range(0, len(y), batch_size)) / len(y)
+        ok = torch.cat([model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                        for i in range(0, len(y), batch_size)])
+    return ok if per_sample else ok.float().mean().item()
 
 
 def eval_step(dataset):
@@ -456,17 +641,25 @@ def eval_step(dataset):
 
 def evaluate(model, x, y, eps, step, pgd_iters=50, restarts=10, cw_iters=20, autoattack=False,
              num_classes=10, batch_size=500):
-    """SPEC §0: clean, PGD-50-10 (CE, random start, per-sample worst restart), PGD-20 on the CW margin."""
+    """SPEC §0: clean, PGD-50-10 (CE, random start, per-sample worst restart), PGD-20 on the CW margin, and
+    "worst_case": the share of samples classified correctly clean and under every attack that ran (per
+    sample, as RobustBench counts). CE-based PGD is weak against models trained on soft labels (R-MC-LA,
+    label smoothing) without their being robust; the worst case is the honest headline then."""
     model = model.float()
-    out = {"clean": pgd_accuracy(model, x, y, eps, step, 0, batch_size=batch_size, label="clean")}
-    out[f"pgd{pgd_iters}_{restarts}"] = pgd_accuracy(model, x, y, eps, step, pgd_iters, restarts, "ce",
-                                                     batch_size, label=f"PGD-{pgd_iters}-{restarts}")
+    masks = {"clean": pgd_accuracy(model, x, y, eps, step, 0, batch_size=batch_size, label="clean",
+                                   per_sample=True)}
+    masks[f"pgd{pgd_iters}_{restarts}"] = pgd_accuracy(model, x, y, eps, step, pgd_iters, restarts, "ce",
+                                                       batch_size, label=f"PGD-{pgd_iters}-{restarts}",
+                                                       per_sample=True)
     if cw_iters:
-        out[f"cw{cw_iters}"] = pgd_accuracy(model, x, y, eps, step, cw_iters, 1, "cw", batch_size,
-                                            label=f"CW-{cw_iters}")
+        masks[f"cw{cw_iters}"] = pgd_accuracy(model, x, y, eps, step, cw_iters, 1, "cw", batch_size,
+                                              label=f"CW-{cw_iters}", per_sample=True)
     if autoattack:
-        out["autoattack"] = autoattack_accuracy(model, x, y, eps, num_classes, batch_size)
-    return out
+        masks["autoattack"] = autoattack_accuracy(model, x, y, eps, num_classes, batch_size, per_sample=True)
+    ran = [m for m in masks.values() if m is not None]
+    masks["worst_case"] = torch.stack(ran).all(0)
+    n = max(len(y), 1)
+    return {k: None if m is None else m.sum().item() / n for k, m in masks.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,19 +697,26 @@ def _nonneg_int(text):
 nonneg_float, pos_float, pos_int, nonneg_int = _nonneg_float, _pos_float, _pos_int, _nonneg_int
 
 
-def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate", alpha_help="attack step size, in /255 units"):
+def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate",
+                alpha_help="attack step size, in /255 units (default: the recipe's ratio to ε, times --epsilon)"):
     """The flags every method shares. Flags left at None are filled from the method's recipe for
     the chosen dataset by parse_args()."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
+    p.add_argument("--dataset", default="cifar10", choices=DATASET_NAMES,
+                   help="folder: any image folder DATA_DIR/{train,test}/CLASS/* (the CIFAR-10 recipe is used)")
     p.add_argument("--data-dir", default="data", help="where datasets live / are downloaded to")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flip (for data where a flip changes the class: digits, text)")
     p.add_argument("--model", type=model_name, default=None,
-                   help="preact18 (default; mnist-cnn for MNIST), wrn-DEPTH-WIDTH (e.g. wrn-34-10), mnist-cnn")
+                   help="preact18 (default; mnist-cnn for MNIST, lenet for Amata's MNIST recipe), wrn-DEPTH-WIDTH "
+                        "(e.g. wrn-34-10), mnist-cnn, lenet")
     p.add_argument("--epochs", type=pos_int, default=None, help="training epochs (recipe default)")
     p.add_argument("--batch-size", type=pos_int, default=None)
     p.add_argument(lr_flag, type=pos_float, default=None, help=lr_help)
-    p.add_argument("--epsilon", type=nonneg_float, default=None, help="L∞ radius, in /255 units")
-    p.add_argument("--alpha", type=nonneg_float, default=None, help=alpha_help)
+    p.add_argument("--epsilon", type=nonneg_float, default=None,
+                   help="L∞ radius of training and of the final evaluation, in /255 units")
+    p.add_argument("--alpha", type=nonneg_float, default=None,
+                   help=alpha_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -535,16 +735,24 @@ def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate", alpha_hel
     return p
 
 
-def parse_args(parser, recipes, argv=None, script=None):
-    """Parse, then fill every flag left at None from recipes[dataset] (or recipes['default'])."""
+def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",)):
+    """Parse, then fill every flag left at None from recipes[dataset] (or recipes['default']).
+
+    eps_relative: recipe values that are a ratio of ε (the FGSM step α = 1.25ε of FGSM-RS, ...). When the user
+    sets --epsilon but not one of these, it keeps the recipe's ratio to ε instead of the recipe's absolute
+    value: `--epsilon 16` trains FGSM-RS with α = 20/255, not 10/255. An explicit flag always wins."""
     args = parser.parse_args(argv)
     recipe = {"val_size": 0, **recipes.get("default", {}), **recipes.get(args.dataset, {})}
     recipe.setdefault("model", "mnist-cnn" if args.dataset == "mnist" else "preact18")
+    if args.epsilon is not None and recipe.get("epsilon"):
+        for key in eps_relative:
+            if getattr(args, key, None) is None and key in recipe:
+                setattr(args, key, recipe[key] * args.epsilon / recipe["epsilon"])
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.model == "mnist-cnn" and args.dataset != "mnist":
-        parser.error("--model mnist-cnn only fits --dataset mnist")
+    if args.model == "mnist-cnn" and dataset_info(args.dataset, args.data_dir)["shape"][1:] != (28, 28):
+        parser.error("--model mnist-cnn only fits 28x28 images (--dataset mnist)")
     script = script or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     args.method = script
     if args.out_dir is None:
@@ -562,6 +770,21 @@ def parse_args(parser, recipes, argv=None, script=None):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+# An epoch whose clean predictions on the monitor batch put at least this share into one class is not
+# eligible as "best" (issue: a constant predictor won against catastrophically overfitted models).
+DEGENERATE_SHARE = 0.9
+
+
+def top_class_share(model, x, batch_size=500):
+    """Share of the images that get the most frequent predicted class (clean inputs, eval mode)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return torch.bincount(pred).max().item() / max(len(pred), 1)
 
 
 class Run:
@@ -599,8 +822,10 @@ class Run:
 
     # -- helpers the training loops use
     def autocast(self):
-        """bf16 autocast for training on CUDA; a no-op on the CPU (fp32)."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        """bf16 autocast for training on CUDA; a no-op on the CPU (fp32), unless FASTAT_CPU_BF16=1."""
+        if gpu_path(self.device):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def compile(self, model):
         return torch.compile(model) if self.args.compile else model
@@ -611,27 +836,70 @@ class Run:
         self.log_file.flush()
 
     def track(self, **objects):
+        """Objects a resume must restore. A tensor (a per-sample memory: GBs for FGSM-MEP) is not serialised
+        into checkpoint.pt: its raw bytes are written in place into NAME.0.bin or NAME.1.bin, by the parity
+        of the epoch, and checkpoint.pt names the file. Rewriting a file that already exists is a copy into
+        the page cache, several times cheaper than torch.save of a new file; and the file being rewritten is
+        never the one that the checkpoint.pt on disk names, so an interrupted save leaves the last checkpoint
+        whole. Still, rewriting GBs every epoch can outlast a fast epoch (and a slow disk throttles it): a run
+        that tracks a tensor skips an epoch's checkpoint while its saves so far have cost more than 5% of its
+        training time, and always saves its last epoch. An interruption then resumes from the last save, a
+        few epochs back at worst, and exactly: everything in a checkpoint is of the same epoch."""
         self.tracked.update(objects)
+        # A tensor on the GPU goes through one host buffer per tensor, allocated here once: a fresh host copy
+        # at every save would page-fault its GBs again each time.
+        self._host_copies = {**getattr(self, "_host_copies", {}),
+                             **{k: torch.empty(v.numel() * v.element_size(), dtype=torch.uint8)
+                                for k, v in objects.items() if torch.is_tensor(v) and v.device.type != "cpu"}}
 
     # -- checkpoints
     def _save_checkpoint(self, epochs_done):
+        spent = getattr(self, "_save_seconds", 0.0)  # seconds spent saving since this process started
+        budgeted = any(torch.is_tensor(v) for v in self.tracked.values())  # see track()
+        if budgeted and spent > 0.05 * self.train_time and not (self.stopped or epochs_done >= self.args.epochs):
+            return
+        start = time.time()
+        tracked = {}
+        # The slot that the checkpoint.pt on disk does not name (not the epoch's parity: with skipped epochs
+        # that could be the file the last checkpoint needs).
+        slot = 1 - getattr(self, "_slot", 1)
+        for k, v in self.tracked.items():
+            if not torch.is_tensor(v):
+                tracked[k] = v.state_dict()
+                continue
+            name = f"{k}.{slot}.bin"  # see track(): written before checkpoint.pt names it
+            path = os.path.join(os.path.dirname(self.ckpt_path), name)
+            data = v.detach().contiguous().reshape(-1).view(torch.uint8)
+            if k in self._host_copies:
+                data = self._host_copies[k].copy_(data)
+            with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+                f.write(data.numpy().data)
+                f.truncate()
+            tracked[k] = {"file": name, "dtype": str(v.dtype), "shape": list(v.shape)}
         ckpt = {
             "epochs_done": epochs_done, "rows": self.rows, "best": self.best, "train_time": self.train_time,
-            "stopped": self.stopped, "state": self.state, "args": vars(self.args),
-            "tracked": {k: (v.detach().cpu() if torch.is_tensor(v) else v.state_dict())
-                        for k, v in self.tracked.items()},
+            "stopped": self.stopped, "state": self.state, "args": vars(self.args), "tracked": tracked,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.cuda else None},
         }
         tmp = self.ckpt_path + ".tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, self.ckpt_path)  # atomic: an interruption never leaves a half-written checkpoint
+        self._slot = slot
+        self._save_seconds = spent + time.time() - start
 
     def _load_checkpoint(self):
         ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
         for k, v in self.tracked.items():
-            if torch.is_tensor(v):
-                v.copy_(ckpt["tracked"][k])
+            saved = ckpt["tracked"][k]
+            if torch.is_tensor(v) and isinstance(saved, dict):  # raw bytes in the side file track() describes
+                raw = np.fromfile(os.path.join(os.path.dirname(self.ckpt_path), saved["file"]), dtype=np.uint8)
+                if saved["dtype"] != str(v.dtype) or len(raw) != v.numel() * v.element_size():
+                    raise SystemExit(f"fastat: {saved['file']} does not hold the {k} of this run")
+                v.copy_(torch.from_numpy(raw).view(v.dtype).view(v.shape))
+                self._slot = int(saved["file"].rsplit(".", 2)[1])  # the next save writes the other slot
+            elif torch.is_tensor(v):  # a checkpoint.pt written before the side files
+                v.copy_(saved)
             else:
                 v.load_state_dict(ckpt["tracked"][k])
         self.rows, self.best, self.train_time = ckpt["rows"], ckpt["best"], ckpt["train_time"]
@@ -668,7 +936,7 @@ class Run:
             if self.stopped:
                 break
             self._sync()
-            self._epoch_start = time.time()
+            self._epoch_start, self._epoch_cpu_start = time.time(), time.process_time()
             yield epoch
 
     def _sync(self):
@@ -684,19 +952,28 @@ class Run:
         """
         self._sync()
         seconds = time.time() - self._epoch_start
+        # CPU time of this process: on a CPU run it measures the epoch's cost even when other work shares the
+        # machine (wall-clock seconds then grow, CPU seconds hardly). Meaningless on CUDA, where the host waits.
+        cpu_seconds = time.process_time() - self._epoch_cpu_start
         self.train_time += seconds
         if not math.isfinite(loss):
-            self.print(f"# epoch {epoch + 1}: training loss is {loss}; stopping. The checkpoint of epoch "
-                       f"{epoch} in {self.ckpt_path} is intact (lower the learning rate or step size and --resume).")
+            self.print(f"# epoch {epoch + 1}: training loss is {loss}; stopping. The last checkpoint in "
+                       f"{self.ckpt_path} is intact (lower the learning rate or step size and --resume).")
             raise NonFiniteLoss()
         x, y = data.monitor
         eps = self.args.epsilon / 255
         monitor = pgd_accuracy(model, x, y, eps, eps / 4, 10, batch_size=len(y))
-        row = {"epoch": epoch + 1, "seconds": seconds, "lr": lr, "loss": loss, "acc": acc, "pgd_monitor": monitor,
+        top_share = top_class_share(model, x)
+        row = {"epoch": epoch + 1, "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": lr, "loss": loss, "acc": acc, "pgd_monitor": monitor,
                **extra}
         self.rows.append(row)
         score = monitor if score is None else score
-        if score > self.best["score"]:
+        if top_share >= DEGENERATE_SHARE:
+            # A model that predicts one class can beat a catastrophically overfitted one on robust accuracy
+            # (it is "robust" on that class's images): never call it the best.
+            self.print(f"# epoch {epoch + 1}: {100 * top_share:.0f}% of the monitor images get one class; "
+                       f"not eligible as the best model")
+        elif score > self.best["score"]:
             self.best = {"score": score, "epoch": epoch + 1,
                          "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         self._log_row(row)
@@ -718,7 +995,7 @@ class Run:
             elif isinstance(v, float) and (c in ("acc", "pgd_monitor") or c.endswith("_acc")):
                 cells.append(f"{100 * v:>9.2f}%")
             elif isinstance(v, float):
-                cells.append(f"{v:>10.4g}" if c != "seconds" else f"{v:>10.1f}")
+                cells.append(f"{v:>10.4g}" if c not in ("seconds", "cpu_seconds") else f"{v:>10.1f}")
             else:
                 cells.append(f"{str(v):>10}")
         self.print("  ".join(cells))
@@ -733,6 +1010,8 @@ class Run:
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         best = self.best["weights"] or last
         best_epoch = self.best["epoch"] or len(self.rows)
+        if self.best["weights"] is None and self.rows:
+            self.print("# no epoch was eligible as the best model (all predicted one class); best = last")
         final = {}
         for name, weights, epoch in (("last", last, len(self.rows)), ("best", best, best_epoch)):
             if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
@@ -750,8 +1029,10 @@ class Run:
         torch.save(last, os.path.join(out, "model_last.pt"))
         torch.save(best, os.path.join(out, "model_best.pt"))
         results = {"method": args.method, "args": vars(args), "epochs": self.rows, "train_time": self.train_time,
-                   "best_epoch": self.best["epoch"], "eval_samples": n, "final": final,
+                   "best_epoch": self.best["epoch"], "stopped_early": self.stopped and len(self.rows) < args.epochs,
+                   "eval_samples": n, "final": final,
                    "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
+                   "precision": "bf16 autocast, channels_last" if gpu_path(self.device) else "fp32",
                    "torch": torch.__version__}
         tmp = os.path.join(out, "results.json.tmp")
         with open(tmp, "w") as f:
@@ -785,7 +1066,8 @@ def main_guard(main):
     try:
         main()
     except KeyboardInterrupt:
-        print("fastat: interrupted; the last completed epoch is checkpointed: rerun with --resume", file=sys.stderr)
+        print("fastat: interrupted; the last checkpoint (after every epoch; fgsm_mep.py may skip some to bound "
+              "its cost) is intact: rerun with --resume", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss:
         sys.exit(3)
@@ -826,7 +1108,7 @@ def eval_main(argv=None):
     p = argparse.ArgumentParser(prog="common.py eval", description="Evaluate saved weights (SPEC §0 protocol). "
                                 "Dataset, model, ε and data dir default to those in results.json beside the weights.")
     p.add_argument("--weights", required=True, help="a model_last.pt / model_best.pt state dict")
-    p.add_argument("--dataset", choices=list(DATASETS))
+    p.add_argument("--dataset", choices=DATASET_NAMES)
     p.add_argument("--model", type=model_name)
     p.add_argument("--data-dir")
     p.add_argument("--epsilon", type=nonneg_float, help="/255 units")
@@ -853,7 +1135,7 @@ def eval_main(argv=None):
             if key not in saved:
                 p.error(f"--{key.replace('_', '-')} is needed (no results.json beside the weights)")
             setattr(args, key, saved[key])
-    model = make_model(args.model, args.dataset).to(args.device)
+    model = make_model(args.model, args.dataset, args.data_dir).to(args.device)
     model.load_state_dict(torch.load(args.weights, map_location=args.device))
     x, y = load_split(args.dataset, args.data_dir, train=False)
     n = args.eval_samples or len(y)
@@ -861,7 +1143,7 @@ def eval_main(argv=None):
     torch.manual_seed(args.seed)
     step = args.step / 255 if args.step else eval_step(args.dataset)
     res = evaluate(model, x, y, args.epsilon / 255, step, args.pgd_iters, args.restarts, args.cw_iters,
-                   args.autoattack, DATASETS[args.dataset]["classes"], args.batch_size)
+                   args.autoattack, dataset_info(args.dataset, args.data_dir)["classes"], args.batch_size)
     print(f"{args.weights} on {n} {args.dataset} test images, eps {args.epsilon}/255:")
     for k, v in res.items():
         if v is not None:

@@ -167,8 +167,8 @@ def load_results(out_dir):
 
 def comparable(results):
     """What must be identical between an uninterrupted and a resumed run: every per-epoch figure
-    except wall-clock seconds, the best epoch, and the final evaluation."""
-    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in results["epochs"]]
+    except the timings, the best epoch, and the final evaluation."""
+    rows = [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in results["epochs"]]
     return rows, results["best_epoch"], results["final"]
 
 

@@ -424,3 +424,92 @@ def test_resume_with_changed_training_flags_warns(tmp_path):
     assert [e for e in again.epochs()] == [1, 2]  # continues after the saved epoch
     log = (tmp_path / "log.txt").read_text()
     assert "--epochs was 1" in log and "--eval-samples" not in log
+
+
+# ------------------------------------------------------------------- worst case, degenerate best, α(ε)
+
+
+def test_worst_case_is_the_per_sample_and_of_every_attack(trained, monkeypatch):
+    model, x, y = trained
+    torch.manual_seed(0)
+    res = common.evaluate(model, x, y, 16 / 255, 4 / 255, pgd_iters=5, restarts=1, cw_iters=5)
+    assert res["worst_case"] <= min(res["clean"], res["pgd5_1"], res["cw5"])
+    # the same masks, by hand: a sample counts only if it survives clean, PGD and CW
+    torch.manual_seed(0)
+    masks = [common.pgd_accuracy(model, x, y, 16 / 255, 4 / 255, it, 1, loss, per_sample=True)
+             for it, loss in ((0, "ce"), (5, "ce"), (5, "cw"))]
+    assert res["worst_case"] == (masks[0] & masks[1] & masks[2]).float().mean().item()
+    # two attacks that fail on different samples: the worst case is below both
+    fake = {"ce": torch.tensor([True, False, True, True]), "cw": torch.tensor([True, True, False, True])}
+    monkeypatch.setattr(common, "pgd_accuracy", lambda m, x, y, e, s, iters, r=1, loss="ce", batch_size=500,
+                        label=None, per_sample=False: torch.ones(4, dtype=torch.bool) if iters == 0 else fake[loss])
+    res = common.evaluate(model, x[:4], y[:4], 8 / 255, 2 / 255, pgd_iters=2, restarts=1, cw_iters=2)
+    assert (res["pgd2_1"], res["cw2"], res["worst_case"]) == (0.75, 0.75, 0.5)
+
+
+class _OneClass(nn.Module):
+    """Predicts class 3 for every image (a collapsed model) but is 'robust' on class 3's images."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return F.one_hot(torch.full((len(x),), 3), 10).float() * 10 + self.w * x.flatten(1)[:, :10]
+
+
+def test_a_one_class_model_is_never_the_best(tmp_path):
+    torch.manual_seed(0)
+    good = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # random weights: varied predictions
+    run = common.Run(_run_args(tmp_path, epochs=2))
+    data = _tiny_data()
+    run.track(model=good)
+    epochs = run.epochs()
+    next(epochs)
+    # epoch 1: a model with varied predictions and some score; epoch 2: a constant predictor, higher score
+    assert common.top_class_share(good, data.monitor[0]) < common.DEGENERATE_SHARE
+    run.end_epoch(0, good, data, lr=0.1, loss=1.0, acc=0.5, score=0.1)
+    next(epochs)
+    collapsed = _OneClass()
+    assert common.top_class_share(collapsed, data.monitor[0]) == 1.0
+    run.end_epoch(1, collapsed, data, lr=0.1, loss=1.0, acc=0.5, score=0.9)
+    assert run.best["epoch"] == 1
+    assert "not eligible as the best model" in (tmp_path / "log.txt").read_text()
+
+
+def test_alpha_follows_epsilon_unless_given():
+    import fgsm_rs
+    import fgsm_sdi
+    assert fgsm_rs.get_args([]).alpha == 10  # the recipe: ε 8, α 10
+    assert fgsm_rs.get_args(["--epsilon", "16"]).alpha == 20  # α = 1.25ε
+    assert fgsm_rs.get_args(["--epsilon", "16", "--alpha", "4"]).alpha == 4  # an explicit α wins
+    assert fgsm_sdi.get_args(["--epsilon", "4"]).alpha == 4  # SDI: α = ε
+    mnist = fgsm_rs.get_args(["--dataset", "mnist", "--epsilon", "25.5"])
+    assert math.isclose(mnist.alpha, 25.5 * 1.25)  # the MNIST recipe's ratio (0.375 / 0.3)
+    # the logged command line holds the resolved value
+    assert "--alpha 20" in common.command_line(fgsm_rs.get_args(["--epsilon", "16"]))
+
+
+def test_memory_side_files_never_overwrite_the_file_the_checkpoint_names(tmp_path):
+    """A skipped checkpoint (the 5% budget) must not make the next save rewrite the side file that the
+    checkpoint on disk still needs: an interruption during that write would lose the run."""
+    memory = torch.zeros(4)
+    run = common.Run(_run_args(tmp_path, epochs=4))
+    run.track(model=nn.Linear(2, 2), memory=memory)
+    run.train_time = 100.0
+
+    def named():
+        return torch.load(tmp_path / "checkpoint.pt", weights_only=False)["tracked"]["memory"]["file"]
+    memory.fill_(1)
+    run._save_checkpoint(1)
+    first = named()
+    run._save_seconds = 1e9  # over budget: epoch 2 is not saved
+    memory.fill_(2)
+    run._save_checkpoint(2)
+    assert named() == first
+    run._save_seconds = 0.0
+    memory.fill_(3)
+    run._save_checkpoint(3)
+    assert named() != first  # epoch 3 went to the other file; epoch 1's file is untouched until then
+    raw = np.fromfile(tmp_path / first, dtype=np.float32)
+    assert np.array_equal(raw, np.ones(4, np.float32))

@@ -6,7 +6,7 @@ import torch
 
 import common
 import fgsm_rs
-from conftest import check_outputs, check_resume, run_script, small_args
+from conftest import check_outputs, check_resume, load_results, run_script, small_args
 
 
 def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
@@ -56,3 +56,17 @@ def test_fgsm_step_is_the_signed_gradient_step_inside_the_ball():
     ce = torch.nn.functional.cross_entropy
     with torch.no_grad():
         assert ce(model(x + delta), y) > ce(model(x + d), y)
+
+
+def test_alpha_zero_from_zero_is_plain_training(cifar_dir, tmp_path, monkeypatch):
+    """`--alpha 0 --delta-init zero` (README's floor) trains on clean images and runs no attack pass."""
+    import sys
+    monkeypatch.setattr(fgsm_rs, "fgsm_rs_delta", lambda *a, **k: (_ for _ in ()).throw(AssertionError("attacked")))
+    out = str(tmp_path / "plain")
+    monkeypatch.setattr(sys, "argv", ["fgsm_rs.py", *small_args(cifar_dir, out, epochs=1, alpha=0, delta_init="zero",
+                                                               eval_iters=1)])
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    fgsm_rs.main()  # the patched attack would have raised: every weight step saw x + 0
+    res = load_results(out)
+    assert res["args"]["alpha"] == 0 and len(res["epochs"]) == 1
