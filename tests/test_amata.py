@@ -1,32 +1,62 @@
-"""amata.py: the K_t / α_t schedule of Algorithm 1, the attack against PGD-10, the ε-ball, and the script end to
-end (subprocess, tiny CIFAR-10, small WRN) with --resume."""
+"""amata.py: the K_t / α_t schedule of Algorithm 1 for both recipes, the attack against PGD-10, the ε-ball, LeNet,
+the documented PGD-AT baseline and BN mode, and the script end to end (subprocess, tiny CIFAR-10, small WRN) with
+--resume."""
 import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import amata
 import common
-from conftest import check_outputs, check_resume
+from conftest import check_outputs, check_resume, small_args
 
 
-def test_schedule_table_for_100_epochs_k_2_to_10():
-    tau = 20 / 255
-    table = [amata.annealing(t, 100, 2, 10, tau) for t in range(100)]
+def recipe_table(argv):
+    """(K_t, α_t in [0, 1] units) for every epoch of the run that `argv` describes."""
+    a = amata.get_args(argv)
+    return [amata.annealing(t, a.epochs, a.k_min, a.k_max, a.tau / 255) for t in range(a.epochs)]
+
+
+def test_schedule_table_of_the_cifar10_recipe():
+    table = recipe_table([])
     ks = [k for k, _ in table]
-    # K_t = 2 + 8t/100 rounded to nearest: K rises by one where 8t/100 passes n + ½, i.e. at
-    # t = 7, 19, 32, 44, 57, 69, 82, 94 (t counted from 0); the last six epochs run K_max = 10.
-    expected = [2] * 7 + [3] * 12 + [4] * 13 + [5] * 12 + [6] * 13 + [7] * 12 + [8] * 13 + [9] * 12 + [10] * 6
+    # K_t = 2 + 8t/99 rounded to nearest (T = 99 for 100 epochs: K_0 = K_min, K_99 = K_max): K rises by one
+    # where 8t/99 passes n + ½, i.e. at t = 7, 19, 31, 44, 56, 69, 81, 93; the last seven epochs run K_max = 10.
+    expected = [2] * 7 + [3] * 12 + [4] * 12 + [5] * 13 + [6] * 12 + [7] * 13 + [8] * 12 + [9] * 12 + [10] * 7
     assert ks == expected
     for t, (k, alpha) in enumerate(table):
-        assert abs(k - (2 + 8 * t / 100)) <= 0.5       # nearest integer to Algorithm 1's K_t
-        assert alpha == pytest.approx(tau / k)          # α_t = τ/K_t, so K_t·α_t = τ every epoch
+        assert abs(k - (2 + 8 * t / 99)) <= 0.5        # nearest integer to Algorithm 1's K_t
+        assert alpha == pytest.approx(20 / 255 / k)    # α_t = τ/K_t, so K_t·α_t = τ every epoch
     assert table[0][1] == pytest.approx(10 / 255) and table[-1][1] == pytest.approx(2 / 255)
     # SPEC §9: on average K_t + 1 ≈ 7 passes per batch against 11 for PGD-10
-    assert sum(ks) / 100 + 1 == pytest.approx(6.96)
+    assert sum(ks) / 100 + 1 == pytest.approx(7.0)
     # K_min = K_max: a constant schedule; halves round up
-    assert {amata.annealing(t, 7, 10, 10, tau)[0] for t in range(7)} == {10}
-    assert amata.annealing(1, 2, 2, 3, tau)[0] == 3  # 2 + 1·1/2 = 2.5 → 3
+    assert {amata.annealing(t, 7, 10, 10, 20 / 255)[0] for t in range(7)} == {10}
+    assert amata.annealing(1, 3, 2, 3, 20 / 255)[0] == 3  # 2 + 1·1/2 = 2.5 → 3
+
+
+def test_schedule_table_of_the_mnist_recipe_ends_with_pgd40_step_001():
+    table = recipe_table(["--dataset", "mnist"])
+    ks = [k for k, _ in table]
+    assert len(table) == 56 and ks[0] == 5 and table[0][1] == pytest.approx(0.4 / 5)
+    # the last epoch is Table 1's PGD-40 with step 0.01 (with t/T, T = 56, it would be K = 39, step 0.01026)
+    assert ks[-1] == 40 and table[-1][1] == pytest.approx(0.01)
+    assert ks[-2] == 39  # 5 + 35·54/55 = 39.36
+    for t, (k, alpha) in enumerate(table):
+        assert abs(k - (5 + 35 * t / 55)) <= 0.5 and alpha == pytest.approx(0.4 / k)
+    assert ks == sorted(ks)
+
+
+@pytest.mark.parametrize("dataset, expected", [("cifar10", [2, 5, 7, 10]), ("mnist", [5, 17, 28, 40])])
+def test_compressed_run_still_spans_k_min_to_k_max(dataset, expected):
+    # --epochs 4: T = 3, K_t = K_min + ΔK·t/3 rounded (cifar10 2 + 8t/3; mnist 5 + 35t/3)
+    table = recipe_table(["--dataset", dataset, "--epochs", "4"])
+    tau = table[0][0] * table[0][1]
+    assert [k for k, _ in table] == expected
+    assert [alpha for _, alpha in table] == pytest.approx([tau / k for k in expected])
+    # a single epoch runs K_max
+    assert recipe_table(["--dataset", dataset, "--epochs", "1"])[0][0] == expected[-1]
 
 
 @pytest.fixture(scope="module")
@@ -75,27 +105,80 @@ def test_every_step_stays_in_the_ball_and_pixel_range(net):
 
 def test_arguments(capsys):
     a = amata.get_args([])
-    assert (a.epochs, a.batch_size, a.lr, a.weight_decay, a.milestones) == (100, 128, 0.05, 5e-4, [75, 90])
+    # batch 256: YOPO's PGD-10 CIFAR-10 config, whose lr, wd and milestones App. A.2 gives
+    assert (a.epochs, a.batch_size, a.lr, a.weight_decay, a.milestones) == (100, 256, 0.05, 5e-4, [75, 90])
     assert (a.k_min, a.k_max, a.tau, a.epsilon, a.random_start, a.model) == (2, 10, 20, 8, False, "preact18")
     m = amata.get_args(["--dataset", "mnist"])
     assert (m.k_min, m.k_max, m.tau, m.epsilon, m.lr, m.epochs, m.milestones) == (5, 40, 102, 76.5, 0.1, 56, [50, 55])
+    assert (m.batch_size, m.weight_decay, m.model) == (256, 5e-4, "lenet")
     for bad in (["--k-min", "5", "--k-max", "3"], ["--alpha", "2"], ["--tau", "0"], ["--k-min", "0"]):
         with pytest.raises(SystemExit) as err:
             amata.get_args(bad)
         assert err.value.code == 2
 
 
+def test_lenet_is_the_pytorch_examples_mnist_net():
+    assert common.model_name("LeNet") == "lenet"
+    torch.manual_seed(0)
+    net = common.make_model("lenet", "mnist").eval()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [(1, 20, (5, 5), (0, 0)),
+                                                                                         (20, 50, (5, 5), (0, 0))]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(800, 500), (500, 10)]
+    assert sum(p.numel() for p in net.parameters()) == 520 + 25050 + 400500 + 5010
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for m in net.modules())
+    # the forward of pytorch/examples' Net (its log_softmax left to the loss), written out
+    x = torch.rand(4, 1, 28, 28)
+    h = F.max_pool2d(F.relu(F.conv2d(x, convs[0].weight, convs[0].bias)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, convs[1].weight, convs[1].bias)), 2).view(-1, 4 * 4 * 50)
+    expected = F.linear(F.relu(F.linear(h, fcs[0].weight, fcs[0].bias)), fcs[1].weight, fcs[1].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected)
+    # other image sizes get the matching first FC width (CIFAR: 50·5·5)
+    assert common.make_model("lenet", "cifar10")(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_documented_pgd_at_baseline_is_pgd10_with_random_start():
+    line = next(line for line in amata.__doc__.splitlines() if "PGD-10 AT, the baseline" in line)
+    argv = line.split("amata.py", 1)[1].split("#")[0].split()
+    a = amata.get_args(argv)
+    assert a.random_start is True  # Madry et al.'s PGD-AT starts from a random point of the ε-ball
+    table = [amata.annealing(t, a.epochs, a.k_min, a.k_max, a.tau / 255) for t in range(a.epochs)]
+    assert {k for k, _ in table} == {10} and all(alpha == pytest.approx(2 / 255) for _, alpha in table)
+
+
+def test_the_attack_sees_the_model_in_train_mode(cifar_dir, tmp_path, no_checksum, monkeypatch):
+    """As the docstring says: BN uses the attacked batch's statistics (model in train mode) while attacking."""
+    modes = []
+    real_attack = amata.amata_attack
+
+    def recording_attack(model, *a, **kw):
+        modes.append(model.training)
+        return real_attack(model, *a, **kw)
+
+    monkeypatch.setattr(amata, "amata_attack", recording_attack)
+    amata.main(small_args(cifar_dir, str(tmp_path / "run"), epochs=1, batch_size=128, k_min=1, k_max=1,
+                          eval_iters=1, eval_samples=8, monitor_size=8))
+    assert modes == [True, True]  # 256 images, batch 128
+
+
 def test_end_to_end_logs_k_and_alpha_and_resumes(cifar_dir, tmp_path):
     # with --random-start, so that the resumed run must also restore the RNG that draws the starts
     a, _ = check_resume("amata.py", cifar_dir, tmp_path, epochs=2, random_start=True)
     assert check_outputs(str(tmp_path / "full"), epochs=2)["args"]["random_start"] is True
-    # T = 2: K_0 = 2, K_1 = 2 + 8·½ = 6; α_t = τ/K_t in /255 units
-    assert [r["K_t"] for r in a["epochs"]] == [2, 6]
-    assert [r["alpha_t"] for r in a["epochs"]] == pytest.approx([10, 20 / 6])
+    # T = 1: K_0 = K_min = 2, K_1 = K_max = 10; α_t = τ/K_t in /255 units
+    assert [r["K_t"] for r in a["epochs"]] == [2, 10]
+    assert [r["alpha_t"] for r in a["epochs"]] == pytest.approx([10, 2])
     with open(tmp_path / "full" / "log.txt") as f:
         lines = f.read().splitlines()
     header = next(line for line in lines if line.split()[:1] == ["epoch"]).split()
     assert "K_t" in header and "alpha_t" in header
     epoch_lines = [line.split() for line in lines if line.split()[:1] in (["1"], ["2"])]
-    assert [int(cells[header.index("K_t")]) for cells in epoch_lines] == [2, 6]
+    assert [int(cells[header.index("K_t")]) for cells in epoch_lines] == [2, 10]
 
+
+
+def test_tau_follows_epsilon():
+    assert amata.get_args(["--epsilon", "16"]).tau == 40  # τ = 2.5ε: PGD-10 at ε 16 steps 4/255
+    assert amata.get_args(["--epsilon", "16", "--tau", "20"]).tau == 20

@@ -63,7 +63,7 @@ def test_each_head_is_a_distribution_over_the_datasets_action_set(dataset):
 
 def test_flags_that_do_not_fit_are_refused():
     for argv in (["--strategy-model", "mnist-cnn"], ["--label-smoothing", "1.5"], ["--iters-set", "0"],
-                 ["--reward", "bogus"]):
+                 ["--reward", "bogus"], ["--dataset", "mnist", "--strategy-grid", "2"]):
         with pytest.raises(SystemExit) as err:
             las_at.get_args(argv)
         assert err.value.code == 2
@@ -137,6 +137,104 @@ def test_reward_leaves_the_target_and_its_optimiser_untouched(reward):
         assert r2 < 0 and r3 < 0
 
 
+def test_label_smoothing_below_one_over_c_is_refused_at_parse_time(tmp_path):
+    """TRUE_PROB < 1/C would give another class more mass than the true one (and PyTorch's label_smoothing
+    would exceed 1): an argparse error (exit 2) before any data is read (the data dir does not exist)."""
+    missing = str(tmp_path / "no-data")
+    for dataset, value, accepted in (("cifar10", 0.05, False), ("cifar10", 0.1, True), ("cifar10", 1.0, True),
+                                     ("cifar100", 0.05, True), ("cifar100", 0.005, False),
+                                     ("tiny-imagenet", 0.004, False), ("tiny-imagenet", 0.8, True)):
+        argv = ["--dataset", dataset, "--data-dir", missing, "--label-smoothing", str(value)]
+        if accepted:
+            assert las_at.get_args(argv).label_smoothing == value
+        else:
+            with pytest.raises(SystemExit) as err:
+                las_at.get_args(argv)
+            assert err.value.code == 2, (dataset, value)
+    # at exactly 1/C the soft label is uniform: PyTorch accepts the converted smoothing (s = 1)
+    c = 10
+    s = (1 - 1 / c) * c / (c - 1)
+    F.cross_entropy(torch.zeros(2, c), torch.tensor([0, 1]), label_smoothing=s)
+
+
+def test_tiny_imagenet_recipe_is_the_codes_tiny_imagenet_script():
+    t, c = las_at.get_args(["--dataset", "tiny-imagenet"]), las_at.get_args([])
+    # code (LAS_AT_train_TinyImageNet.py): k = 1, target gradient clipped at 10, 2×2-pooled strategy features;
+    # its label smoothing 0.8 stays off, as on every dataset here
+    assert (t.strategy_every, t.clip_grad_norm, t.strategy_grid, t.label_smoothing) == (1, 10, 2, None)
+    assert (c.strategy_every, c.clip_grad_norm, c.strategy_grid, c.label_smoothing) == (20, 0, 1, None)
+    assert las_at.get_args(["--dataset", "tiny-imagenet", "--strategy-every", "20"]).strategy_every == 20
+    torch.manual_seed(0)
+    strategy = las_at.StrategyNet("wrn-10-1", "tiny-imagenet", *CIFAR10_SETS, grid=2).eval()
+    assert strategy.heads["eps"].in_features == 4 * 64  # wrn-10-1 ends in 64 channels; code: 4 × 512 = 2048
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        features = strategy.features(x).view(3, 64, 2, 2)
+        pooled = strategy.backbone(x)  # the backbone's own 1×1 pooling of the same final map
+        logits = strategy(x)
+    # the four equal cells of each channel average to its global mean, and they are not all equal
+    torch.testing.assert_close(features.mean((2, 3)), pooled)
+    assert (features.flatten(2).std(2) > 1e-4).any()
+    assert logits["iters"].shape == (3, len(CIFAR10_SETS[2]))
+
+
+def test_reward_attacks_w_hat_in_train_mode_then_scores_it_in_eval_mode(monkeypatch):
+    """The code's order: the PGD-10 × 2 on ŵ runs with ŵ in train mode (its BN running statistics move
+    with the attack's passes), then ŵ goes to eval mode and R2, R3 are its accuracies there."""
+    torch.manual_seed(0)
+    args = las_at.get_args([])
+    model = common.make_model("wrn-10-1", "cifar10").eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
+    x_adv = (x + torch.empty_like(x).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)
+    seen = {}
+    real_attack = common.attack_pgd
+
+    def recording_attack(shadow, *a, **kw):
+        stats = lambda: torch.cat([m.running_mean for m in shadow.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+        before = stats().clone()
+        delta, robust = real_attack(shadow, *a, **kw)
+        seen.update(shadow=shadow, delta=delta, training=shadow.training, moved=not torch.equal(before, stats()))
+        return delta, robust
+
+    monkeypatch.setattr(common, "attack_pgd", recording_attack)
+    _, (_, r2, r3) = las_at.compute_reward(model, x, y, x_adv, 0.1, args, contextlib.nullcontext)
+    assert seen["shadow"] is not model
+    assert seen["training"] and seen["moved"]
+    shadow = seen["shadow"]
+    assert not shadow.training  # switched to eval mode after the attack
+    with torch.no_grad():
+        expected_r2 = 4 * (shadow(x + seen["delta"]).argmax(1) == y).float().mean()
+        expected_r3 = 2 * (shadow(x).argmax(1) == y).float().mean()
+    assert r2.item() == expected_r2.item() and r3.item() == expected_r3.item()
+
+
+def test_k_1_clips_the_target_and_steps_the_strategy_lr_with_the_code_milestones(cifar_dir, tmp_path, no_checksum,
+                                                                                monkeypatch):
+    """One epoch of 4 iterations with k = 1 (the Tiny ImageNet recipe's) and a clip small enough to act: every
+    target step is clipped to that norm (the strategy's to 1.0), and the strategy's lr, stepped per update at
+    the target's milestones (int(4·99/110) = int(4·104/110) = 3), ends at 1e-4 × 0.01."""
+    clips = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *a, **kw):
+        parameters = list(parameters)
+        out = real_clip(parameters, max_norm, *a, **kw)
+        clips.append((max_norm, torch.cat([p.grad.flatten() for p in parameters]).norm().item(), out.item()))
+        return out
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    out = tmp_path / "run"
+    las_at.main(small_args(cifar_dir, str(out), epochs=1, strategy_model="wrn-10-1", strategy_every=1,
+                           clip_grad_norm=0.001, val_size=128, iters_set=1, eval_samples=8, eval_iters=1,
+                           monitor_size=8))
+    assert [m for m, _, _ in clips] == [1.0, 0.001] * 4  # per iteration: strategy update, then target step
+    for max_norm, after, before in clips:
+        assert after <= max_norm * (1 + 1e-4) + 1e-6
+    assert any(before > 0.001 for m, _, before in clips if m == 0.001)  # the clip did act
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["tracked"]["strategy_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 0.01)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_reinforce_step_moves_the_log_probability_of_the_sampled_actions_with_the_reward(sign):
     torch.manual_seed(0)
@@ -173,6 +271,9 @@ def test_strategy_is_updated_exactly_every_k_iterations(cifar_dir, tmp_path, no_
     assert [training for training, _ in seen] == [False, False, True, False, False, False, True, False, False, False]
     res = load_results(str(tmp_path / "run"))
     assert [r["updates"] for r in res["epochs"]] == [1, 1]
+    # k ≥ 2: the code's strategy milestones (target iterations, stepped per update) are never reached
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["tracked"]["strategy_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_end_to_end_with_resume(cifar_dir, tmp_path):
