@@ -7,6 +7,7 @@ No public code exists: the paper is the only source.
     python atlas.py                                        # one-step ATLAS, CIFAR-10 (upper bound 100 epochs)
     python atlas.py --epochs 30 --dataset cifar100         # CIFAR-100 values: α 2e-4, β 5
     python atlas.py --attack-iters 10                      # ten-step ATLAS: PGD-10 step 0.007, α 1e-4, β 5 (C-100: 10)
+    python atlas.py --dataset mnist --attack-iters 20      # MNIST's multi-step ATLAS: PGD-20 step 0.01, α 5e-6, β 0.2
     python atlas.py --jac-alpha 0                          # ATLAS-g (global term only, eq. 21)
     python atlas.py --kl-beta 0                            # ATLAS-l (local term only, eq. 20)
     python atlas.py --model wrn-28-8                       # the paper's network
@@ -23,6 +24,8 @@ Each iteration (SPEC §4):
            └──────── local, eq. (12) ────────┘      └──────── global, eq. (13) ───────┘
 After each epoch (App. B): PGD-10 (step 0.007) accuracy on 5000 held-out training images; 2 epochs
 without a new best → lr ÷ 5; 10 epochs without one → stop. The best-validation model is reported.
+Epochs without a new best are counted only once ε has reached its full value (our choice: see
+ValidationScheduler).
 """
 import math
 
@@ -44,7 +47,8 @@ RECIPES = {
                   val_iters=20, val_step=2.55),
 }
 # Multi-step ATLAS (--attack-iters > 1), App. B: the attack is PGD with the validation step (0.007; MNIST
-# 0.01), α = 1e-4 and β = 5 on CIFAR-10, β = 10 on CIFAR-100; MNIST (twenty-step) α = 5e-6, β = 0.2.
+# 0.01), α = 1e-4 and β = 5 on CIFAR-10, β = 10 on CIFAR-100; MNIST (twenty-step, §6: --attack-iters 20)
+# α = 5e-6, β = 0.2.
 MULTI_STEP = {
     "default": dict(alpha=1.785, jac_alpha=1e-4, kl_beta=5.0),
     "cifar100": dict(alpha=1.785, jac_alpha=1e-4, kl_beta=10.0),
@@ -57,7 +61,9 @@ def get_args(argv=None):
                                                              "scheduler)")
     p.add_argument("--attack-iters", type=common.pos_int, default=1,
                    help="signed-gradient steps of the attack: 1 = one-step ATLAS (FGSM-RS, step --alpha = 1.25ε), "
-                        "10 = ten-step ATLAS (PGD, step 0.007 = 1.785/255)")
+                        "10 = CIFAR's ten-step ATLAS (PGD, step 0.007 = 1.785/255), 20 = MNIST's multi-step "
+                        "ATLAS (--dataset mnist --attack-iters 20: PGD, step 0.01 = 2.55/255). Any value > 1 "
+                        "takes the multi-step recipe's step and loss weights")
     p.add_argument("--jac-alpha", type=common.nonneg_float, default=None,
                    help="α of eq. (14), weight of the Jacobian term (0: ATLAS-g). Default 2e-4 one-step, 1e-4 ten-step "
                         "(MNIST 1e-5 / 5e-6)")
@@ -70,16 +76,20 @@ def get_args(argv=None):
     p.add_argument("--val-iters", type=common.pos_int, default=None,
                    help="PGD steps of the validation attack (default 10; MNIST 20)")
     p.add_argument("--val-step", type=common.pos_float, default=None,
-                   help="PGD step of the validation attack, /255 units (default 1.785 = 0.007; MNIST 2.55 = 0.01)")
+                   help="PGD step of the validation attack, /255 units (default 1.785 = 0.007; MNIST 2.55 = 0.01; "
+                        "follows --epsilon in proportion)")
     p.add_argument("--plateau-epochs", type=common.pos_int, default=2,
-                   help="epochs without a new best validation accuracy before the lr is divided by 5")
+                   help="epochs without a new best validation accuracy before the lr is divided by 5; counted "
+                        "only once ε has reached its full value (the end of --ramp-epochs)")
     p.add_argument("--stop-epochs", type=common.pos_int, default=10,
-                   help="epochs without a new best validation accuracy before training stops")
+                   help="epochs without a new best validation accuracy before training stops; counted only once "
+                        "ε has reached its full value (the end of --ramp-epochs)")
     # The ten-step variant has its own step and loss weights: pick the recipe table before filling defaults.
     multi_step = p.parse_known_args(argv)[0].attack_iters > 1
     recipes = {k: {**RECIPES.get(k, {}), **(MULTI_STEP.get(k, {}) if multi_step else {})}
                for k in RECIPES.keys() | MULTI_STEP.keys()}
-    args = common.parse_args(p, recipes, argv, script="atlas")
+    # The FGSM step (1.25ε) and the validation PGD's step (0.007 ≈ 0.22ε) follow --epsilon unless given.
+    args = common.parse_args(p, recipes, argv, script="atlas", eps_relative=("alpha", "val_step"))
     if args.val_size == 0:
         p.error("--val-size 0: the learning-rate scheduler and the stopping rule of App. B need a validation set")
     return args
@@ -145,16 +155,25 @@ def atlas_terms(model, x, x_adv, y, use_jacobian=True, use_kl=True):
 
 class ValidationScheduler:
     """App. B: after each epoch, the robust accuracy on the validation set. Every `plateau` consecutive epochs
-    without a new best (strictly higher) accuracy, lr ÷ `factor`; after `stop` such epochs, stop training."""
+    without a new best (strictly higher) accuracy, lr ÷ `factor`; after `stop` such epochs, stop training.
+
+    Epochs that end before ε has reached its full value are not counted (a new best still counts as one).
+    The paper does not say how the scheduler meets the ε ramp of §5.3; the validation attack always uses the
+    full ε, so while the model trains at a smaller ε its validation accuracy can stay flat (on MNIST at 0%
+    for the first epochs), and counting those epochs would cut the lr at epoch 3 and stop training at
+    epoch 11, before the 15-epoch ramp is over. Our choice: start counting when the ramp has ended."""
 
     def __init__(self, opt, plateau=2, stop=10, factor=5.0):
         self.opt, self.plateau, self.stop, self.factor = opt, plateau, stop, factor
         self.best, self.epochs_since_best = -math.inf, 0
 
-    def step(self, val_acc):
-        """Feed one epoch's validation accuracy; returns True when training should stop."""
+    def step(self, val_acc, count=True):
+        """Feed one epoch's validation accuracy; returns True when training should stop. count=False
+        (an epoch of the ε ramp): a new best is kept, but an epoch without one is not counted."""
         if val_acc > self.best:
             self.best, self.epochs_since_best = val_acc, 0
+            return False
+        if not count:
             return False
         self.epochs_since_best += 1
         if self.epochs_since_best >= self.stop:
@@ -171,8 +190,8 @@ class ValidationScheduler:
         self.best, self.epochs_since_best = state["best"], state["epochs_since_best"]
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     run = common.Run(args)
     # App. B: the validation images are held out of training before it starts (data.val, never in data.train).
     data = common.get_data(args, run.device, args.val_size)
@@ -211,10 +230,12 @@ def main():
         val_acc = common.pgd_accuracy(model, data.val.images, data.val.labels, eps, val_step, args.val_iters,
                                       batch_size=500)
         lr = opt.param_groups[0]["lr"]  # the lr this epoch trained with, before the scheduler changes it
-        stop = sched.step(val_acc)
+        # Epochs without a new best count once ε has reached v by the end of the epoch (see ValidationScheduler).
+        full_eps = ramp(epoch + 1, 0, batches, args.ramp_epochs) == 1.0
+        stop = sched.step(val_acc, count=full_eps)
         if stop:
             run.print(f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for "
-                      f"{args.stop_epochs} epochs")
+                      f"{args.stop_epochs} epochs at full ε")
         terms = {name: (totals[name] / total_n).item() for name, used in
                  (("ce", True), ("jac", args.jac_alpha > 0), ("kl", args.kl_beta > 0)) if used}
         run.end_epoch(epoch, model, data, lr=lr, loss=(totals["loss"] / total_n).item(),

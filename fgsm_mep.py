@@ -20,7 +20,15 @@ Algorithm 3, FGSM-MEP (slides, papers/003), per batch with sample indices i (SPE
     D^δ_i = Π_[−ε,ε](δ_pgi + α·sign(D^m_i))                                           line 15
     w ← w − ∇_w [L(f(x+δ_adv), y) + λ·‖f(x+δ_adv) − f(x+δ_pgi)‖²]                  line 16
 FGSM-EP stores δ_adv itself as the next epoch's prior (D^δ_i = δ_adv); FGSM-BP passes δ_adv to the
-next batch. All three use the regulariser of line 16 (λ = 0 switches it off).
+next batch. All three use the regulariser of line 16 (λ = 0 switches it off). That BP and EP use it is
+our assumption: the slides give the regulariser once, after the three priors, without saying which of
+them it goes with, and the authors' code is MEP's only; Proposition 1 treats the three priors alike and
+Table 1 gives them the same time (73 min), which fits one extra forward in each.
+
+The memories (2 × 600 MB on CIFAR-10) are checkpointed beside checkpoint.pt, as raw files rewritten in
+place (delta_memory.{0,1}.bin, momentum_memory.{0,1}.bin), and a checkpoint is skipped while saving has
+cost more than 5% of the training time: an interrupted run resumes, exactly, from the last checkpoint
+written, which can be a few epochs back (common.Run.track).
 """
 import torch
 import torch.nn.functional as F
@@ -44,7 +52,9 @@ def get_args(argv=None):
                    help="where δ_pgi comes from: the previous batch's δ_adv (FGSM-BP), the sample's δ_adv of the "
                         "previous epoch (FGSM-EP), or the sample's momentum prior (FGSM-MEP)")
     p.add_argument("--lam", type=common.nonneg_float, default=10.0,
-                   help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes")
+                   help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes, used by "
+                        "every --prior (0: off). For BP and EP that is our assumption: the sources show it with "
+                        "MEP only")
     p.add_argument("--mu", type=common.nonneg_float, default=0.3, help="μ, decay of the momentum memory (MEP)")
     p.add_argument("--momentum-form", choices=["norm", "sign"], default="norm",
                    help="what the momentum accumulates (MEP): norm = ∇/‖∇‖₁ with one L1 norm over the batch "
@@ -60,10 +70,16 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=common.nonneg_float, default=None, help="default 5e-4 (MNIST 0)")
     p.add_argument("--label-smoothing", type=common.pos_float, default=None, metavar="TRUE_PROB",
                    help="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class "
-                        "and the rest spread evenly, on the attack's and the training loss (code: 0.6)")
+                        "and the rest spread evenly, on the attack's and the training loss (code: 0.6). Between "
+                        "1/C (C classes: uniform labels) and 1 (hard labels)")
     args = common.parse_args(p, RECIPES, argv, script="fgsm_mep")
-    if args.label_smoothing is not None and args.label_smoothing > 1:
-        p.error("--label-smoothing is the true class's probability: at most 1")
+    if args.label_smoothing is not None:
+        # Below 1/C the true class would get less than the others: PyTorch's label_smoothing (see main) would
+        # exceed 1 and fail once the data has loaded. Checked here, with the flag's own error.
+        classes = common.dataset_info(args.dataset, args.data_dir)["classes"]
+        if not 1 / classes <= args.label_smoothing <= 1:
+            p.error(f"--label-smoothing {args.label_smoothing}: the true class's probability must lie between "
+                    f"1/C = {1 / classes:.4g} ({args.dataset}: {classes} classes) and 1")
     return args
 
 

@@ -16,6 +16,7 @@ Algorithm 3 (slides, papers/003), per iteration i of an epoch (SPEC §2):
     if i mod k == 0: θ ← θ + ∇_θ L(f(x + δ_g(θ)), y)             lines 4-8 (generator maximises)
     η_g = ε·g(x, s_x; θ)                                          line 9, eq. (6)
     δ_g = Π_[−ε,ε](η_g + α·sign(∇_x L(f(x + η_g), y)))            line 10, eq. (7)
+          (the code caps the step at ε first: Π_[−ε,ε](α·sign(...)); we follow it, see fgsm_from)
     w ← w − ∇_w L(f(x + δ_g), y)                                  line 11
 """
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 import common
 
 RECIPES = {
-    # Authors' code: SGD lr 0.1, ×0.1 at epochs 100 and 105 of 110, α = ε = 8/255; generator Adam 1e-3, k = 20.
+    # Authors' code: SGD lr 0.1, ×0.1 at epochs 100 and 105 of 110, α = ε = 8/255; generator Adam 1e-3, k = 20,
+    # with the target's weight decay.
     "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=8, weight_decay=5e-4, optimizer="sgd",
                     lr_schedule="multistep"),
     # Not in the paper (our choice): Wong's MNIST recipe, as fgsm_rs.py uses it (ε = 0.3, α = 0.375 by
@@ -33,7 +35,6 @@ RECIPES = {
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
                   optimizer="adam", lr_schedule="cyclic"),
 }
-GEN_WEIGHT_DECAY = 5e-4  # authors' code: Adam(generator, lr_att, weight_decay=5e-4)
 
 
 def get_args(argv=None):
@@ -46,14 +47,22 @@ def get_args(argv=None):
                         "cyclic: one triangle 0 → lr → 0 over the run (Table VI)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="target model optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None, help="default 5e-4 (MNIST 0)")
+    p.add_argument("--weight-decay", type=common.nonneg_float, default=None,
+                   help="L2 weight decay of the target's and the generator's optimiser (one value for both, as in "
+                        "the code); default 5e-4 (MNIST 0)")
     p.add_argument("--label-smoothing", type=common.pos_float, default=None, metavar="TRUE_PROB",
                    help="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class "
-                        "and the rest spread evenly, on the generator's and the target's loss (code: 0.5; 0.9 in "
-                        "its first commit)")
+                        "and the rest spread evenly, on the generator's and the target's loss. The code's default "
+                        "was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today (since August "
+                        "2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)")
     args = common.parse_args(p, RECIPES, argv, script="fgsm_sdi")
-    if args.label_smoothing is not None and args.label_smoothing > 1:
-        p.error("--label-smoothing is the true class's probability: at most 1")
+    if args.label_smoothing is not None:
+        # Below 1/C the true class would get less than the others: PyTorch's label_smoothing (see main) would
+        # exceed 1 and fail once the data has loaded. Checked here, with the flag's own error.
+        classes = common.dataset_info(args.dataset, args.data_dir)["classes"]
+        if not 1 / classes <= args.label_smoothing <= 1:
+            p.error(f"--label-smoothing {args.label_smoothing}: the true class's probability must lie between "
+                    f"1/C = {1 / classes:.4g} ({args.dataset}: {classes} classes) and 1")
     return args
 
 
@@ -95,7 +104,12 @@ def sdi_init(generator, x, signed_grad, eps):
 
 
 def fgsm_from(model, x, y, eta, eps, alpha, autocast):
-    """eq. (7): δ_g = Π_[−ε,ε](η_g + α·sign(∇_x L(f(x+η_g), y))), x+δ_g clamped to [0, 1].
+    """eq. (7): δ_g = Π_[−ε,ε](η_g + Π_[−ε,ε](α·sign(∇_x L(f(x+η_g), y)))), x+δ_g clamped to [0, 1].
+
+    The inner Π is the authors' code (it clamps the FGSM step to ±ε before adding it to η_g); eq. (7) has
+    no such cap. Both agree for α ≤ ε (the CIFAR recipe, α = ε); for α > ε (the MNIST recipe, α = 1.25ε)
+    the cap keeps the step at ε, so from η_g < 0 a positive step stops at η_g + ε instead of reaching ε.
+    We follow the code (SPEC §0: the code decides where the paper is silent on such details).
 
     The FGSM direction is computed at a detached copy of x+η_g, so it is a constant for θ: δ_g
     depends on θ only through η_g (sign() has no useful gradient anyway). δ_g keeps η_g's graph."""
@@ -103,7 +117,8 @@ def fgsm_from(model, x, y, eta, eps, alpha, autocast):
     with autocast():
         loss = F.cross_entropy(model(x_init), y)
     grad, = torch.autograd.grad(loss, x_init)
-    delta = (eta + alpha * grad.sign()).clamp(-eps, eps)
+    step = (alpha * grad.sign()).clamp(-eps, eps)  # the code's cap: a step of min(α, ε)
+    delta = (eta + step).clamp(-eps, eps)
     return (x + delta).clamp(0, 1) - x
 
 
@@ -132,7 +147,7 @@ def main(argv=None):
     data = common.get_data(args, run.device, args.val_size)
     model = common.get_model(args, run.device)
     train_model = run.compile(model)
-    generator = Generator(common.DATASETS[args.dataset]["shape"][0]).to(run.device).eval()
+    generator = Generator(common.dataset_info(args.dataset, args.data_dir)["shape"][0]).to(run.device).eval()
     eps, alpha = args.epsilon / 255, args.alpha / 255
     # The code's LabelSmoothLoss (true class f, others (1−f)/(C−1)) is PyTorch's label_smoothing s with
     # 1 − s + s/C = f, i.e. s = (1−f)·C/(C−1).
@@ -155,7 +170,8 @@ def main(argv=None):
                                                   step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
     # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its
     # milestones (counted in target iterations) are never reached: a constant lr is the same thing.
-    gen_opt = torch.optim.Adam(generator.parameters(), lr=args.gen_lr, weight_decay=GEN_WEIGHT_DECAY)
+    # The code gives the generator's Adam the target's --weight-decay (5e-4 in the CIFAR recipe), not a constant.
+    gen_opt = torch.optim.Adam(generator.parameters(), lr=args.gen_lr, weight_decay=args.weight_decay)
     run.track(model=model, opt=opt, sched=sched, generator=generator, gen_opt=gen_opt)
 
     for epoch in run.epochs():

@@ -3,6 +3,7 @@ App. B, the held-out slice, and the script end to end (subprocess, tiny CIFAR-10
 import contextlib
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.func import jacrev, vmap
 
 import atlas
 import common
-from conftest import check_outputs, check_resume, load_results
+from conftest import check_outputs, check_resume, load_results, small_args
 
 
 def small_net(num_classes=5):
@@ -115,6 +116,38 @@ def test_validation_scheduler_lowers_lr_and_stops_on_the_right_epochs():
     assert again.state_dict() == state == {"best": 0.25, "epochs_since_best": 10}
 
 
+def test_validation_scheduler_does_not_count_epochs_of_the_eps_ramp():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = atlas.ValidationScheduler(opt, plateau=2, stop=3, factor=5)
+    # Six ramp epochs at 0% (MNIST's case) and one new best among them: no lr cut and no stop.
+    for acc in (0.0, 0.0, 0.0, 0.1, 0.1, 0.1):
+        assert not sched.step(acc, count=False)
+    assert opt.param_groups[0]["lr"] == 0.1 and sched.state_dict() == {"best": 0.1, "epochs_since_best": 0}
+    # At full ε the count starts: lr ÷ 5 after the 2nd epoch without a new best, stop after the 3rd.
+    assert not sched.step(0.1) and not sched.step(0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert sched.step(0.1)
+
+
+def test_main_starts_counting_when_the_ramp_ends(mnist_dir, tmp_path, monkeypatch):
+    # Validation accuracy falls every epoch. Ramp 3 epochs: epochs 1-2 end below full ε and are not counted;
+    # plateau 1 / stop 2 then cut the lr after epoch 3 and stop after epoch 4 (counting from epoch 2 would
+    # cut after epoch 2 and stop after epoch 3).
+    accs = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    pgd_accuracy = common.pgd_accuracy
+
+    def falling_validation(model, x, y, *args, **kwargs):
+        return next(accs) if len(y) == 48 else pgd_accuracy(model, x, y, *args, **kwargs)  # 48: the val size
+
+    monkeypatch.setattr(common, "pgd_accuracy", falling_validation)
+    out = str(tmp_path / "run")
+    atlas.main(small_args(mnist_dir, out, epochs=5, dataset="mnist", model="mnist-cnn", val_size=48, val_iters=1,
+                          ramp_epochs=3, plateau_epochs=1, stop_epochs=2, eval_iters=1))
+    rows = load_results(out)["epochs"]
+    assert [r["val_acc"] for r in rows] == [0.5, 0.4, 0.3, 0.2]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.01, 0.002])
+
+
 def test_recipes():
     a = atlas.get_args(["--dataset", "cifar100", "--epochs", "30"])
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay) == (30, 0.1, 64, 2e-4)
@@ -127,6 +160,8 @@ def test_recipes():
     m = atlas.get_args(["--dataset", "mnist"])
     assert (m.lr, m.batch_size, m.jac_alpha, m.kl_beta, m.epsilon, m.alpha) == (0.01, 128, 1e-5, 0.3, 76.5, 95.625)
     assert (m.val_iters, m.val_step, m.model) == (20, 2.55, "mnist-cnn")
+    m20 = atlas.get_args(["--dataset", "mnist", "--attack-iters", "20"])   # MNIST's multi-step ATLAS
+    assert (m20.alpha, m20.jac_alpha, m20.kl_beta) == (2.55, 5e-6, 0.2)
     with pytest.raises(SystemExit):
         atlas.get_args(["--val-size", "0"])
 
@@ -155,9 +190,17 @@ def test_one_step_attack_stays_in_the_ball():
         assert delta.abs().max() > 7 / 255  # it moved to the edge of the ball somewhere
 
 
+def test_help_names_the_mnist_multi_step_variant(capsys):
+    with pytest.raises(SystemExit):
+        atlas.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dataset mnist --attack-iters 20" in text
+
+
 def test_end_to_end_resume_validation_rule_and_best_model(cifar_dir, tmp_path):
-    # plateau 1 / stop 2 so that the lr cut and (possibly) the stop happen within 3 tiny epochs
-    extra = dict(val_size=128, val_iters=1, plateau_epochs=1, stop_epochs=2)
+    # plateau 1 / stop 2 so that the lr cut and (possibly) the stop happen within 3 tiny epochs; a 2-epoch
+    # ramp so that epoch 1 is not counted and epochs 2-3 are
+    extra = dict(val_size=128, val_iters=1, plateau_epochs=1, stop_epochs=2, ramp_epochs=2)
     a, _ = check_resume("atlas.py", cifar_dir, tmp_path, epochs=3, **extra)
     rows = a["epochs"]
     res = check_outputs(str(tmp_path / "full"), epochs=len(rows))
@@ -167,17 +210,26 @@ def test_end_to_end_resume_validation_rule_and_best_model(cifar_dir, tmp_path):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = atlas.ValidationScheduler(opt, plateau=1, stop=2)
     stopped = False
-    for row in rows:
+    for e, row in enumerate(rows):
         assert not stopped  # no epoch runs after the stop
         assert row["lr"] == pytest.approx(opt.param_groups[0]["lr"])
-        stopped = sched.step(row["val_acc"])
+        stopped = sched.step(row["val_acc"], count=e >= 1)
     assert stopped or len(rows) == 3
-    # the best model is the first epoch with the highest validation accuracy
-    val = [r["val_acc"] for r in rows]
-    assert a["best_epoch"] == val.index(max(val)) + 1
+    with open(os.path.join(tmp_path / "full", "log.txt")) as f:
+        log = f.read()
+    assert "val_acc" in log
+    # the best model is the first epoch with the highest validation accuracy among those that do not predict
+    # one class (common.py logs those as not eligible; 0 when none is)
+    ineligible = {int(e) for e in re.findall(r"# epoch (\d+): .*not eligible", log)}
+    val = [(r["val_acc"], -r["epoch"]) for r in rows if r["epoch"] not in ineligible]
+    assert a["best_epoch"] == (-max(val)[1] if val else 0)
     # ε ramps per iteration: 4 batches of 32 per epoch, the logged ε is the last batch's
     for e, row in enumerate(rows):
-        assert row["eps"] == pytest.approx(8 * atlas.ramp(e, 3, 4, 15))
-    with open(os.path.join(tmp_path / "full", "log.txt")) as f:
-        assert "val_acc" in f.read()
+        assert row["eps"] == pytest.approx(8 * atlas.ramp(e, 3, 4, 2))
     assert load_results(str(tmp_path / "part"))["best_epoch"] == a["best_epoch"]
+
+
+def test_steps_follow_epsilon():
+    a = atlas.get_args(["--epsilon", "16"])
+    assert a.alpha == 20 and abs(a.val_step - 2 * 1.785) < 1e-9
+    assert atlas.get_args(["--epsilon", "16", "--val-step", "2"]).val_step == 2

@@ -1,16 +1,31 @@
 """fgsm_mep.py: memories, FGSM step, regulariser, momentum forms, and the script end to end with resume."""
 import contextlib
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import common
 import fgsm_mep
 from conftest import check_outputs, check_resume, small_args, write_cifar
 
 EPS, ALPHA = 8 / 255, 8 / 255
 nullcast = contextlib.nullcontext
+
+
+def saved_memories(out_dir):
+    """The memories of the checkpoint in out_dir, read from the side files that checkpoint.pt names."""
+    tracked = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)["tracked"]
+    out = {}
+    for name in ("delta_memory", "momentum_memory"):
+        if name in tracked:
+            ref = tracked[name]
+            raw = np.fromfile(os.path.join(out_dir, ref["file"]), dtype=np.uint8)
+            out[name] = torch.from_numpy(raw).view(getattr(torch, ref["dtype"].split(".")[1])).view(ref["shape"])
+    return out
 
 
 def tiny_model():
@@ -140,10 +155,74 @@ def test_each_prior_runs_and_memories_fit_the_dataset(prior, dataset, rows, shap
     fgsm_mep.main(small_args(data_dir, out, epochs=1, **extra))  # in-process: the subprocess path is tested below
     res = check_outputs(out, epochs=1)
     assert res["args"]["prior"] == prior and "reg" in res["epochs"][0]
-    tracked = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["tracked"]
-    assert tuple(tracked["delta_memory"].shape) == (rows,) + shape
-    assert ("momentum_memory" in tracked) == (prior == "momentum")
-    assert tracked["delta_memory"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
+    saved = saved_memories(out)
+    assert tuple(saved["delta_memory"].shape) == (rows,) + shape
+    assert ("momentum_memory" in saved) == (prior == "momentum")
+    assert saved["delta_memory"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
+
+
+def test_label_smoothing_below_one_over_c_is_a_usage_error(capsys):
+    for argv in (["--label-smoothing", "0.09"], ["--label-smoothing", "1.5"],
+                 ["--dataset", "cifar100", "--label-smoothing", "0.009"]):
+        with pytest.raises(SystemExit) as err:
+            fgsm_mep.get_args(argv)
+        assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err
+    assert fgsm_mep.get_args(["--label-smoothing", "0.1"]).label_smoothing == 0.1          # 1/C: uniform labels
+    assert fgsm_mep.get_args(["--dataset", "cifar100", "--label-smoothing", "0.05"]).label_smoothing == 0.05
+
+
+def test_memories_live_beside_a_small_checkpoint_and_an_interrupted_save_keeps_the_last_one(tmp_path):
+    args = SimpleNamespace(method="test", out_dir=str(tmp_path), resume=False, seed=0, device="cpu", epsilon=8,
+                           epochs=5)
+    memory = torch.rand(1000, 3, 8, 8)                               # 768 kB
+    run = common.Run(args)
+    run.track(model=nn.Linear(2, 2), memory=memory)
+    run.train_time = 1e6  # saving is cheap next to the training: every epoch is saved
+    run._save_checkpoint(1)
+    memory.mul_(2)
+    epoch_2 = memory.clone()
+    run._save_checkpoint(2)
+    # checkpoint.pt is small: it names the memory's file and holds no copy of it
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["tracked"]["memory"] == {"file": "memory.0.bin", "dtype": "torch.float32", "shape": [1000, 3, 8, 8]}
+    assert os.path.getsize(tmp_path / "checkpoint.pt") < memory.numel() * 4 / 10
+    assert os.path.getsize(tmp_path / "memory.0.bin") == memory.numel() * 4
+    # epoch 3's save dies half-way through its file (memory.1.bin): checkpoint.pt still names epoch 2's
+    with open(tmp_path / "memory.1.bin", "r+b") as f:
+        f.write(b"\xff" * 1000)
+        f.truncate(5000)
+    memory.zero_()
+    resumed = common.Run(SimpleNamespace(**{**vars(args), "resume": True}))
+    resumed.track(model=nn.Linear(2, 2), memory=memory)
+    resumed._load_checkpoint()
+    assert resumed.start_epoch == 2 and torch.equal(memory, epoch_2)
+
+
+def test_saving_memories_is_held_to_five_percent_of_the_training_time(tmp_path):
+    args = SimpleNamespace(method="test", out_dir=str(tmp_path), resume=False, seed=0, device="cpu", epsilon=8,
+                           epochs=5)
+
+    def epochs_done():
+        return torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epochs_done"]
+
+    run = common.Run(args)
+    run.track(model=nn.Linear(2, 2), memory=torch.zeros(10))
+    run._save_checkpoint(1)
+    run._save_seconds, run.train_time = 1.0, 10.0    # saves have cost 10% of the training so far: skip
+    run._save_checkpoint(2)
+    assert epochs_done() == 1
+    run.train_time = 30.0                             # 3.3%: save
+    run._save_checkpoint(3)
+    assert epochs_done() == 3
+    run._save_seconds, run.train_time = 100.0, 30.0
+    run._save_checkpoint(5)                           # the last epoch is always saved
+    assert epochs_done() == 5
+    # a run without per-sample memories saves every epoch, whatever its saves cost
+    plain = common.Run(SimpleNamespace(**{**vars(args), "out_dir": str(tmp_path / "plain")}))
+    plain.track(model=nn.Linear(2, 2))
+    plain._save_seconds, plain.train_time = 100.0, 1.0
+    plain._save_checkpoint(2)
+    assert torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["epochs_done"] == 2
 
 
 def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
@@ -151,8 +230,9 @@ def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
     check_outputs(str(tmp_path / "full"), epochs=2)
     assert a["method"] == "fgsm_mep" and a["args"]["prior"] == "momentum" and a["args"]["lam"] == 10
     assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(1e-3)  # both milestones passed
-    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["tracked"]
-                  for d in ("full", "part"))
+    full, part = (saved_memories(os.path.join(tmp_path, d)) for d in ("full", "part"))
     for name in ("delta_memory", "momentum_memory"):
         assert full[name].shape[0] == 256 and torch.equal(full[name], part[name]), name
     assert full["momentum_memory"].abs().sum() > 0
+    # checkpoint.pt holds no memory: it is smaller than one of them
+    assert os.path.getsize(os.path.join(tmp_path, "full", "checkpoint.pt")) < full["delta_memory"].numel() * 4

@@ -96,6 +96,46 @@ def test_generator_steps_raise_the_target_loss():
     assert target_loss() > before
 
 
+def test_fgsm_step_is_capped_at_eps_before_it_is_added_to_eta():
+    # The authors' code: δ = Π(η + Π(α·sign(g))). With α = 1.25ε (the MNIST recipe) a step against η < 0 ends
+    # at η + ε, not at ε; with α ≤ ε the cap changes nothing.
+    torch.manual_seed(0)
+    model = common.make_model("wrn-10-1", "cifar10").eval()
+    x, y = batch()
+    x = x * 0.5 + 0.25  # away from 0 and 1: no pixel clamp binds, only the ε-ball
+    eta = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * EPS
+    x_init = (x + eta).requires_grad_(True)
+    direction = torch.autograd.grad(F.cross_entropy(model(x_init), y), x_init)[0].sign()
+    for alpha in (1.25 * EPS, 0.5 * EPS):
+        delta = fgsm_sdi.fgsm_from(model, x, y, eta, EPS, alpha, nullcast)
+        expected = (eta + min(alpha, EPS) * direction).clamp(-EPS, EPS)
+        torch.testing.assert_close(delta, expected, rtol=0, atol=1e-6)
+    # the cap matters at α = 1.25ε: where the step goes against η's sign, the uncapped one goes min(ε/4, |η|)
+    # further
+    capped = (eta + EPS * direction).clamp(-EPS, EPS)
+    uncapped = (eta + 1.25 * EPS * direction).clamp(-EPS, EPS)
+    assert (uncapped - capped).abs().max() > EPS / 10
+
+
+def test_label_smoothing_below_one_over_c_is_a_usage_error(capsys):
+    for argv in (["--label-smoothing", "0.09"], ["--label-smoothing", "1.5"],
+                 ["--dataset", "cifar100", "--label-smoothing", "0.009"]):
+        with pytest.raises(SystemExit) as err:
+            fgsm_sdi.get_args(argv)
+        assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err
+    assert fgsm_sdi.get_args(["--label-smoothing", "0.1"]).label_smoothing == 0.1          # 1/C: uniform labels
+    assert fgsm_sdi.get_args(["--dataset", "cifar100", "--label-smoothing", "0.05"]).label_smoothing == 0.05
+
+
+def test_generator_weight_decay_follows_the_targets(mnist_dir, tmp_path):
+    out = str(tmp_path / "run")
+    fgsm_sdi.main(small_args(mnist_dir, out, epochs=1, dataset="mnist", model="mnist-cnn", weight_decay=1e-3,
+                             eval_iters=1))
+    tracked = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["tracked"]
+    assert tracked["gen_opt"]["param_groups"][0]["weight_decay"] == 1e-3
+    assert tracked["opt"]["param_groups"][0]["weight_decay"] == 1e-3
+
+
 def test_generator_is_updated_on_iterations_0_k_2k_of_each_epoch(mnist_dir, tmp_path, monkeypatch):
     # Tiny MNIST (cheap CNN, 1-channel generator): 200 images / batch 32 = 7 batches per epoch;
     # k = 3 -> iterations 0, 3, 6 of each epoch (the count restarts every epoch, as in Alg. 3 and the code).
