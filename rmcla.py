@@ -7,6 +7,7 @@ github.com/wjyouch/bilateral-adversarial-training.
     python rmcla.py                                    # CIFAR-10 recipe: PreActResNet18, 200 epochs, β = 9
     python rmcla.py --model wrn-28-10                  # the paper's net
     python rmcla.py --dataset cifar100 --top-k 9       # R-MC-LA9 (supplement §3), β = 11
+    python rmcla.py --dataset cifar100 --top-k 9 --vmc-over all    # R-MC-LA9, the other reading of v_MC
     python rmcla.py --label-rule sup                   # the supplement's label rule, eq. (2)-(6)
     python rmcla.py --dataset mnist --data-dir DIR     # MNIST: Wong's CNN, Adam, 10 epochs (our choice)
 
@@ -50,6 +51,13 @@ def get_args(argv=None):
     p.add_argument("--top-k", type=common.pos_int, default=None,
                    help="spread ε_y over the K non-true classes with the largest v_k only (9: R-MC-LA9); "
                         "default: over all of them")
+    p.add_argument("--vmc-over", choices=["top-k", "all"], default="top-k",
+                   help="with --top-k and --label-rule main, where v_MC of y′_k ∝ v_k − v_MC + γ is the "
+                        "minimum: top-k (default) over the K classes, i.e. the formula restricted to them: the "
+                        "K-th class gets only γ/D, so ε_y goes to K−1 classes; all: over every non-true class "
+                        "(the most confusing one, outside the K): all K classes share, and ε_y is larger, "
+                        "about twice on CIFAR-100 (it tends to 1/(1 + β/K) as the K shares even out). "
+                        "The supplement does not say which; the authors' code has no R-MC-LA9")
     p.add_argument("--label-rule", choices=["main", "sup"], default="main",
                    help="main: y′_k ∝ v_k − v_MC + γ (paper); sup: y′_k ∝ v_k (supplement eq. 2)")
     p.add_argument("--milestones", type=common.pos_int, nargs="*", default=None,
@@ -60,7 +68,7 @@ def get_args(argv=None):
     args = common.parse_args(p, RECIPES, argv, script="rmcla")
     if args.alpha is None:
         args.alpha = args.epsilon  # the one step is ε (code), so --alpha follows --epsilon unless given
-    num_classes = common.DATASETS[args.dataset]["classes"]
+    num_classes = common.dataset_info(args.dataset, args.data_dir)["classes"]
     if args.top_k is not None and args.top_k > num_classes - 1:
         p.error(f"--top-k {args.top_k}: {args.dataset} has only {num_classes - 1} non-true classes")
     return args
@@ -82,7 +90,7 @@ def mc_targeted_delta(model, x, y_mc, delta, eps, step, autocast):
     return (x + delta).clamp(0, 1) - x
 
 
-def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main"):
+def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main", vmc_over="top-k"):
     """The soft label y′ (rows sum to 1) from the clean logits.
 
     v_k = −log p_k is ∇_{y_k} CE, how much the loss rises per unit of label mass moved to class k.
@@ -90,8 +98,13 @@ def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main"):
     and the MC class keeps only the share γ/D. sup (supplement eq. 2): w_k = v_k.
     Both: y′_c = 1 − ε_y, and ε_y is the largest budget with y′_c ≥ β·max_{k≠c} y′_k (eq. 3), taken with
     equality: ε_y = 1/(1 + β·max w/Σw) (main paper; supplement eq. 4).
-    top_k: only the K non-true classes with the largest v_k share ε_y (R-MC-LA9, supplement §3); the same
-    formula restricted to them (v_MC, v_LL and n−1 → K taken over that set).
+    top_k: only the K non-true classes with the largest v_k share ε_y (R-MC-LA9, supplement §3).
+    vmc_over: the supplement does not say which v_MC the main rule then subtracts. "top-k": the formula
+    restricted to the K classes (v_MC, v_LL and n−1 → K taken over that set); the smallest v_k of the
+    set is then v_MC, so its class keeps only γ/D and ε_y effectively goes to K−1 classes. "all": v_MC of
+    the most confusing class over all non-true classes (the supplement calls the subtracted minimum the MC
+    class's), which lies outside the set, so all K classes get a share, w is flatter and ε_y larger (about
+    twice on CIFAR-100). Same v_LL, and D = Σ_set v_k − K(v_MC − γ), in both.
     """
     v = -F.log_softmax(logits.float(), 1)  # exact −log p (the code adds 1e-8 inside the log instead)
     true = F.one_hot(y, logits.shape[1]).bool()
@@ -100,7 +113,8 @@ def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main"):
         top = v.masked_fill(true, float("-inf")).topk(top_k, 1).indices
         share = torch.zeros_like(true).scatter_(1, top, True)
     if rule == "main":
-        v_mc = v.masked_fill(~share, float("inf")).amin(1, keepdim=True)
+        pool = share if vmc_over == "top-k" else ~true  # where v_MC is the minimum (see vmc_over above)
+        v_mc = v.masked_fill(~pool, float("inf")).amin(1, keepdim=True)
         w = (v - v_mc + gamma) * share
     else:
         w = v * share
@@ -137,7 +151,8 @@ def main():
             with torch.no_grad(), run.autocast():
                 clean_logits = train_model(x).float()
             y_mc = most_confusing_class(clean_logits, y)  # MC target
-            label = adversarial_label(clean_logits, y, args.beta, args.gamma, args.top_k, args.label_rule)  # LA
+            label = adversarial_label(clean_logits, y, args.beta, args.gamma, args.top_k, args.label_rule,
+                                      args.vmc_over)  # LA
             # R + MC: random start in the ε-ball (the code does not clip it to the pixel range before the
             # gradient; we do, as everywhere in this repo), then one step of size ε towards y_MC.
             start = torch.empty_like(x).uniform_(-eps, eps)

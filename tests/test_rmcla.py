@@ -70,6 +70,40 @@ def test_top_k_puts_mass_only_on_the_top_k_classes():
                                    rmcla.adversarial_label(logits, y, 9.0, 0.01, rule=rule))
 
 
+def test_top_k_both_readings_of_v_mc_on_a_hand_computed_example():
+    # p = (1/2, 1/4, 1/8, 1/16, 1/16), true class 0: v = −log p = (L, 2L, 3L, 4L, 4L), L = ln 2; K = 3 keeps
+    # classes 2, 3, 4 (largest v). The MC class over all non-true classes is class 1 (v = 2L), outside the K.
+    p = torch.tensor([[1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 16]])
+    logits, y = p.log() - 1.0, torch.tensor([0])
+    L, beta, gamma = math.log(2), 9.0, 0.01
+    # top-k: v_MC = 3L, the smallest v of the three: w = (γ, L+γ, L+γ), D = 2L + 3γ, ε_y ≈ 0.182875
+    D = 2 * L + 3 * gamma
+    eps_in = 1 / (1 + beta * (L + gamma) / D)
+    within = torch.tensor([1 - eps_in, 0, eps_in * gamma / D, eps_in * (L + gamma) / D, eps_in * (L + gamma) / D])
+    # all: v_MC = 2L (class 1): w = (L+γ, 2L+γ, 2L+γ), D = 5L + 3γ, ε_y ≈ 0.217635
+    D = 5 * L + 3 * gamma
+    eps_all = 1 / (1 + beta * (2 * L + gamma) / D)
+    over_all = torch.tensor([1 - eps_all, 0, eps_all * (L + gamma) / D, eps_all * (2 * L + gamma) / D,
+                             eps_all * (2 * L + gamma) / D])
+    for vmc_over, expected in (("top-k", within), ("all", over_all)):
+        label = rmcla.adversarial_label(logits, y, beta, gamma, top_k=3, vmc_over=vmc_over)
+        torch.testing.assert_close(label[0], expected)
+        check_label(label, y, beta)
+    assert eps_in == pytest.approx(0.182875, abs=1e-6) and eps_all == pytest.approx(0.217635, abs=1e-6)
+    # the consequence: with top-k the K-th class gets under 1% of ε_y (effectively K − 1 classes share it);
+    # with all it gets a fifth, and ε_y is larger
+    assert within[2] < 0.01 * eps_in and over_all[2] > 0.2 * eps_all and eps_all > eps_in
+    # without --top-k, or with the sup rule (no v_MC), both readings are the same label
+    torch.manual_seed(0)
+    logits, y = 3 * torch.randn(16, 10), torch.randint(0, 10, (16,))
+    for top_k, rule in ((None, "main"), (4, "sup")):
+        torch.testing.assert_close(rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "all"),
+                                   rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "top-k"))
+    # the flag: the current reading by default
+    assert rmcla.get_args(["--dataset", "cifar100", "--top-k", "9"]).vmc_over == "top-k"
+    assert rmcla.get_args(["--dataset", "cifar100", "--top-k", "9", "--vmc-over", "all"]).vmc_over == "all"
+
+
 def test_attack_target_is_the_most_confusing_class():
     logits = torch.tensor([[5.0, 3.0, 4.0, -1.0],    # true 0 is the top class: the runner-up, 2
                            [5.0, 3.0, 4.0, -1.0],    # true 2: the top wrong class, 0
