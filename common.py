@@ -280,6 +280,11 @@ class DeviceLoader:
         self.images, self.labels, self.indices = images, labels, indices
         self.batch_size, self.device = batch_size, torch.device(device)
         self.shuffle, self.crop, self.flip, self.seed = shuffle, crop, flip, seed
+        # FASTAT_COUNT_FLOPS=1 (bench/epoch_time.py sets it): count the FLOPs of the first training step that
+        # this process runs (everything the loop does with the first batch: attack, weight step, the method's
+        # own networks) with torch's FlopCounterMode. It slows that one step, so it is off by default.
+        self.count_flops = shuffle and os.environ.get("FASTAT_COUNT_FLOPS") == "1"
+        self.step_flops = None
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
@@ -301,6 +306,13 @@ class DeviceLoader:
             x = x.float().div_(255)
             if gpu_path(self.device):
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.count_flops and self.step_flops is None:
+                from torch.utils.flop_counter import FlopCounterMode
+                # The consumer's whole step runs between this yield and the next request, inside the counter.
+                with FlopCounterMode(display=False) as counter:
+                    yield x, self.labels[batch], self.indices[batch]
+                self.step_flops = {"flops": counter.get_total_flops(), "batch_size": len(batch)}
+                continue
             yield x, self.labels[batch], self.indices[batch]
 
 
@@ -1030,6 +1042,7 @@ class Run:
         torch.save(best, os.path.join(out, "model_best.pt"))
         results = {"method": args.method, "args": vars(args), "epochs": self.rows, "train_time": self.train_time,
                    "best_epoch": self.best["epoch"], "stopped_early": self.stopped and len(self.rows) < args.epochs,
+                   "train_images": len(data.train.labels), "step_flops": data.train.step_flops,
                    "eval_samples": n, "final": final,
                    "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
                    "precision": "bf16 autocast, channels_last" if gpu_path(self.device) else "fp32",

@@ -7,7 +7,12 @@ Each spec is a script plus its own flags. Every run trains for --epochs with the
 evaluates on a single test image (the evaluation is not what is timed), and is timed by the `seconds`
 column of its results.json (training only: the per-epoch monitor and checkpoint are outside it). The first
 epoch is left out of the mean when there are more (warm-up: allocation, cuDNN autotuning, compilation).
-The table gives seconds per epoch and the ratio to the first spec.
+The table gives seconds per epoch and the ratio to the first spec, images per second, and the achieved FLOP/s:
+the FLOPs of one training step (forward and backward passes of the attack, the weight step and the method's own
+networks, counted on the first batch by torch's FlopCounterMode: FASTAT_COUNT_FLOPS=1) per image, times images
+per second. On CUDA it also gives the fraction of the device's dense bf16 peak, for the GPUs in PEAK_BF16;
+others print the FLOP/s only. The count is of one batch: a method whose cost varies from batch to batch (LAS-AT's
+sampled iterations and strategy updates every k batches, Amata's K_t by epoch) is counted as its first batch.
 """
 import argparse
 import json
@@ -18,6 +23,17 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets (the SXM parts where there are two).
+PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+             "RTX 4090": 165.0, "A10G": 70.0, "L4": 121.0, "RTX 3090": 71.0}
+
+
+def peak_bf16(device_name):
+    for key, tflops in PEAK_BF16.items():  # the more specific names first
+        if key.lower() in device_name.lower():
+            return tflops * 1e12
+    return None
 
 
 def main():
@@ -42,23 +58,34 @@ def main():
             script, *own = shlex.split(spec)
             out = os.path.join(tmp, str(k))
             cmd = [sys.executable, os.path.join(ROOT, script), *shared, *own, "--out-dir", out]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "FASTAT_COUNT_FLOPS": "1"})
             if proc.returncode != 0:
                 sys.exit(f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             with open(os.path.join(out, "results.json")) as f:
                 res = json.load(f)
             seconds = [r["seconds"] for r in res["epochs"]]
             timed = seconds[1:] or seconds
-            rows.append({"spec": spec, "seconds_per_epoch": sum(timed) / len(timed), "epochs_timed": len(timed),
-                         "device": res["device"], "torch": res["torch"]})
+            per_epoch = sum(timed) / len(timed)
+            row = {"spec": spec, "seconds_per_epoch": per_epoch, "epochs_timed": len(timed),
+                   "device": res["device"], "torch": res["torch"], "precision": res.get("precision")}
+            row["images_per_s"] = res["train_images"] / per_epoch
+            step = res.get("step_flops")
+            row["flops_per_s"] = step["flops"] / step["batch_size"] * row["images_per_s"] if step else None
+            peak = peak_bf16(res["device"]) if res["device"] != "cpu" else None
+            row["peak_fraction"] = row["flops_per_s"] / peak if peak and row["flops_per_s"] else None
+            rows.append(row)
             print(f"  {spec}: {rows[-1]['seconds_per_epoch']:.2f} s/epoch", file=sys.stderr, flush=True)
     base = rows[0]["seconds_per_epoch"]
     print(f"{args.dataset}, model {args.model or 'recipe default'}, {args.epochs} epochs, device {rows[0]['device']}, "
           f"torch {rows[0]['torch']}")
-    print(f"{'spec':<44} {'s/epoch':>9} {'ratio':>7}")
+    print(f"{'spec':<44} {'s/epoch':>9} {'ratio':>7} {'images/s':>9} {'TFLOP/s':>8} {'of peak':>8}")
     for r in rows:
         r["ratio"] = r["seconds_per_epoch"] / base
-        print(f"{r['spec']:<44} {r['seconds_per_epoch']:>9.2f} {r['ratio']:>6.2f}x")
+        tflops = f"{r['flops_per_s'] / 1e12:8.3f}" if r["flops_per_s"] else f"{'–':>8}"
+        peak = f"{100 * r['peak_fraction']:7.1f}%" if r["peak_fraction"] else f"{'–':>8}"
+        print(f"{r['spec']:<44} {r['seconds_per_epoch']:>9.2f} {r['ratio']:>6.2f}x {r['images_per_s']:>9.1f} "
+              f"{tflops} {peak}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,498 @@
+"""One table and one figure from the results.json of finished runs.
+
+    python bench/report.py runs/reproduce-cifar10                 # every run below that directory
+    python bench/report.py runs/fgsm_rs-cifar10 runs/atlas-cifar10 --out runs
+
+Writes OUT/report.md and OUT/report.png and prints the table. One row per run: the method and the flags that
+differ from its recipe (found by parsing the same dataset and model with the script's own get_args; no training
+is run), dataset, model, epochs run and why the run stopped early if it did (the "# stop" or "# early stop" line
+in its log.txt), device, training time, seconds per epoch, evaluation size, the last and the best model's accuracy
+under each attack that was run, the best epoch, and, for a run of a method's default recipe (or a named variant)
+on a dataset its paper reports, the paper's figures from bench/paper_figures.py, with the paper's network.
+
+Every attack has its own column, named with its settings: a run evaluated with PGD-20-1 never shares a column
+with one evaluated with PGD-50-10. The figure has robust accuracy against training time (last and best model of
+each run) and every run's pgd_monitor against epoch, where catastrophic overfitting shows as a sudden drop.
+A directory without a readable results.json (an unfinished or failed run) gets a one-line warning and is skipped.
+Runs made by `bench/reproduce.py --quick` (a RUN/reproduce.json says so) are marked as quick runs and get no
+paper figure: they did not run the recipe.
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import math
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the method scripts and common.py, imported for their get_args()
+
+import paper_figures  # noqa: E402  (bench/, this script's own folder)
+
+# Flags that are not part of a recipe: where the run happened, and the evaluation, which the accuracy columns'
+# headers and the "eval images" column name instead. dataset and model have columns of their own.
+NOT_RECIPE = {"method", "dataset", "model", "data_dir", "out_dir", "device", "resume", "eval_samples", "eval_iters",
+              "eval_restarts", "autoattack"}
+# Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
+NEUTRAL = {"seed", "compile"}
+RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")  # a directory holding one of these is a run
+
+
+def warn(message):
+    print(f"report.py: warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and reading runs
+# ----------------------------------------------------------------------------------------------
+
+def find_runs(paths):
+    """Run directories at or below the given paths (a path may also be a results.json), in a stable order."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(os.path.dirname(os.path.abspath(path)))
+        elif not os.path.isdir(path):
+            warn(f"{path}: no such file or directory, skipped")
+        else:
+            below = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                if any(name in filenames for name in RUN_FILES):
+                    below.append(os.path.abspath(dirpath))
+            if not below:
+                warn(f"{path}: no run below it")
+            found += below
+    return list(dict.fromkeys(found))  # a run named twice is reported once
+
+
+def load_results(run_dir):
+    """results.json as a dict, or None with a one-line warning when it is missing or not what Run.finish writes."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        warn(f"{run_dir}: no results.json (an unfinished or failed run), skipped")
+        return None
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as err:
+        warn(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}), skipped")
+        return None
+    problem = None
+    if not isinstance(res, dict):
+        problem = "not a JSON object"
+    else:
+        missing = [k for k in ("method", "args", "epochs", "train_time", "final") if k not in res]
+        if missing:
+            problem = f"no {', '.join(missing)}"
+        elif not (isinstance(res["final"], dict) and all(isinstance(res["final"].get(k), dict) for k in ("last", "best"))
+                  and isinstance(res["epochs"], list) and isinstance(res["args"], dict)):
+            problem = "final.last / final.best, epochs or args are not what a run writes"
+    if problem:
+        warn(f"{path}: malformed ({problem}), skipped")
+        return None
+    return res
+
+
+def quick_factor(run_dir):
+    """The --quick factor of a run made by reproduce.py (None: a full recipe, or not made by reproduce.py)."""
+    try:
+        with open(os.path.join(run_dir, "reproduce.json")) as f:
+            return json.load(f).get("quick")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def stop_reason(run_dir, res):
+    """Why a run ran fewer epochs than --epochs: the last '# stop' / '# early stop' line of its log."""
+    planned, ran = res["args"].get("epochs"), len(res["epochs"])
+    if not isinstance(planned, int) or ran >= planned:
+        return None
+    reason = None
+    with contextlib.suppress(OSError), open(os.path.join(run_dir, "log.txt"), errors="replace") as f:
+        for line in f:
+            if re.match(r"# (early )?stop\b", line):
+                reason = line[2:].strip()
+    return reason or "stopped early (log.txt gives no reason)"
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags that differ from the recipe: ask the script's own get_args()
+# ----------------------------------------------------------------------------------------------
+
+class RecipeUnknown(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _folder_stand_in():
+    """get_args() of some scripts reads the class count of --dataset folder (to check --top-k, --label-smoothing)
+    by decoding the image folder. The recipe does not depend on it, and the folder may be elsewhere or gone: a
+    stand-in with many classes lets those checks pass, as they did when the run started."""
+    import common
+    real = common.dataset_info
+
+    def info(name, data_dir="data"):
+        return real(name, data_dir) if name != "folder" else dict(common.DATASETS["cifar10"], classes=1000)
+    common.dataset_info = info
+    try:
+        yield
+    finally:
+        common.dataset_info = real
+
+
+_PARSED = {}  # (method, argv) → vars of get_args(argv) or the RecipeUnknown it raised: each is parsed once
+
+
+def get_args(method, argv):
+    """vars() of METHOD.py's get_args(argv), or RecipeUnknown with the script's one-line complaint."""
+    key = (method, tuple(argv))
+    if key not in _PARSED:
+        try:
+            _PARSED[key] = _get_args(method, argv)
+        except RecipeUnknown as err:
+            _PARSED[key] = err
+    if isinstance(_PARSED[key], RecipeUnknown):
+        raise _PARSED[key]
+    return dict(_PARSED[key])
+
+
+def _get_args(method, argv):
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(os.path.join(ROOT, f"{method}.py")):
+        raise RecipeUnknown(f"no script {method}.py")
+    module = importlib.import_module(method)  # imports only: every script keeps its work in main()
+    if not hasattr(module, "get_args") or not all(isinstance(w, str) for w in argv):
+        raise RecipeUnknown(f"{method}.py has no get_args(), or the run's dataset or model is missing")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), _folder_stand_in():
+            return vars(module.get_args(list(argv)))
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines()
+        raise RecipeUnknown(lines[-1] if lines else "get_args refused the flags") from None
+
+
+def same(a, b):
+    """Equal as flag values: 10 and 10.0 are, a list and a tuple with equal items are (JSON keeps no tuples)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def number(v):
+    """A flag value as the user would type it: 10.0 as 10, 0.0002 as 0.0002."""
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
+
+
+def to_argv(flags):
+    """{key: value} as command-line words. False and None have no words (a store_true flag left off, an option
+    not given): such a difference stays in the shown flags, as key=value."""
+    words = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *map(number, value)]
+        elif value is not None and value is not False:
+            words += [flag, number(value)]
+    return words
+
+
+def show_flags(flags):
+    words = []
+    for key, value in flags.items():
+        expressible = to_argv({key: value})
+        words += expressible if expressible else [f"{key}={value}"]
+    return " ".join(words)
+
+
+def recipe_diff(method, dataset, model, args):
+    """The smallest set of flags that, given to METHOD.py with --dataset DATASET --model MODEL, reproduces `args`
+    (every key but NOT_RECIPE). A flag that follows from another is left out: with --epsilon 16, FGSM-RS's α
+    follows ε (20/255) and is not shown; ATLAS's --attack-iters 10 brings its own step and loss weights."""
+    base = ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull]
+    recipe = get_args(method, base)
+    diff = {k: v for k, v in args.items() if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k]))}
+    for key in sorted(diff, key=lambda k: list(args).index(k)):
+        trial = {k: v for k, v in diff.items() if k != key and k in recipe}
+        with contextlib.suppress(RecipeUnknown):
+            if key in recipe and same(get_args(method, base + to_argv(trial))[key], args[key]):
+                del diff[key]
+    return diff
+
+
+def variant_diff(method, dataset, model, flags):
+    """recipe_diff() of the run that METHOD.py FLAGS would make."""
+    args = get_args(method, ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull,
+                             *flags])
+    return recipe_diff(method, dataset, model, args)
+
+
+def same_flags(a, b):
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def describe(res, quick):
+    """Flags that differ from the recipe, the variant's name, and the paper figures that apply."""
+    args, method = res["args"], res["method"]
+    dataset, model = args.get("dataset"), args.get("model")
+    out = {"flags": "", "variant": None, "figures": [], "recipe_error": None}
+    try:
+        diff = recipe_diff(method, dataset, model, args)
+        recipe_model = get_args(method, ["--dataset", dataset, "--device", "cpu", "--out-dir", os.devnull])["model"]
+    except RecipeUnknown as err:
+        out["recipe_error"] = str(err)
+        return out
+    out["flags"] = show_flags(diff)
+    core = {k: v for k, v in diff.items() if k not in NEUTRAL}
+    for script, flags, label in paper_figures.VARIANTS.values():
+        # A named variant with more flags (--epochs 30) is still that variant.
+        if script != method:
+            continue
+        with contextlib.suppress(RecipeUnknown):
+            named = variant_diff(method, dataset, model, flags)
+            if named and all(k in core and same(core[k], v) for k, v in named.items()):
+                out["variant"] = label
+    if quick:
+        return out  # a quick run did not run the recipe: no paper figure beside it
+    for fig in paper_figures.FIGURES:
+        if fig.script != method or fig.flags is None or fig.dataset != dataset or model not in (recipe_model,
+                                                                                               fig.model):
+            continue
+        with contextlib.suppress(RecipeUnknown):
+            if same_flags(core, variant_diff(method, dataset, model, fig.flags)):
+                out["figures"].append(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+def metric_order(key):
+    """clean, then PGD by steps and restarts, CW, AutoAttack, the worst case; anything else last."""
+    m = re.fullmatch(r"pgd(\d+)_(\d+)", key)
+    if key == "clean":
+        return (0,)
+    if m:
+        return (1, int(m[1]), int(m[2]))
+    m = re.fullmatch(r"cw(\d+)", key)
+    if m:
+        return (2, int(m[1]))
+    return {"autoattack": (3,), "worst_case": (4,)}.get(key, (5, key))
+
+
+def metric_name(key):
+    """pgd50_10 → PGD-50-10 (50 steps, 10 restarts), cw20 → CW-20, ..."""
+    m = re.fullmatch(r"pgd(\d+)_(\d+)", key)
+    if m:
+        return f"PGD-{m[1]}-{m[2]}"
+    m = re.fullmatch(r"cw(\d+)", key)
+    if m:
+        return f"CW-{m[1]}"
+    return {"autoattack": "AutoAttack", "worst_case": "worst case"}.get(key, key)
+
+
+def pct(final, key):
+    if key not in final:
+        return "–"  # this run did not run that attack
+    v = final[key]
+    return "n/a" if v is None else f"{100 * v:.2f}"  # None: requested but not available (AutoAttack)
+
+
+def duration(seconds):
+    if seconds < 100:
+        return f"{seconds:.1f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def per_epoch(run):
+    rows, device = run["res"]["epochs"], run["res"].get("device", "?")
+    if not rows:
+        return "–"
+    wall = sum(r.get("seconds", 0) for r in rows) / len(rows)
+    cpu = [r["cpu_seconds"] for r in rows if isinstance(r.get("cpu_seconds"), (int, float))]
+    # On a CPU the process's CPU time measures the epoch even when other work shares the machine.
+    return f"{wall:.1f} (CPU {sum(cpu) / len(cpu):.1f})" if device == "cpu" and cpu else f"{wall:.1f}"
+
+
+def epochs_cell(run):
+    res = run["res"]
+    ran, planned = len(res["epochs"]), res["args"].get("epochs")
+    reason = stop_reason(run["dir"], res)
+    return f"{ran} of {planned}: {reason}" if reason else str(ran)
+
+
+def method_cell(run):
+    res, info = run["res"], run["info"]
+    text = f"`{res['method']}{' ' + info['flags'] if info['flags'] else ''}`"
+    if info["variant"]:
+        text = f"{info['variant']}: {text}"
+    if info["recipe_error"]:
+        text += f" (recipe not known: {info['recipe_error']})"
+    if run["quick"]:
+        text += f" **quick (recipe ÷ {number(run['quick'])})**"
+    return text
+
+
+def paper_cell(run):
+    if run["quick"]:
+        return "– (quick run)"
+    return "; ".join(f.text() for f in run["info"]["figures"]) or "–"
+
+
+def build_table(runs):
+    keys = sorted({k for run in runs for which in ("last", "best") for k in run["res"]["final"][which]},
+                  key=metric_order)
+    columns = [
+        ("run", lambda r: r["label"]),
+        ("method and flags that differ from its recipe", method_cell),
+        ("dataset", lambda r: str(r["res"]["args"].get("dataset"))),
+        ("model", lambda r: str(r["res"]["args"].get("model"))),
+        ("epochs", epochs_cell),
+        ("device", lambda r: str(r["res"].get("device", "?"))),
+        ("train time", lambda r: duration(r["res"]["train_time"])),
+        ("s / epoch", per_epoch),
+        ("eval images", lambda r: str(r["res"].get("eval_samples", "?"))),
+    ]
+    columns += [(f"last {metric_name(k)}", lambda r, k=k: pct(r["res"]["final"]["last"], k)) for k in keys]
+    columns.append(("best epoch", lambda r: str(r["res"].get("best_epoch") or len(r["res"]["epochs"]))))
+    columns += [(f"best {metric_name(k)}", lambda r, k=k: pct(r["res"]["final"]["best"], k)) for k in keys]
+    columns.append(("paper (network: reported %, time)", paper_cell))
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for run in runs:
+        lines.append("| " + " | ".join(cell(run).replace("|", "\\|") for _, cell in columns) + " |")
+    return "\n".join(lines)
+
+
+NOTES = """Accuracies in % on the first `eval images` test images, for the last model and the best one ("best":
+the highest per-epoch monitor on training data, or ATLAS's validation accuracy; never the test set). PGD-N-R:
+N steps and R restarts on the cross-entropy, step 2/255 (MNIST 0.01), a sample counts as robust only if it
+survives every restart; CW-N: PGD-N on the Carlini-Wagner margin; worst case: correct under every attack the
+run evaluated. s / epoch: wall-clock training seconds (on a CPU also the process's CPU seconds), monitor and
+checkpoint excluded. Paper figures (bench/paper_figures.py) are quoted from the papers, on the network and
+hardware they name, under the attacks they name: compare a figure only with our column of the same attack."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The figure
+# ----------------------------------------------------------------------------------------------
+
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_time, ax_mon) = plt.subplots(1, 2, figsize=(14, 5.5))
+    pgd_key = {}
+    for run in runs:  # the robust accuracy of the left panel: the run's PGD column
+        keys = sorted((k for k in run["res"]["final"]["last"] if k.startswith("pgd")), key=metric_order)
+        if keys:
+            pgd_key[run["label"]] = keys[-1]
+    attacks = sorted(set(pgd_key.values()), key=metric_order)
+    longest = max((r["res"]["train_time"] for r in runs), default=1)
+    unit, unit_name = (1, "s") if longest < 600 else (60, "min") if longest < 36000 else (3600, "h")
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, run in enumerate(runs):
+        colour, res = colours(i % colours.N), run["res"]
+        label = run["label"] + (" (quick)" if run["quick"] else "")
+        key = pgd_key.get(run["label"])
+        if key:
+            # The best model is placed at the time its epoch ended: that is what it cost to train.
+            best_epoch = res.get("best_epoch") or len(res["epochs"])
+            best_time = sum(r.get("seconds", 0) for r in res["epochs"][:best_epoch])
+            last_acc, best_acc = (res["final"][w].get(key) for w in ("last", "best"))
+            text = label if len(attacks) == 1 else f"{label} [{metric_name(key)}]"
+            if last_acc is not None:
+                ax_time.plot(res["train_time"] / unit, 100 * last_acc, "o", color=colour, ms=7)
+                ax_time.annotate(text, (res["train_time"] / unit, 100 * last_acc), textcoords="offset points",
+                                 xytext=(5, 4), fontsize=8)
+            if best_acc is not None:
+                ax_time.plot(best_time / unit, 100 * best_acc, "*", color=colour, ms=12)
+        points = [(r["epoch"], 100 * r["pgd_monitor"]) for r in res["epochs"]
+                  if isinstance(r.get("pgd_monitor"), (int, float))]
+        if points:
+            ax_mon.plot(*zip(*points), marker="o", ms=3, color=colour, label=label)
+    ax_time.plot([], [], "o", color="gray", label="last model, at the run's training time")
+    ax_time.plot([], [], "*", color="gray", ms=12, label="best model, at the time its epoch ended")
+    ax_time.legend(fontsize=8, loc="lower right")
+    ax_time.margins(x=0.15, y=0.1)  # room for the labels of the outermost markers
+    ax_time.set_xlabel(f"training time ({unit_name})")
+    times = [r["res"]["train_time"] for r in runs if r["res"]["train_time"] > 0]
+    if times and max(times) / min(times) > 30:
+        ax_time.set_xscale("log")
+    ax_time.set_ylabel(f"{metric_name(attacks[0])} accuracy (%)" if len(attacks) == 1
+                       else "PGD accuracy (%), the attack in [ ] of each label")
+    ax_time.set_title("robust accuracy against training time")
+    ax_mon.set_xlabel("epoch")
+    ax_mon.set_ylabel("pgd_monitor: PGD-10 accuracy on a fixed training batch (%)")
+    ax_mon.set_title("per-epoch monitor: catastrophic overfitting is a sudden drop")
+    if runs:
+        ax_mon.legend(fontsize=7, ncol=2 if len(runs) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def collect(paths):
+    """The finished runs at or below `paths`, each with its results, label, quick factor and recipe facts."""
+    dirs = find_runs(paths)
+    runs = []
+    for d in dirs:
+        res = load_results(d)
+        if res is not None:
+            runs.append({"dir": d, "res": res, "quick": quick_factor(d)})
+    if len(runs) == 1:
+        runs[0]["label"] = os.path.basename(runs[0]["dir"])
+    elif runs:
+        top = os.path.commonpath([r["dir"] for r in runs])
+        for r in runs:
+            r["label"] = os.path.relpath(r["dir"], top)
+    for r in runs:
+        r["info"] = describe(r["res"], r["quick"])
+    return runs
+
+
+def write_report(runs, out_dir, sources):
+    os.makedirs(out_dir, exist_ok=True)
+    table = build_table(runs)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# fastat report\n\nRuns below {', '.join(f'`{s}`' for s in sources)}; written by "
+                f"`python bench/report.py`.\n\n{table}\n\n{NOTES}\n\n![report](report.png)\n")
+    plot(runs, os.path.join(out_dir, "report.png"))
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, directories to search for runs below, or results.json files")
+    p.add_argument("--out", default=None,
+                   help="where report.md and report.png go (default: the RUN_DIR when one is given, else .)")
+    args = p.parse_args(argv)
+    out = args.out or (args.runs[0] if len(args.runs) == 1 and os.path.isdir(args.runs[0]) else ".")
+    runs = collect(args.runs)
+    if not runs:
+        print("report.py: no finished run (results.json) found; nothing written", file=sys.stderr)
+        return 1
+    print(write_report(runs, out, args.runs))
+    print(f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'report.png')} ({len(runs)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
