@@ -293,16 +293,28 @@ class DeviceLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            batch = order[start:start + self.batch_size].to(self.device)
-            if self.shuffle and len(batch) == 1:
-                break  # a lone last sample would make train-mode BatchNorm fail
+        starts = [s for s in range(0, n, self.batch_size) if not (self.shuffle and n - s == 1)]
+        # a lone last sample (n − s = 1) would make train-mode BatchNorm fail: it is dropped.
+        # The whole epoch's random draws are made here, batch by batch in the order a per-batch loop would make
+        # them (so the augmentation is the same), and sent to the device in one copy each: a copy from pageable
+        # host memory waits for the GPU's queue to drain, and three of them per batch would stall every step.
+        crops, flips = [], []
+        for start in starts:
+            size = min(self.batch_size, n - start)
+            if self.crop:
+                crops.append(torch.randint(0, 2 * self.crop + 1, (size, 2), generator=gen))
+            if self.flip:
+                flips.append(torch.rand(size, generator=gen) < 0.5)
+        order = order.to(self.device)
+        crops = torch.cat(crops).to(self.device) if crops else None
+        flips = torch.cat(flips).to(self.device) if flips else None
+        for start in starts:
+            batch = order[start:start + self.batch_size]
             x = self.images[batch]
             if self.crop:
-                x = random_crop(x, self.crop, torch.randint(0, 2 * self.crop + 1, (len(batch), 2), generator=gen))
+                x = random_crop(x, self.crop, crops[start:start + len(batch)])
             if self.flip:
-                x = torch.where((torch.rand(len(batch), generator=gen) < 0.5).to(self.device)[:, None, None, None],
-                                x.flip(3), x)
+                x = torch.where(flips[start:start + len(batch), None, None, None], x.flip(3), x)
             x = x.float().div_(255)
             if gpu_path(self.device):
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ Safe to interrupt and run again: a finished run (results.json) is skipped, an in
 --resume. Each run writes its output to RUN/stdout.txt. At the end, and with `--table-only` at any time, the
 table (markdown, as in README "Measured here") is printed and written to OUT/table.md: per run, the command,
 epochs, seconds per epoch (wall clock, and CPU time of the process) and the ratio of CPU time to FGSM-RS's, then
-clean / PGD / CW / worst-case accuracy of the last and the best model. The ratio uses CPU time because a
+clean / worst-case / PGD / CW accuracy of the last and the best model (worst case: correct under every attack). The ratio uses CPU time because a
 single-threaded run's CPU time hardly changes when other work shares the machine, and its wall time does.
 """
 import argparse
@@ -88,9 +88,9 @@ def table(args, plan):
             continue
         with open(path) as f:
             res = json.load(f)
-        def mean(key):  # epoch 1 is left out when there are more (warm-up)
+        def mean(key):  # over all epochs: a CPU has little warm-up, and Amata's cost changes by epoch
             v = [r[key] for r in res["epochs"]]
-            return sum(v[1:]) / len(v[1:]) if len(v) > 1 else v[0]
+            return sum(v) / len(v)
         per_epoch = (mean("seconds"), mean("cpu_seconds"))
         if name == "fgsm_rs":
             base = per_epoch[1]
@@ -98,8 +98,8 @@ def table(args, plan):
     attack = f"pgd{args.eval_iters}_{args.eval_restarts}"
     lines = [f"| run: `python SCRIPT --dataset folder --model {args.model}` plus | epochs | s / epoch (wall, CPU) | "
              f"× FGSM-RS (CPU) | "
-             f"last: clean / PGD-{args.eval_iters}{'' if args.eval_restarts == 1 else f'-{args.eval_restarts}'} / "
-             f"CW-20 / worst | best epoch: clean / PGD / CW / worst |",
+             f"last: clean / worst case / PGD-{args.eval_iters}{'' if args.eval_restarts == 1 else f'-{args.eval_restarts}'}"
+             f" / CW-20 | best epoch: clean / worst / PGD / CW |",
              "|---|---|---|---|---|---|"]
     for name, script, flags, epochs, found in rows:
         shown = " ".join([script, *map(shlex.quote, flags)])
@@ -113,7 +113,7 @@ def table(args, plan):
 
         def cells(which):
             f = fin[which]
-            return " / ".join(pct(f.get(k)) for k in ("clean", attack, "cw20", "worst_case"))
+            return " / ".join(pct(f.get(k)) for k in ("clean", "worst_case", attack, "cw20"))
         best = "= last" if res["best_epoch"] in (0, ran) and fin["best"] == fin["last"] else cells("best")
         lines.append(f"| `{shown}` | {ran}{'' if ran == epochs else f' of {epochs}'} | {per_epoch[0]:.0f}, {per_epoch[1]:.0f} | "
                      f"{ratio} | "

@@ -513,3 +513,30 @@ def test_memory_side_files_never_overwrite_the_file_the_checkpoint_names(tmp_pat
     assert named() != first  # epoch 3 went to the other file; epoch 1's file is untouched until then
     raw = np.fromfile(tmp_path / first, dtype=np.float32)
     assert np.array_equal(raw, np.ones(4, np.float32))
+
+
+def test_loader_draws_the_epoch_up_front_with_the_per_batch_augmentation():
+    """The loader makes an epoch's random draws before its first batch (one device copy each, no per-batch
+    host-to-device copies); the batches are those of the per-batch loop it replaced, draw for draw."""
+    torch.manual_seed(0)
+    n, bs = 2 * 8 + 1, 8  # a lone last sample, which is dropped
+    images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8)
+    labels, indices = torch.arange(n) % 3, torch.arange(n) * 10
+    loader = common.DeviceLoader(images, labels, indices, bs, "cpu", shuffle=True, crop=2, flip=True, seed=4)
+
+    def per_batch(epoch):  # the loop as it was written before: draws interleaved with the batches
+        gen = torch.Generator().manual_seed(4 * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, bs):
+            batch = order[start:start + bs]
+            if len(batch) == 1:
+                break
+            x = common.random_crop(images[batch], 2, torch.randint(0, 5, (len(batch), 2), generator=gen))
+            x = torch.where((torch.rand(len(batch), generator=gen) < 0.5)[:, None, None, None], x.flip(3), x)
+            yield x.float().div_(255), labels[batch], indices[batch]
+    for epoch in (0, 3):
+        got, want = list(loader.epoch(epoch)), list(per_batch(epoch))
+        assert len(got) == len(want) == 2
+        for a, b in zip(got, want):
+            for u, v in zip(a, b):
+                assert torch.equal(u, v)
