@@ -89,7 +89,11 @@ def get_args(argv=None):
     recipes = {k: {**RECIPES.get(k, {}), **(MULTI_STEP.get(k, {}) if multi_step else {})}
                for k in RECIPES.keys() | MULTI_STEP.keys()}
     # The FGSM step (1.25ε) and the validation PGD's step (0.007 ≈ 0.22ε) follow --epsilon unless given.
+    # An image folder of any size: hold out the paper's share of CIFAR (5,000 of 50,000), at most 5,000.
+    recipes["folder"] = {**recipes.get("folder", {}), "val_size": None}
     args = common.parse_args(p, recipes, argv, script="atlas", eps_relative=("alpha", "val_step"))
+    if args.val_size is None:
+        args.val_size = min(5000, len(common.load_split("folder", args.data_dir, train=True)[1]) // 10)
     if args.val_size == 0:
         p.error("--val-size 0: the learning-rate scheduler and the stopping rule of App. B need a validation set")
     return args

@@ -116,7 +116,7 @@ def _decode(samples, size=None):
         except UnidentifiedImageError:
             skipped += 1
             continue
-        except OSError as err:  # a truncated or corrupt image file
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, or huge
             _bad_data(f"cannot read image {path}: {err}")
         labels.append(label)
     if skipped:
@@ -137,17 +137,20 @@ def _decode_cached(cache, samples, root, size=None, with_stats=False):
     per-channel mean and std of x/255 if with_stats)."""
     files = np.array([os.path.relpath(p, root) for p, _ in samples], dtype=str)
     labels = np.array([c for _, c in samples], dtype=np.int64)
+    # size and modification time of every file: an image rewritten under its old name renews the cache too
+    stamps = np.array([[st.st_size, st.st_mtime_ns] for st in (os.stat(p) for p, _ in samples)],
+                      dtype=np.int64).reshape(-1, 2)
     if os.path.exists(cache):
         try:
             with np.load(cache) as f:
                 cached = {k: f[k] for k in f.files}
             if (np.array_equal(cached["files"], files) and np.array_equal(cached["labels"], labels)
-                    and (not with_stats or "mean" in cached)):
+                    and np.array_equal(cached.get("stamps"), stamps) and (not with_stats or "mean" in cached)):
                 return cached
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable or from another version: decode again
     x, y = _decode(samples, size)
-    out = {"x": x, "y": y, "files": files, "labels": labels}
+    out = {"x": x, "y": y, "files": files, "labels": labels, "stamps": stamps}
     if with_stats and len(x):
         v = torch.from_numpy(x).float().div_(255).transpose(0, 1).flatten(1)  # C × (N·H·W)
         out["mean"], out["std"] = v.mean(1).numpy(), v.std(1).numpy()
@@ -375,6 +378,9 @@ def get_data(args, device, val_size=0):
     train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, device, shuffle=True,
                          crop=info["crop"], flip=info["flip"] and not getattr(args, "no_flip", False),
                          seed=args.seed)
+    # no FLOP count under --compile: a step under FlopCounterMode would not be compiled (and, with some torch
+    # versions, never again), so the timed epochs would be eager
+    train.count_flops = train.count_flops and not getattr(args, "compile", False)
     val = DeviceLoader(x[val_idx], y[val_idx], val_idx, args.batch_size, device) if val_size else None
     source = val if val is not None else train
     m = min(args.monitor_size, len(source.labels))
@@ -658,6 +664,14 @@ def autoattack_accuracy(model, x, y, eps, num_classes, batch_size=500, per_sampl
     return ok if per_sample else ok.float().mean().item()
 
 
+def eval_subset(total, n=None):
+    """Indices of the test images to evaluate: all of them, or a fixed random subset of n (sorted). Not the first
+    n: an image folder (and Tiny ImageNet's train-ordered val) may list its images class by class."""
+    if not n or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
 def eval_step(dataset):
     """PGD step of the evaluation protocol (SPEC §0): 2/255, MNIST 0.01."""
     return 0.01 if dataset == "mnist" else 2 / 255
@@ -745,7 +759,7 @@ def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate",
     p.add_argument("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--eval-samples", type=pos_int, default=None,
-                   help="evaluate on the first N test images (default: all)")
+                   help="evaluate on N test images, a fixed random subset (default: all)")
     p.add_argument("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
     p.add_argument("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack in the final evaluation")
@@ -861,8 +875,8 @@ class Run:
 
     def track(self, **objects):
         """Objects a resume must restore. A tensor (a per-sample memory: GBs for FGSM-MEP) is not serialised
-        into checkpoint.pt: its raw bytes are written in place into NAME.0.bin or NAME.1.bin, by the parity
-        of the epoch, and checkpoint.pt names the file. Rewriting a file that already exists is a copy into
+        into checkpoint.pt: its raw bytes are written in place into NAME.0.bin or NAME.1.bin, in turn (the
+        one that the checkpoint on disk does not name), and checkpoint.pt then names the file. Rewriting a file that already exists is a copy into
         the page cache, several times cheaper than torch.save of a new file; and the file being rewritten is
         never the one that the checkpoint.pt on disk names, so an interrupted save leaves the last checkpoint
         whole. Still, rewriting GBs every epoch can outlast a fast epoch (and a slow disk throttles it): a run
@@ -1028,8 +1042,9 @@ class Run:
     def finish(self, model, data):
         """Evaluate the last and the best model (SPEC §0), write results.json, curves.png, weights."""
         args, out = self.args, self.args.out_dir
-        n = args.eval_samples or len(data.test_y)
-        x, y = data.test_x[:n], data.test_y[:n]
+        pick = eval_subset(len(data.test_y), args.eval_samples).to(data.test_y.device)
+        n = len(pick)
+        x, y = data.test_x[pick], data.test_y[pick]
         eps, step = args.epsilon / 255, eval_step(args.dataset)
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         best = self.best["weights"] or last
@@ -1137,7 +1152,8 @@ def eval_main(argv=None):
     p.add_argument("--model", type=model_name)
     p.add_argument("--data-dir")
     p.add_argument("--epsilon", type=nonneg_float, help="/255 units")
-    p.add_argument("--eval-samples", type=pos_int, default=None, help="first N test images (default: all)")
+    p.add_argument("--eval-samples", type=pos_int, default=None,
+                   help="N test images, the fixed random subset that training runs use (default: all)")
     p.add_argument("--pgd-iters", type=pos_int, default=50)
     p.add_argument("--restarts", type=pos_int, default=10)
     p.add_argument("--step", type=pos_float, default=None, help="/255 units (default 2; MNIST 0.01·255)")
@@ -1163,8 +1179,9 @@ def eval_main(argv=None):
     model = make_model(args.model, args.dataset, args.data_dir).to(args.device)
     model.load_state_dict(torch.load(args.weights, map_location=args.device))
     x, y = load_split(args.dataset, args.data_dir, train=False)
-    n = args.eval_samples or len(y)
-    x, y = torch.from_numpy(x[:n]).to(args.device), torch.from_numpy(y[:n]).to(args.device)
+    pick = eval_subset(len(y), args.eval_samples).numpy()
+    n = len(pick)
+    x, y = torch.from_numpy(x[pick]).to(args.device), torch.from_numpy(y[pick]).to(args.device)
     torch.manual_seed(args.seed)
     step = args.step / 255 if args.step else eval_step(args.dataset)
     res = evaluate(model, x, y, args.epsilon / 255, step, args.pgd_iters, args.restarts, args.cw_iters,

@@ -289,7 +289,8 @@ def main(argv=None):
     train_model = run.compile(model)
     strategy = StrategyNet(args.strategy_model, args.dataset, args.eps_set, args.step_set, args.iters_set,
                            args.strategy_grid, args.data_dir)
-    strategy = strategy.to(run.device, memory_format=torch.channels_last if run.cuda else torch.preserve_format)
+    strategy = strategy.to(run.device, memory_format=torch.channels_last if common.gpu_path(run.device)
+                           else torch.preserve_format)
     train_strategy = run.compile(strategy)
     start_eps = args.epsilon / 255  # code: every attack starts from U(−8/255, 8/255), whatever its sampled ε
     # The code's LabelSmoothLoss (true class f, others (1−f)/(C−1)) is PyTorch's label_smoothing s with

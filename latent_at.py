@@ -47,7 +47,8 @@ RECIPES = {
 
 # The latent layers whose outputs are perturbed (SPEC §7: the first conv and the first residual stage;
 # the input is layer 0). For Wong's MNIST CNN, which has no residual stage, we take its two convs.
-LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "mnist-cnn": ("net.0", "net.2")}
+LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "mnist-cnn": ("net.0", "net.2"),
+                 "lenet": ("net.0", "net.3")}  # LeNet (Amata's MNIST net): its two convs, like the MNIST CNN
 
 
 def get_args(argv=None):
@@ -93,8 +94,8 @@ def training_autocast(run, model_name):
     """The autocast of both training passes. bf16 (on CUDA) for the residual nets, whose perturbed
     latents flow on in fp32 (see the hook). The MNIST CNN feeds each h_k + δ_k, through a ReLU, straight
     into a conv or linear layer, whose bf16 input cast would round it back onto h_k's bf16 grid; the net is
-    tiny, so it trains in fp32."""
-    return contextlib.nullcontext if model_name == "mnist-cnn" else run.autocast
+    tiny, so it trains in fp32 (LeNet likewise)."""
+    return contextlib.nullcontext if model_name in ("mnist-cnn", "lenet") else run.autocast
 
 
 class LatentPerturbation:

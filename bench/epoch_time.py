@@ -25,8 +25,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets (the SXM parts where there are two).
+# GeForce cards: the rate with fp32 accumulation, which PyTorch's bf16 matmuls use.
 PEAK_BF16 = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-             "RTX 4090": 165.0, "A10G": 70.0, "L4": 121.0, "RTX 3090": 71.0}
+             "L40": 181.0, "RTX 4090": 82.6, "A10G": 70.0, "L4": 121.0, "RTX 3090": 35.6}
 
 
 def peak_bf16(device_name):

@@ -41,7 +41,7 @@ def runs(epochs, slow_epochs):
         # wrn-16-2 stands in for every method's PreActResNet18 here: no dropout (latent_at.py's default for a WRN
         # is its authors' 0.3), so that all runs train the same network.
         ("latent_at", "latent_at.py", ["--dropout", "0"], e),
-        ("rmcla", "rmcla.py", ["--milestones", str(round(0.5 * e)), str(round(0.75 * e))], e),
+        ("rmcla", "rmcla.py", ["--milestones", str(max(1, round(0.5 * e))), str(max(1, round(0.75 * e)))], e),
         # ATLAS trains until its validation rule stops it (the paper's runs peaked near epoch 30 of a 15-epoch
         # ramp): the ramp is kept at half the run, and the held-out slice at the paper's 10% of the training set.
         ("atlas", "atlas.py", ["--ramp-epochs", f"{s / 2:g}", "--val-size", "500"], s),

@@ -81,6 +81,9 @@ def run_flags(args, script, flags):
         words += ["--model", args.model]
         if script == "las_at":
             words += ["--strategy-model", args.model]
+        if script == "latent_at" and args.model.startswith("wrn"):
+            # one network for every method: latent_at.py's WRN default is its authors' dropout 0.3
+            words += ["--dropout", "0"]
     if args.quick or (script == "atlas" and args.dataset == "folder"):
         # The recipe's own numbers, for this dataset, as the script fills them in.
         recipe = report.get_args(script, ["--dataset", args.dataset, "--data-dir", args.data_dir, "--device", "cpu",
@@ -174,7 +177,7 @@ def main(argv=None):
                         "--quick)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: each script's, cuda if present)")
     p.add_argument("--eval-samples", type=common.pos_int, default=None,
-                   help="evaluate on the first N test images (default: all)")
+                   help="evaluate on N test images, a fixed random subset (default: all)")
     p.add_argument("--eval-iters", type=common.pos_int, default=None, help="PGD steps of the final evaluation (50)")
     p.add_argument("--eval-restarts", type=common.pos_int, default=None, help="PGD restarts of the final evaluation "
                                                                               "(10)")

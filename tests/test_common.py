@@ -409,7 +409,7 @@ def test_autoattack_without_a_package_says_so(trained, monkeypatch, capsys):
     assert common.autoattack_accuracy(model, x, y, 8 / 255, 10) is None
     assert "AutoAttack skipped" in capsys.readouterr().out
     res = common.evaluate(model, x[:8], y[:8], 8 / 255, 2 / 255, pgd_iters=2, restarts=1, cw_iters=2, autoattack=True)
-    assert res["autoattack"] is None and set(res) == {"clean", "pgd2_1", "cw2", "autoattack"}
+    assert res["autoattack"] is None and set(res) == {"clean", "pgd2_1", "cw2", "autoattack", "worst_case"}
 
 
 def test_resume_with_changed_training_flags_warns(tmp_path):

@@ -184,11 +184,12 @@ def test_memories_live_beside_a_small_checkpoint_and_an_interrupted_save_keeps_t
     run._save_checkpoint(2)
     # checkpoint.pt is small: it names the memory's file and holds no copy of it
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["tracked"]["memory"] == {"file": "memory.0.bin", "dtype": "torch.float32", "shape": [1000, 3, 8, 8]}
+    # the two saves went to the two files in turn: epoch 2's is memory.1.bin
+    assert ckpt["tracked"]["memory"] == {"file": "memory.1.bin", "dtype": "torch.float32", "shape": [1000, 3, 8, 8]}
     assert os.path.getsize(tmp_path / "checkpoint.pt") < memory.numel() * 4 / 10
-    assert os.path.getsize(tmp_path / "memory.0.bin") == memory.numel() * 4
-    # epoch 3's save dies half-way through its file (memory.1.bin): checkpoint.pt still names epoch 2's
-    with open(tmp_path / "memory.1.bin", "r+b") as f:
+    assert os.path.getsize(tmp_path / "memory.1.bin") == memory.numel() * 4
+    # epoch 3's save dies half-way through its file (memory.0.bin): checkpoint.pt still names epoch 2's
+    with open(tmp_path / "memory.0.bin", "r+b") as f:
         f.write(b"\xff" * 1000)
         f.truncate(5000)
     memory.zero_()

@@ -214,3 +214,40 @@ def test_monitor_batch_spans_the_classes_of_a_class_ordered_folder(tmp_path, mon
     for xi, yi in zip(x, y):
         match = [i for i in range(len(full_y)) if np.array_equal(full_x[i], (xi * 255).round().byte().numpy())]
         assert match and full_y[match[0]] == yi
+
+
+def test_an_image_rewritten_in_place_renews_the_cache(tmp_path, monkeypatch):
+    fresh(monkeypatch)
+    write_folder(str(tmp_path))
+    x, _ = common.load_split("folder", str(tmp_path), train=True)
+    path = tmp_path / "train" / "ant" / "0.png"
+    Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(path)  # same name, new pixels
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    fresh(monkeypatch)
+    x2, _ = common.load_split("folder", str(tmp_path), train=True)
+    assert (x2[0] == 7).all() and not (x[0] == 7).all()
+
+
+def test_eval_subset_is_fixed_random_and_spans_a_class_ordered_set():
+    y = torch.arange(100) // 10  # ten classes, in order, as a folder lists them
+    pick = common.eval_subset(100, 20)
+    assert torch.equal(pick, common.eval_subset(100, 20)) and len(set(pick.tolist())) == 20
+    assert torch.equal(pick, pick.sort().values) and len(set(y[pick].tolist())) >= 6
+    assert torch.equal(common.eval_subset(100, None), torch.arange(100))
+    assert torch.equal(common.eval_subset(100, 500), torch.arange(100))
+
+
+def test_atlas_holds_out_a_tenth_of_a_folder(tmp_path, monkeypatch):
+    fresh(monkeypatch)
+    write_folder(str(tmp_path), per_class=20, size=(8, 8))
+    import atlas
+    assert atlas.get_args(["--dataset", "folder", "--data-dir", str(tmp_path)]).val_size == 6
+    assert atlas.get_args(["--dataset", "folder", "--data-dir", str(tmp_path), "--val-size", "9"]).val_size == 9
+
+
+def test_latent_layers_of_every_model_exist():
+    import latent_at
+    for name, dataset in (("preact18", "cifar10"), ("wrn-10-1", "cifar10"), ("mnist-cnn", "mnist"),
+                          ("lenet", "mnist")):
+        modules = dict(common.make_model(name, dataset).named_modules())
+        assert all(layer in modules for layer in latent_at.latent_layers(name))
