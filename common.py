@@ -137,15 +137,23 @@ def _decode_cached(cache, samples, root, size=None, with_stats=False):
     per-channel mean and std of x/255 if with_stats)."""
     files = np.array([os.path.relpath(p, root) for p, _ in samples], dtype=str)
     labels = np.array([c for _, c in samples], dtype=np.int64)
-    # size and modification time of every file: an image rewritten under its old name renews the cache too
-    stamps = np.array([[st.st_size, st.st_mtime_ns] for st in (os.stat(p) for p, _ in samples)],
-                      dtype=np.int64).reshape(-1, 2)
+    # size and modification time of every file: an image rewritten under its old name renews the cache too;
+    # a file deleted since (-1) does not: the images may be removed once decoded
+    def stamp(path):
+        try:
+            st = os.stat(path)
+            return st.st_size, st.st_mtime_ns
+        except FileNotFoundError:
+            return -1, -1
+    stamps = np.array([stamp(p) for p, _ in samples], dtype=np.int64).reshape(-1, 2)
     if os.path.exists(cache):
         try:
             with np.load(cache) as f:
                 cached = {k: f[k] for k in f.files}
+            old = cached.get("stamps")
             if (np.array_equal(cached["files"], files) and np.array_equal(cached["labels"], labels)
-                    and np.array_equal(cached.get("stamps"), stamps) and (not with_stats or "mean" in cached)):
+                    and old is not None and old.shape == stamps.shape
+                    and ((old == stamps) | (stamps == -1)).all() and (not with_stats or "mean" in cached)):
                 return cached
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable or from another version: decode again
