@@ -616,8 +616,11 @@ def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=T
             logits = model(x + delta)
             final = attack_loss(logits, y, loss)
             robust &= logits.argmax(1) == y
+            # torch.where, not best_delta[better] = ...: a boolean mask has a data-dependent size, so indexing
+            # with it makes the host wait for the GPU (LAS-AT runs this attack inside its training loop).
             better = final > best_loss
-            best_delta[better], best_loss[better] = delta[better], final[better]
+            best_delta = torch.where(better.view(-1, *[1] * (x.dim() - 1)), delta, best_delta)
+            best_loss = torch.where(better, final, best_loss)
     return best_delta, robust
 
 

@@ -234,3 +234,64 @@ def test_epoch_time_peak_table():
     assert epoch_time.peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
     assert epoch_time.peak_bf16("NVIDIA H100 PCIe") == 756e12
     assert epoch_time.peak_bf16("Some Unknown GPU") is None
+
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+
+class _Event:
+    def __init__(self, name, start, end, parent=None):
+        self.name, self.time_range, self.cpu_parent = name, _Range(start, end), parent
+
+
+def test_profile_shares_are_the_union_of_the_marked_ranges():
+    """A hand-made timeline of one step in a 100 µs window: forward 0–20, backward 20–50 (its operators nested),
+    an attack operator 50–60 with a child, the optimiser step 60–70 (its operators nested), a 5 µs operator inside
+    the forward range (not outside), a forward range that runs past the window; the rest is Python."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import profile_epoch as pe
+    fwd = _Event(pe.FORWARD, 0, 20)
+    bwd = _Event(pe.BACKWARD + ": ConvolutionBackward0", 20, 50)
+    sign = _Event("aten::sign", 50, 60)
+    opt = _Event("Optimizer.step#SGD.step", 60, 70)
+    item = _Event("aten::item", 80, 82)
+    events = [fwd, _Event("aten::conv2d", 2, 18, fwd), _Event("aten::relu", 5, 10), bwd,
+              _Event("aten::convolution_backward", 21, 49, bwd), sign, _Event("aten::empty", 51, 52, sign), opt,
+              _Event("aten::_foreach_add_", 61, 69, opt), item, _Event("aten::_local_scalar_dense", 80, 81, item),
+              _Event(pe.FORWARD, 95, 120)]
+    s = pe.summarize(events, (0, 100))
+    assert s["window_s"] == 100e-6
+    assert abs(s["forward"] - 0.25) < 1e-12 and abs(s["backward"] - 0.30) < 1e-12
+    assert abs(s["inside"] - 0.55) < 1e-12 and abs(s["outside"] - 0.45) < 1e-12
+    assert abs(s["optimizer"] - 0.10) < 1e-12 and abs(s["other_ops"] - 0.12) < 1e-12
+    assert abs(s["python"] - 0.23) < 1e-12
+    assert s["top_outside"][0] == ("aten::sign", 0.10) and s["top_outside"][1] == ("aten::item", 0.02)
+    assert s["syncs"] == {"aten::_local_scalar_dense": 1}
+    # the same scalar read inside one_hot's CPU-only range check is not a sync on CUDA: not counted
+    one_hot = _Event("aten::one_hot", 80, 82)
+    events[-3:-1] = [one_hot, _Event("aten::_local_scalar_dense", 80, 81, _Event("aten::item", 80, 81, one_hot))]
+    assert pe.summarize(events, (0, 100))["syncs"] == {}
+
+
+def test_profile_epoch_marks_each_forward_and_finds_no_host_sync(tmp_path):
+    """End to end on a tiny image folder (4 batches an epoch): two profiled batches; FGSM-RS runs two forward
+    passes per step (attack, weight step), plain training one; neither reads a value back to the host."""
+    write_folder(tmp_path / "data", classes=4, per_class=32)
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "profile_epoch.py"), "--dataset", "folder", "--data-dir",
+           str(tmp_path / "data"), "--model", "wrn-10-1", "--batch-size", "32", "--device", "cpu", "--skip", "1",
+           "--batches", "2", "--out", str(out), "fgsm_rs.py", "fgsm_rs.py --alpha 0 --delta-init zero"]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    fgsm, plain = json.loads(out.read_text())
+    assert (fgsm["forward_calls"], plain["forward_calls"]) == (4, 2)
+    for r in (fgsm, plain):
+        assert r["syncs"] == {} and r["window_s"] > 0
+        assert 0 < r["outside"] < 0.5 and r["forward"] > 0.1 and r["backward"] > 0.1
+        parts = r["inside"] + r["optimizer"] + r["other_ops"] + r["python"]
+        assert abs(parts - 1) < 1e-9 and min(r["optimizer"], r["other_ops"], r["python"]) >= 0
+    assert "fgsm_rs.py --alpha 0 --delta-init zero" in proc.stdout
+    bad = run(cmd[:-2] + ["--skip", "99", "fgsm_rs.py"])
+    assert bad.returncode != 0 and "--skip 99 leaves no batch to profile" in bad.stderr

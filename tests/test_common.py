@@ -267,6 +267,17 @@ def test_more_restarts_never_lower_the_per_sample_loss(trained):
     assert (robust[1] <= robust[0]).all()  # a sample counts as robust only if every restart failed
 
 
+def test_pgd_restarts_keep_the_best_without_a_host_sync(trained):
+    """The per-sample choice of the best restart is a torch.where, not boolean-mask indexing (whose
+    data-dependent size makes the host wait for a GPU; LAS-AT runs this attack in its training loop)."""
+    from torch.profiler import ProfilerActivity, profile
+    model, x, y = trained
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        common.attack_pgd(model, x, y, 8 / 255, 2 / 255, 2, restarts=3)
+    names = {e.name for e in prof.events()}
+    assert "aten::where" in names and not names & {"aten::nonzero", "aten::masked_select", "aten::index_put_"}
+
+
 def test_cw_margin_and_its_attack(trained):
     logits = torch.tensor([[2.0, 5.0, 1.0], [0.0, -1.0, 3.0]])
     torch.testing.assert_close(common.cw_margin(logits, torch.tensor([1, 0])), torch.tensor([-3.0, 3.0]))
