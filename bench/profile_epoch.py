@@ -96,7 +96,8 @@ def summarize(events, window):
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     syncs = defaultdict(int)
     for e in events:
-        if e.name in SYNCS and lo <= e.time_range.start < hi and not _under(e, CPU_ONLY_CHECKS):
+        # one per sync: not again inside another (is_nonzero reads its scalar through _local_scalar_dense)
+        if e.name in SYNCS and lo <= e.time_range.start < hi and not _under(e, CPU_ONLY_CHECKS + SYNCS):
             syncs[e.name] += 1
     return {"window_s": span / 1e6, "forward": _union(fwd) / span, "backward": _union(bwd) / span,
             "inside": inside / span, "outside": 1 - inside / span, "optimizer": opt_time / span,
@@ -131,6 +132,7 @@ def child(script, argv, skip, batches, out):
 
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
     epoch_fn = common.DeviceLoader.epoch
+    profiled = [0]
 
     def epoch(loader, e):
         if not loader.shuffle:  # the validation slice (ATLAS) is not the training loop
@@ -144,8 +146,10 @@ def child(script, argv, skip, batches, out):
                 prof.start()
                 with record_function("fastat::window_start"):
                     pass
+            if i >= skip:
+                profiled[0] += 1
             yield item
-        if skip >= min(stop, len(loader)):
+        if not profiled[0]:
             raise SystemExit(f"fastat: --skip {skip} leaves no batch to profile ({len(loader)} in an epoch)")
         # the consumer has finished the last step: it asked for the next batch
         if torch.cuda.is_available():
@@ -167,14 +171,29 @@ def child(script, argv, skip, batches, out):
     start = min(e.time_range.start for e in events if e.name == "fastat::window_start")
     end = max(e.time_range.end for e in events if e.name == "fastat::window_end")
     result = summarize(events, (start, end))
-    result["batches"] = batches or None
+    result["batches"] = profiled[0]
     with open(out, "w") as f:
         json.dump(result, f)
 
 
+def print_table(rows):
+    """ms/batch out: the host time per batch outside the networks' passes (a GPU cannot hide more than that
+    behind its kernels); syncs: scalar reads and boolean masks per batch (each makes the host wait for a GPU)."""
+    width = max(len(r["spec"]) for r in rows)
+    print(f"{'spec':<{width}} {'s/batch':>8} {'forward':>8} {'backward':>8} {'outside':>8} {'ms/batch out':>12} "
+          f"{'optim':>7} {'ops':>7} {'python':>7} {'syncs':>6}  largest outside")
+    for r in rows:
+        n = r["batches"]
+        top = ", ".join(f"{name} {100 * share:.1f}%" for name, share in r["top_outside"][:3])
+        print(f"{r['spec']:<{width}} {r['window_s'] / n:>8.3f} {100 * r['forward']:>7.1f}% "
+              f"{100 * r['backward']:>7.1f}% {100 * r['outside']:>7.1f}% {1e3 * r['outside'] * r['window_s'] / n:>12.1f} "
+              f"{100 * r['optimizer']:>6.1f}% {100 * r['other_ops']:>6.1f}% {100 * r['python']:>6.1f}% "
+              f"{sum(r['syncs'].values()) / n:>6.1f}  {top}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="+", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"')
+    p.add_argument("specs", nargs="*", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"')
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--model", default=None)
@@ -183,7 +202,13 @@ def main():
     p.add_argument("--skip", type=int, default=3, help="warm-up batches before the profiled ones")
     p.add_argument("--batches", type=int, default=10, help="batches profiled (0: the rest of the first epoch)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--table", metavar="JSON", help="print the table of an earlier --out file, run nothing")
     args = p.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            return print_table(json.load(f))
+    if not args.specs:
+        p.error("give at least one script to profile (or --table JSON)")
     shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", "1"]
     for flag in ("model", "batch_size", "device"):
         if getattr(args, flag) is not None:
@@ -203,14 +228,7 @@ def main():
             print(f"  {spec}: {100 * rows[-1]['outside']:.1f}% outside", file=sys.stderr, flush=True)
     print(f"{args.dataset}, model {args.model or 'recipe default'}, {args.batches or 'all'} batches after "
           f"{args.skip}; shares of the profiled steps' host time")
-    print(f"{'spec':<40} {'s/batch':>8} {'forward':>8} {'backward':>8} {'outside':>8} {'optim':>7} {'ops':>7} "
-          f"{'python':>7} {'syncs':>6}  largest outside")
-    for r in rows:
-        n = r["batches"] or 1
-        top = ", ".join(f"{name} {100 * share:.1f}%" for name, share in r["top_outside"][:3])
-        print(f"{r['spec']:<40} {r['window_s'] / n:>8.3f} {100 * r['forward']:>7.1f}% {100 * r['backward']:>7.1f}% "
-              f"{100 * r['outside']:>7.1f}% {100 * r['optimizer']:>6.1f}% {100 * r['other_ops']:>6.1f}% "
-              f"{100 * r['python']:>6.1f}% {sum(r['syncs'].values()) / n:>6.1f}  {top}")
+    print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -273,6 +273,10 @@ def test_profile_shares_are_the_union_of_the_marked_ranges():
     one_hot = _Event("aten::one_hot", 80, 82)
     events[-3:-1] = [one_hot, _Event("aten::_local_scalar_dense", 80, 81, _Event("aten::item", 80, 81, one_hot))]
     assert pe.summarize(events, (0, 100))["syncs"] == {}
+    # `if tensor:` is one sync, though is_nonzero reads its scalar through _local_scalar_dense
+    is_nonzero = _Event("aten::is_nonzero", 80, 82)
+    events[-3:-1] = [is_nonzero, _Event("aten::_local_scalar_dense", 80, 81, _Event("aten::item", 80, 81, is_nonzero))]
+    assert pe.summarize(events, (0, 100))["syncs"] == {"aten::is_nonzero": 1}
 
 
 def test_profile_epoch_marks_each_forward_and_finds_no_host_sync(tmp_path):
