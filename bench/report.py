@@ -133,15 +133,26 @@ def _folder_stand_in():
     by decoding the image folder. The recipe does not depend on it, and the folder may be elsewhere or gone: a
     stand-in with many classes lets those checks pass, as they did when the run started."""
     import common
-    real = common.dataset_info
+    import numpy as np
+    real, real_split = common.dataset_info, common.load_split
 
     def info(name, data_dir="data"):
         return real(name, data_dir) if name != "folder" else dict(common.DATASETS["cifar10"], classes=1000)
-    common.dataset_info = info
+
+    def split(name, data_dir, train):
+        # ATLAS's default --val-size on a folder is a tenth of its training images (at most 5,000): the real count
+        # when the folder is still there (a cached folder loads at once), else that of a 50,000-image set.
+        try:
+            return real_split(name, data_dir, train)
+        except SystemExit:
+            if name != "folder":
+                raise
+            return None, np.zeros(50_000 if train else 10_000, dtype=np.int64)
+    common.dataset_info, common.load_split = info, split
     try:
         yield
     finally:
-        common.dataset_info = real
+        common.dataset_info, common.load_split = real, real_split
 
 
 _PARSED = {}  # (method, argv) → vars of get_args(argv) or the RecipeUnknown it raised: each is parsed once
@@ -222,6 +233,8 @@ def recipe_diff(method, dataset, model, args):
     (every key but NOT_RECIPE). A flag that follows from another is left out: with --epsilon 16, FGSM-RS's α
     follows ε (20/255) and is not shown; ATLAS's --attack-iters 10 brings its own step and loss weights."""
     base = ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull]
+    if dataset == "folder" and isinstance(args.get("data_dir"), str):
+        base += ["--data-dir", args["data_dir"]]  # a folder's recipe can depend on its size (ATLAS's --val-size)
     recipe = get_args(method, base)
     diff = {k: v for k, v in args.items() if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k]))}
     for key in sorted(diff, key=lambda k: list(args).index(k)):

@@ -299,3 +299,16 @@ def test_profile_epoch_marks_each_forward_and_finds_no_host_sync(tmp_path):
     assert "fgsm_rs.py --alpha 0 --delta-init zero" in proc.stdout
     bad = run(cmd[:-2] + ["--skip", "99", "fgsm_rs.py"])
     assert bad.returncode != 0 and "--skip 99 leaves no batch to profile" in bad.stderr
+
+
+def test_report_knows_atlas_folder_recipe_when_the_folder_is_gone(tmp_path):
+    """ATLAS's default --val-size on a folder is a tenth of its images, read at parse time: the report still finds
+    the recipe of a folder run whose folder has moved (as if it held 50,000 images), and uses the real folder's
+    size when it is there."""
+    args = report.get_args("atlas", ["--dataset", "cifar10", "--device", "cpu", "--out-dir", os.devnull,
+                                     "--val-size", "500", "--ramp-epochs", "1.5"])
+    args.update(dataset="folder", data_dir=str(tmp_path / "gone"))
+    assert report.recipe_diff("atlas", "folder", args["model"], args) == {"val_size": 500, "ramp_epochs": 1.5}
+    write_folder(tmp_path / "data", classes=3, per_class=20)  # 60 images: the default --val-size is 6
+    args.update(data_dir=str(tmp_path / "data"), val_size=6)
+    assert report.recipe_diff("atlas", "folder", args["model"], args) == {"ramp_epochs": 1.5}
