@@ -37,6 +37,16 @@ def peak_bf16(device_name):
     return None
 
 
+def shared_flags(args, epochs):
+    """The flags given to every spec: --dataset, --data-dir, --epochs, and --model, --batch-size, --device if set
+    (also used by profile_epoch.py)."""
+    shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(epochs)]
+    for flag in ("model", "batch_size", "device"):
+        if getattr(args, flag) is not None:
+            shared += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return shared
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="+", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"')
@@ -48,11 +58,7 @@ def main():
     p.add_argument("--device", default=None)
     p.add_argument("--out", help="also write the table as JSON here")
     args = p.parse_args()
-    shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(args.epochs),
-              "--eval-samples", "1", "--eval-iters", "1", "--eval-restarts", "1"]
-    for flag in ("model", "batch_size", "device"):
-        if getattr(args, flag) is not None:
-            shared += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    shared = shared_flags(args, args.epochs) + ["--eval-samples", "1", "--eval-iters", "1", "--eval-restarts", "1"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, spec in enumerate(args.specs):

@@ -209,10 +209,8 @@ def main():
             return print_table(json.load(f))
     if not args.specs:
         p.error("give at least one script to profile (or --table JSON)")
-    shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", "1"]
-    for flag in ("model", "batch_size", "device"):
-        if getattr(args, flag) is not None:
-            shared += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    from epoch_time import shared_flags  # bench/, beside this script
+    shared = shared_flags(args, 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, spec in enumerate(args.specs):
