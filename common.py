@@ -1,14 +1,25 @@
-"""What every fastat method script shares: data, models, PGD evaluation and the run plumbing
-(command line, per-epoch log, checkpoints and resume, results.json, curves.png).
+"""What every fastat method script shares, and nothing that is a method: data, networks, PGD evaluation and the
+run plumbing (command line, per-epoch table, checkpoint and resume, results.json, curves.png).
 
-Nothing in this file is a training method: each method's attack and training loop live in its own
-script. Evaluate a saved model without training, with stronger settings if you like:
+A method script relies on this much (fgsm_rs.py is the shortest example):
 
-    python common.py eval --weights runs/fgsm_rs-cifar10/model_best.pt --restarts 20 --autoattack
+    args = common.parse_args(parser, RECIPES)      # the recipe's defaults; --resume restores the run's own flags
+    data = common.get_data(args)                   # data.train.epoch(e) yields (x in [0, 1] on the device, y, index)
+    model = common.get_model(args, data)           # normalisation is inside: the model takes [0, 1] images
+    run = common.Run(args, data)                   # run folder, log.txt, seeds, precision
+    checkpoint = dict(model=model, opt=opt, ...)   # what a checkpoint holds
+    start = run.resume(checkpoint) if args.resume else 0
+    for epoch in range(start, args.epochs):
+        run.start_epoch()
+        ...                                        # the method's epoch
+        run.end_epoch(epoch, model, checkpoint, lr=..., loss=..., acc=...)
+    run.finish(model)                              # the weights, then the evaluation of the last and best model
+
+Inside the code images, ε and step sizes are in [0, 1] units; on the command line ε and steps are in /255.
+DECISIONS.md gives the reasons behind the defaults.
 """
 import argparse
 import contextlib
-import copy
 import io
 import json
 import math
@@ -17,395 +28,240 @@ import random
 import re
 import sys
 import time
-import zipfile
-from dataclasses import dataclass
-from typing import Optional
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------
-
-# crop = zero padding of the random crop (0: no crop). MNIST gets no normalisation, as in Wong et
-# al.'s MNIST code, so its mean/std are the identity.
-DATASETS = {
-    "cifar10": dict(classes=10, shape=(3, 32, 32), crop=4, flip=True,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)),
-    "cifar100": dict(classes=100, shape=(3, 32, 32), crop=4, flip=True,
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "svhn": dict(classes=10, shape=(3, 32, 32), crop=4, flip=False,  # flipped digits are other digits
-                 mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970)),
-    "mnist": dict(classes=10, shape=(1, 28, 28), crop=0, flip=False, mean=(0.0,), std=(1.0,)),
-    "tiny-imagenet": dict(classes=200, shape=(3, 64, 64), crop=4, flip=True,
-                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
-}
-
-LAYOUTS = {
-    "cifar10": "DATA_DIR/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} "
-               "(the 'python version' archive, unpacked)",
-    "cifar100": "DATA_DIR/cifar-100-python/{train,test,meta} (the 'python version' archive, unpacked)",
-    "svhn": "DATA_DIR/{train_32x32.mat,test_32x32.mat} (the 'cropped digits' format)",
-    "mnist": "DATA_DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
-    "tiny-imagenet": "DATA_DIR/tiny-imagenet-200/{wnids.txt,train/WNID/images/*.JPEG,"
-                     "val/images/*.JPEG,val/val_annotations.txt} (the unzipped tiny-imagenet-200.zip)",
-    "folder": "DATA_DIR/train/CLASS/* and DATA_DIR/test/CLASS/* (torchvision's ImageFolder layout; val/ is "
-              "accepted for test/), images of one size in any format PIL reads",
-}
-# Every --dataset: the fixed ones above, and "folder" (any image folder; its facts come from dataset_info()).
-DATASET_NAMES = list(DATASETS) + ["folder"]
+_LOG = []  # the open log.txt of this process's run: log() writes there too
 
 
-def _missing(name, data_dir, why):
-    # One line, no traceback: the user needs to know where the files are expected, nothing else.
-    raise SystemExit(f"fastat: dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not "
-                     f"be downloaded ({why}); expected layout: {LAYOUTS[name].replace('DATA_DIR', data_dir)}")
+def log(line):
+    """Print a line (flushed), and append it to the run's log.txt."""
+    print(line, flush=True)
+    for f in _LOG:
+        f.write(line + "\n")
+        f.flush()
 
 
-def _bad_data(message):
-    """A dataset that is there but unusable: one line on stderr and exit code 2, as for a bad flag."""
+def fail(message):
+    """A start that cannot work: one line on stderr and exit code 2 (as argparse's errors), no traceback."""
     print(f"fastat: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
-def _torchvision_split(name, data_dir, cls, **split):
-    """Open a torchvision dataset; download it only when it is missing (or fails its checksum)."""
-    try:
-        return cls(data_dir, download=False, **split)
-    except RuntimeError:
-        pass
-    print(f"fastat: {name} not found in {data_dir}, downloading it", file=sys.stderr, flush=True)
-    try:
-        # torchvision prints its own progress and per-mirror failures; keep them off the terminal
-        # so that an offline failure is the single line of _missing().
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return cls(data_dir, download=True, **split)
-    except Exception as err:  # offline: URLError, socket errors, HTTP errors, a bad archive ...
-        _missing(name, data_dir, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+class Progress:
+    """A line every `every` seconds: images done, images/s, ETA. It reads the host's clock only (no GPU sync)."""
+
+    def __init__(self, label, total, every):
+        self.label, self.total, self.every, self.done = label, total, every, 0
+        self.start = self.last = time.time()
+
+    def update(self, n):
+        self.done, now = self.done + n, time.time()
+        if self.every and now - self.last >= self.every and self.done < self.total:
+            rate, self.last = self.done / (now - self.start), now
+            log(f"# {self.label}: {self.done}/{self.total} images, {rate:.1f} images/s, "
+                f"ETA {(self.total - self.done) / rate:.0f} s")
+
+# ---- Data
 
 
-def _class_folders(directory):
-    # torchvision's find_classes() would also take hidden folders (.ipynb_checkpoints, ...) as classes.
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+# crop: zero padding of the random crop (0: none). MNIST is not normalised (Wong et al.'s MNIST code).
+DATASETS = {
+    "cifar10": dict(classes=10, crop=4, flip=True, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)),
+    "cifar100": dict(classes=100, crop=4, flip=True, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "svhn": dict(classes=10, crop=4, flip=False,  # a flipped digit is another digit
+                 mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970)),
+    "mnist": dict(classes=10, crop=0, flip=False, mean=(0.0,), std=(1.0,)),
+    "tiny-imagenet": dict(classes=200, crop=4, flip=True, mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+}
+DATASET_NAMES = list(DATASETS) + ["folder"]  # folder: any ImageFolder; its facts come from its images
 
 
-def _decode(samples, size=None):
-    """Decode (path, label) pairs into a uint8 array N×C×H×W and int64 labels.
-
-    Files PIL cannot identify (a README, .DS_Store, Tiny ImageNet's box files) are skipped and counted.
-    Every image must be `size` (W, H), or the size of the first image: no silent resizing. The images stay
-    one channel if all of them are grayscale; otherwise every image becomes RGB (a grayscale image among
-    colour ones is replicated into three channels, as PIL's convert("RGB") does)."""
-    from PIL import Image, UnidentifiedImageError
-    arrays, labels, skipped, first = [], [], 0, None
-    for path, label in samples:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                if size is None:
-                    size, first = img.size, path
-                if img.size != size:
-                    _bad_data(f"{path} is {img.size[0]}x{img.size[1]} but the images are "
-                              f"{size[0]}x{size[1]}{f' (like {first})' if first else ''}: every image must have "
-                              f"one size (fastat does not resize; resize the folder beforehand)")
-                gray = img.mode in ("1", "L", "LA")
-                arrays.append(np.asarray(img.convert("L" if gray else "RGB")))
-        except UnidentifiedImageError:
-            skipped += 1
-            continue
-        except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, or huge
-            _bad_data(f"cannot read image {path}: {err}")
-        labels.append(label)
-    if skipped:
-        print(f"fastat: skipped {skipped} file(s) that are not images", file=sys.stderr, flush=True)
-    if not arrays:
-        return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
-    if any(a.ndim == 3 for a in arrays):
-        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays]
-        x = np.stack(arrays).transpose(0, 3, 1, 2)
-    else:
-        x = np.stack(arrays)[:, None]
-    return np.ascontiguousarray(x), np.array(labels, dtype=np.int64)
-
-
-def _decode_cached(cache, samples, root, size=None, with_stats=False):
-    """_decode() once: the arrays are cached in `cache` (an .npz beside the data) together with the list of
-    files they came from, and decoded again whenever that list changes. Returns a dict with x, y (and the
-    per-channel mean and std of x/255 if with_stats)."""
-    files = np.array([os.path.relpath(p, root) for p, _ in samples], dtype=str)
-    labels = np.array([c for _, c in samples], dtype=np.int64)
-    # size and modification time of every file: an image rewritten under its old name renews the cache too;
-    # a file deleted since (-1) does not: the images may be removed once decoded
-    def stamp(path):
-        try:
-            st = os.stat(path)
-            return st.st_size, st.st_mtime_ns
-        except FileNotFoundError:
-            return -1, -1
-    stamps = np.array([stamp(p) for p, _ in samples], dtype=np.int64).reshape(-1, 2)
-    if os.path.exists(cache):
-        try:
-            with np.load(cache) as f:
-                cached = {k: f[k] for k in f.files}
-            old = cached.get("stamps")
-            if (np.array_equal(cached["files"], files) and np.array_equal(cached["labels"], labels)
-                    and old is not None and old.shape == stamps.shape
-                    and ((old == stamps) | (stamps == -1)).all() and (not with_stats or "mean" in cached)):
-                return cached
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # unreadable or from another version: decode again
-    x, y = _decode(samples, size)
-    out = {"x": x, "y": y, "files": files, "labels": labels, "stamps": stamps}
-    if with_stats and len(x):
-        v = torch.from_numpy(x).float().div_(255).transpose(0, 1).flatten(1)  # C × (N·H·W)
-        out["mean"], out["std"] = v.mean(1).numpy(), v.std(1).numpy()
-    tmp = cache + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **out)
-        os.replace(tmp, cache)  # atomic: an interrupted write leaves no half-written cache
-    except OSError:  # a read-only data directory only costs the decode next time
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-    return out
-
-
-def _folder_samples(directory, class_to_idx):
-    """(path, label) for every non-hidden file under directory/CLASS/ (recursively), in torchvision's order."""
-    from torchvision.datasets.folder import make_dataset
-    unknown = sorted(set(_class_folders(directory)) - set(class_to_idx))
-    if unknown:
-        _bad_data(f"{directory}/{unknown[0]} is not a class of the training split (classes are the folders "
-                  f"of train/)")
-    return make_dataset(directory, class_to_idx, allow_empty=True,
-                        is_valid_file=lambda p: not os.path.basename(p).startswith("."))
-
-
-_FOLDERS = {}  # (data_dir, split) → decoded split, so parse-time checks and get_data() decode once
-
-
-def _folder_split(data_dir, train):
-    """--dataset folder: DATA_DIR/train/CLASS/* and DATA_DIR/test/CLASS/* (or val/), torchvision's
-    ImageFolder layout. Classes are the sorted folder names of train/."""
-    key = (os.path.abspath(data_dir), train)
-    if key in _FOLDERS:
-        return _FOLDERS[key]
-    train_dir = os.path.join(data_dir, "train")
-    test_dir = next((os.path.join(data_dir, d) for d in ("test", "val") if os.path.isdir(os.path.join(data_dir, d))),
-                    None)
-    if not os.path.isdir(train_dir) or test_dir is None:
-        _missing("folder", data_dir, "no download source for an image folder")
-    classes = _class_folders(train_dir)
-    if not classes:
-        _bad_data(f"{train_dir} holds no class folders")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    size = None
-    if not train:  # the test images must have the training images' size
-        x = _folder_split(data_dir, True)["x"]
-        size = (x.shape[3], x.shape[2])
-    samples = _folder_samples(train_dir if train else test_dir, class_to_idx)
-    split = "train" if train else "test"
-    out = _decode_cached(os.path.join(data_dir, f"fastat-folder-{split}-uint8.npz"), samples, data_dir, size,
-                         with_stats=train)
-    if train:
-        counts = np.bincount(out["y"], minlength=len(classes))
-        if (counts == 0).any():
-            _bad_data(f"{os.path.join(train_dir, classes[int(np.argmin(counts))])} holds no images: every class "
-                      f"folder of train/ needs at least one")
-    elif not len(out["y"]):
-        _bad_data(f"{test_dir} holds no images")
-    out["classes"] = classes
-    _FOLDERS[key] = out
-    return out
-
-
-def _tiny_imagenet(data_dir, train):
-    """Tiny ImageNet: train/ is an image folder; val/ is relabelled from val_annotations.txt. Decoded once
-    (grayscale images to RGB, as most are colour) and cached next to the data as uint8 arrays."""
-    root = os.path.join(data_dir, "tiny-imagenet-200")
-    if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, "val")):
-        _missing("tiny-imagenet", data_dir, "no download source: get tiny-imagenet-200.zip and unzip it there")
-    class_to_idx = {c: i for i, c in enumerate(_class_folders(os.path.join(root, "train")))}  # sorted wnids
-    if train:
-        samples = _folder_samples(os.path.join(root, "train"), class_to_idx)
-    else:
-        samples = []
-        with open(os.path.join(root, "val", "val_annotations.txt")) as f:
-            for line in f:
-                if line.strip():
-                    file, wnid = line.split("\t")[:2]
-                    samples.append((os.path.join(root, "val", "images", file), class_to_idx[wnid]))
-    out = _decode_cached(os.path.join(root, f"fastat-{'train' if train else 'val'}-uint8.npz"), samples, root,
-                         size=(64, 64))
-    return out["x"], out["y"]
-
-
-def dataset_info(name, data_dir="data"):
-    """classes, shape, crop padding, flip, mean, std of a dataset. For --dataset folder they come from the
-    images: the channel count and size, padding = size/8, mean and std of the training split."""
-    if name != "folder":
-        return DATASETS[name]
-    split = _folder_split(data_dir, train=True)
-    shape = tuple(split["x"].shape[1:])
-    return dict(classes=len(split["classes"]), shape=shape, crop=shape[1] // 8, flip=True,
-                mean=tuple(split["mean"].tolist()), std=tuple(split["std"].tolist()))
-
-
-def load_split(name, data_dir, train):
-    """Return one split as (uint8 array N×C×H×W, int64 labels)."""
+def _torchvision_split(name, data_dir, train):
+    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if it is missing."""
     from torchvision import datasets
-    if name == "folder":
-        split = _folder_split(data_dir, train)
-        x, y = split["x"], split["y"]
-    elif name == "tiny-imagenet":
-        x, y = _tiny_imagenet(data_dir, train)
-    elif name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        ds = _torchvision_split(name, data_dir, cls, train=train)
-        x, y = ds.data.transpose(0, 3, 1, 2), ds.targets
-    elif name == "svhn":
-        ds = _torchvision_split(name, data_dir, datasets.SVHN, split="train" if train else "test")
-        x, y = ds.data, ds.labels
-    elif name == "mnist":
-        ds = _torchvision_split(name, data_dir, datasets.MNIST, train=train)
-        x, y = ds.data.numpy()[:, None], ds.targets.numpy()
-    else:
-        raise ValueError(f"unknown dataset {name}")
-    return np.ascontiguousarray(x, dtype=np.uint8), np.asarray(y, dtype=np.int64)
+    cls, kw = {"cifar10": (datasets.CIFAR10, {"train": train}), "cifar100": (datasets.CIFAR100, {"train": train}),
+               "svhn": (datasets.SVHN, {"split": "train" if train else "test"}),
+               "mnist": (datasets.MNIST, {"train": train})}[name]
+    try:
+        ds = cls(data_dir, download=False, **kw)
+    except RuntimeError:  # missing, or failed its checksum
+        log(f"# {name} not found in {data_dir}: downloading it")
+        try:  # torchvision prints each mirror's failure: kept off the terminal, one line says it all
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds = cls(data_dir, download=True, **kw)
+        except Exception as err:  # offline: URLError, socket and HTTP errors, a bad archive ...
+            fail(f"dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not be downloaded "
+                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); see README.md, 'Data layout'")
+    x = torch.as_tensor(ds.data)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2) if name.startswith("cifar") else x
+    return x.contiguous(), torch.as_tensor(ds.labels if name == "svhn" else ds.targets, dtype=torch.int64)
+
+
+def _rgb(path):
+    """ImageFolder's loader, with an error that names the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # truncated, corrupt, or not an image despite its name
+        raise OSError(f"cannot read image {path}: {err}") from None
+
+
+def _decode(folders, workers):
+    """Decode torchvision ImageFolders into uint8 tensors N×C×H×W and labels, in DataLoader worker processes. One
+    size for every image (nothing is resized), and one channel count for all the folders: gray (1 channel) if every
+    pixel of every image is gray, else RGB."""
+    from torchvision.transforms import PILToTensor
+    out = []
+    for ds in folders:
+        ds.transform = PILToTensor()
+        try:
+            items = [i for b in torch.utils.data.DataLoader(ds, 64, num_workers=workers, collate_fn=list) for i in b]
+        except OSError as err:  # raised in a worker: the last line of its message names the file
+            fail(str(err).strip().splitlines()[-1].removeprefix("OSError: "))
+        size = (out[0][0] if out else items[0][0]).shape[-2:]
+        for (image, _), (path, _) in zip(items, ds.samples):
+            if image.shape[-2:] != size:
+                fail(f"{path} is {image.shape[2]}x{image.shape[1]} but the images are {size[1]}x{size[0]} (like "
+                     f"{folders[0].samples[0][0]}): every image must have one size (resize the folder beforehand)")
+        out.append((torch.stack([i for i, _ in items]), torch.tensor([c for _, c in items])))
+    gray = all(bool((x == x[:, :1]).all()) for x, _ in out)
+    return [(x[:, :1].contiguous() if gray else x, y) for x, y in out]
+
+
+def load_dataset(name, data_dir, workers=2):
+    """Both splits and the dataset's facts: ((x, y), (test_x, test_y), info), x uint8 N×C×H×W, y int64 (CPU), and
+    info: classes, shape, crop, flip, mean, std. A folder (torchvision's ImageFolder layout, DATA_DIR/train/CLASS/*
+    and DATA_DIR/test/CLASS/* or val/) has its training images' mean and std, and a crop padding of size/8."""
+    if name not in ("folder", "tiny-imagenet"):
+        (x, y), test = _torchvision_split(name, data_dir, True), _torchvision_split(name, data_dir, False)
+        return (x, y), test, dict(DATASETS[name], shape=x.shape[1:])
+    from torchvision.datasets import ImageFolder
+    root = os.path.join(data_dir, "tiny-imagenet-200") if name == "tiny-imagenet" else data_dir
+    test = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or test is None:
+        fail(f"dataset '{name}' not found in {os.path.abspath(data_dir)}; see README.md, 'Data layout'")
+    try:
+        train = ImageFolder(os.path.join(root, "train"), loader=_rgb)
+        test = ImageFolder(test, loader=_rgb) if name == "folder" else ImageFolder(root, loader=_rgb, allow_empty=True,
+                                                                                 is_valid_file=lambda p: f"{os.sep}val{os.sep}images{os.sep}" in p)
+    except FileNotFoundError as err:  # an empty class folder
+        fail(f"{err} (every class folder needs at least one image)")
+    if name == "tiny-imagenet":  # val/images/*.JPEG, labelled by val/val_annotations.txt
+        with open(os.path.join(root, "val", "val_annotations.txt")) as f:
+            wnid = dict(line.split()[:2] for line in f if line.strip())
+        test.samples = [(p, train.class_to_idx[wnid[os.path.basename(p)]]) for p, _ in test.samples]
+    elif set(test.classes) - set(train.classes):
+        fail(f"{test.root}/{sorted(set(test.classes) - set(train.classes))[0]} is not a class of train/")
+    else:  # test/'s labels in train/'s class order
+        test.samples = [(p, train.class_to_idx[test.classes[c]]) for p, c in test.samples]
+    (x, y), (tx, ty) = _decode([train, test], workers)
+    v = x.transpose(0, 1).flatten(1).float().div_(255)  # per-channel mean and std
+    info = DATASETS.get(name, dict(classes=len(train.classes), crop=x.shape[2] // 8, flip=True,
+                                   mean=tuple(v.mean(1).tolist()), std=tuple(v.std(1).tolist())))
+    return (x, y), (tx, ty), dict(info, shape=x.shape[1:])
 
 
 class DeviceLoader:
-    """A whole split held as a uint8 tensor on the training device. Each epoch draws a permutation
-    and augments whole batches on the device (random crop with zero padding, horizontal flip), so
-    no worker processes or host-to-device copies sit in the training loop.
+    """A whole split held as a uint8 tensor on the training device: no worker processes, no host-to-device copies.
 
-    Yields (x, y, idx): float images in [0, 1], labels, and each sample's index in the full
-    training split (per-sample memories are indexed by it). The shuffling/augmentation generator
-    is seeded by (seed, epoch), so a resumed run sees exactly the batches it would have seen.
-    """
+    epoch(e) yields (x, y, idx): float images in [0, 1], labels, and each sample's index in the full training split
+    (per-sample memories are indexed by it). The permutation, crops (zero padding) and flips come from a generator
+    seeded by (seed, epoch): a resumed run sees exactly the batches it would have seen. With shuffle, a lone last
+    sample is dropped (train-mode BatchNorm cannot take a batch of one); len() is the number of batches yielded,
+    the count every per-iteration schedule is planned with."""
 
-    def __init__(self, images, labels, indices, batch_size, device, shuffle=False, crop=0, flip=False, seed=0):
-        self.images, self.labels, self.indices = images, labels, indices
-        self.batch_size, self.device = batch_size, torch.device(device)
+    def __init__(self, images, labels, indices, batch_size, shuffle=False, crop=0, flip=False, seed=0,
+                 channels_last=False, progress=0.0, label="train"):
+        self.images, self.labels, self.indices, self.batch_size = images, labels, indices, batch_size
         self.shuffle, self.crop, self.flip, self.seed = shuffle, crop, flip, seed
-        # FASTAT_COUNT_FLOPS=1 (bench/epoch_time.py sets it): count the FLOPs of the first training step that
-        # this process runs (everything the loop does with the first batch: attack, weight step, the method's
-        # own networks) with torch's FlopCounterMode. It slows that one step, so it is off by default.
-        self.count_flops = shuffle and os.environ.get("FASTAT_COUNT_FLOPS") == "1"
-        self.step_flops = None
+        self.channels_last, self.progress, self.label = channels_last, progress, label
+
+    def _sizes(self):
+        n, b = len(self.labels), self.batch_size
+        return [min(b, n - s) for s in range(0, n, b) if not (self.shuffle and n - s == 1)]
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
+        return len(self._sizes())
 
     def epoch(self, epoch):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        starts = [s for s in range(0, n, self.batch_size) if not (self.shuffle and n - s == 1)]
-        # a lone last sample (n − s = 1) would make train-mode BatchNorm fail: it is dropped.
-        # The whole epoch's random draws are made here, batch by batch in the order a per-batch loop would make
-        # them (so the augmentation is the same), and sent to the device in one copy each: a copy from pageable
-        # host memory waits for the GPU's queue to drain, and three of them per batch would stall every step.
-        crops, flips = [], []
-        for start in starts:
-            size = min(self.batch_size, n - start)
-            if self.crop:
-                crops.append(torch.randint(0, 2 * self.crop + 1, (size, 2), generator=gen))
-            if self.flip:
-                flips.append(torch.rand(size, generator=gen) < 0.5)
-        order = order.to(self.device)
-        crops = torch.cat(crops).to(self.device) if crops else None
-        flips = torch.cat(flips).to(self.device) if flips else None
-        for start in starts:
-            batch = order[start:start + self.batch_size]
+        sizes, device, n = self._sizes(), self.labels.device, len(self.labels)
+        order = (torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)).to(device)
+        # All of the epoch's draws go to the device in one copy each: a copy from pageable host memory waits for
+        # the GPU's queue, and three per batch would stall every step.
+        crops = torch.cat([torch.randint(0, 2 * self.crop + 1, (k, 2), generator=gen) for k in sizes]).to(device) \
+            if self.crop else None
+        flips = torch.cat([torch.rand(k, generator=gen) < 0.5 for k in sizes]).to(device) if self.flip else None
+        progress, start = Progress(f"{self.label} epoch {epoch + 1}", sum(sizes), self.progress), 0
+        for size in sizes:
+            batch, part = order[start:start + size], slice(start, start + size)
             x = self.images[batch]
-            if self.crop:
-                x = random_crop(x, self.crop, crops[start:start + len(batch)])
-            if self.flip:
-                x = torch.where(flips[start:start + len(batch), None, None, None], x.flip(3), x)
+            x = random_crop(x, self.crop, crops[part]) if self.crop else x
+            x = torch.where(flips[part, None, None, None], x.flip(3), x) if self.flip else x
             x = x.float().div_(255)
-            if gpu_path(self.device):
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self.count_flops and self.step_flops is None:
-                from torch.utils.flop_counter import FlopCounterMode
-                # The consumer's whole step runs between this yield and the next request, inside the counter.
-                with FlopCounterMode(display=False) as counter:
-                    yield x, self.labels[batch], self.indices[batch]
-                self.step_flops = {"flops": counter.get_total_flops(), "batch_size": len(batch)}
-                continue
-            yield x, self.labels[batch], self.indices[batch]
-
-
-def gpu_path(device):
-    """Train in bf16 autocast with channels_last tensors? Always on CUDA. On the CPU only when the environment
-    sets FASTAT_CPU_BF16=1: slow there, but it lets the tests run the GPU path's dtypes and memory layout
-    (double backward, hooks, per-sample memories) on a machine without a GPU."""
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("FASTAT_CPU_BF16") == "1")
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
+                   self.labels[batch], self.indices[batch])
+            progress.update(size)
+            start += size
 
 
 def random_crop(x, pad, offsets):
     """Batched random crop: zero-pad by `pad`, then cut each image at its own (row, col) offset."""
     n, c, h, w = x.shape
-    offsets = offsets.to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad))
     rows = (offsets[:, 0:1] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[:, 1:2] + torch.arange(w, device=x.device))[:, None, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None, None],
-                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    return F.pad(x, (pad,) * 4)[torch.arange(n, device=x.device)[:, None, None, None],
+                                torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
-@dataclass
-class Data:
-    name: str
-    num_classes: int
-    mean: tuple
-    std: tuple
-    train: DeviceLoader
-    val: Optional[DeviceLoader]       # held-out slice of the training split, unaugmented
-    test_x: torch.Tensor              # uint8 on the device
-    test_y: torch.Tensor
-    train_size: int                   # size of the full training split: rows of per-sample memories
-    monitor: tuple                    # fixed (x, y) batch for the catastrophic-overfitting monitor
+def channels_last(args):
+    """The GPU path (channels_last tensors): on CUDA, or wherever a reduced precision is asked for."""
+    return torch.device(args.device).type == "cuda" or args.precision in ("bf16", "fp16")
 
 
-def get_data(args, device, val_size=0):
-    info = dataset_info(args.dataset, args.data_dir)
-    x, y = load_split(args.dataset, args.data_dir, train=True)
-    tx, ty = load_split(args.dataset, args.data_dir, train=False)
-    if val_size >= len(y):
-        raise SystemExit(f"fastat: --val-size {val_size} leaves no training images ({len(y)} in the split)")
-    # The validation slice does not depend on --seed, so runs with different seeds share it.
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    val_idx, train_idx = perm[len(y) - val_size:].sort().values, perm[:len(y) - val_size].sort().values
-    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
-    train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, device, shuffle=True,
-                         crop=info["crop"], flip=info["flip"] and not getattr(args, "no_flip", False),
-                         seed=args.seed)
-    # no FLOP count under --compile: a step under FlopCounterMode would not be compiled (and, with some torch
-    # versions, never again), so the timed epochs would be eager
-    train.count_flops = train.count_flops and not getattr(args, "compile", False)
-    val = DeviceLoader(x[val_idx], y[val_idx], val_idx, args.batch_size, device) if val_size else None
-    source = val if val is not None else train
-    m = min(args.monitor_size, len(source.labels))
-    # A fixed random subset, not the first m images: an image folder (and Tiny ImageNet) lists its images
-    # class by class, so the first m would be one or two classes and the monitor would measure nothing.
-    pick = torch.randperm(len(source.labels), generator=torch.Generator().manual_seed(1))[:m].sort().values
-    pick = pick.to(source.labels.device)
-    monitor = (source.images[pick].float() / 255, source.labels[pick])
-    if tx.shape[1:] != x.shape[1:]:  # a built-in dataset always matches; a folder is checked when decoded
-        raise SystemExit(f"fastat: test images are {tuple(tx.shape[1:])}, training images {tuple(x.shape[1:])}")
-    return Data(args.dataset, info["classes"], info["mean"], info["std"], train, val,
-                torch.from_numpy(tx).to(device), torch.from_numpy(ty).to(device), len(y), monitor)
+def get_data(args):
+    """The dataset in device memory, as a namespace: name, num_classes, shape (C, H, W), mean, std; train and val
+    (DeviceLoaders; val: --val-size training images held out, unaugmented, or None; --val-size None holds out a tenth,
+    at most 5,000); test_x, test_y (uint8 images, labels: the fixed evaluation subset of --eval-samples); train_size
+    (the rows of a per-sample memory); monitor (a fixed random x, y of training images)."""
+    (x, y), (tx, ty), info = load_dataset(args.dataset, args.data_dir, args.workers)
+    if args.val_size is None:
+        args.val_size = min(5000, len(y) // 10)
+    if args.val_size >= len(y) - 1:
+        fail(f"--val-size {args.val_size} leaves too few training images ({len(y)} in the split)")
+    # The validation slice does not depend on --seed: runs with different seeds share it.
+    perm, device = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)), torch.device(args.device)
+    val_idx, train_idx = (perm[len(y) - args.val_size:].sort().values.to(device),
+                          perm[:len(y) - args.val_size].sort().values.to(device))
+    x, y = x.to(device), y.to(device)
+    kw = dict(channels_last=channels_last(args), progress=args.progress_every)
+    train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, shuffle=True, crop=info["crop"],
+                         flip=info["flip"] and not args.no_flip, seed=args.seed, **kw)
+    val = DeviceLoader(x[val_idx], y[val_idx], val_idx, args.batch_size, label="validation", **kw) \
+        if args.val_size else None
+    # Fixed random subsets, not the first images: an image folder lists its images class by class.
+    source = val or train
+    pick, test = subset(len(source.labels), args.monitor_size, seed=1).to(device), subset(len(ty), args.eval_samples)
+    return SimpleNamespace(name=args.dataset, num_classes=info["classes"], shape=tuple(info["shape"]),
+                           mean=info["mean"], std=info["std"], train=train, val=val, train_size=len(y),
+                           test_x=tx[test].to(device), test_y=ty[test].to(device),
+                           monitor=(source.images[pick].float() / 255, source.labels[pick]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Models: all take images in [0, 1] and normalise inside (RobustBench convention, SPEC §0)
-# ----------------------------------------------------------------------------------------------
+def subset(total, n=None, seed=0):
+    """Indices of a fixed random subset of n out of total (sorted; all of them if n is None or ≥ total)."""
+    if not n or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+# ---- Networks: each takes images in [0, 1] and normalises inside (RobustBench's convention)
+
 
 class Normalized(nn.Module):
     def __init__(self, mean, std):
@@ -418,23 +274,21 @@ class Normalized(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    expansion = 1
+    """BN-ReLU-conv-BN-ReLU-(dropout)-conv with a 1×1 conv shortcut where the shape changes (no BN on it)."""
 
-    def __init__(self, in_planes, planes, stride=1):
+    def __init__(self, in_planes, planes, stride=1, dropout=0.0):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+        self.dropout = dropout  # between the two convs in training (WRN; Zagoruyko & Komodakis)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_planes), nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if stride > 1 or in_planes != planes \
+            else None
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = F.relu(self.bn2(self.conv1(out)))
+        return self.conv2(F.dropout(out, self.dropout, self.training) if self.dropout else out) + shortcut
 
 
 class PreActResNet18(Normalized):
@@ -442,104 +296,41 @@ class PreActResNet18(Normalized):
 
     def __init__(self, num_classes=10, in_channels=3, mean=(0.0,), std=(1.0,)):
         super().__init__(mean, std)
-        self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.layer1 = self._make_layer(64, 1)
-        self.layer2 = self._make_layer(128, 2)
-        self.layer3 = self._make_layer(256, 2)
-        self.layer4 = self._make_layer(512, 2)
-        self.bn = nn.BatchNorm2d(512)
-        self.linear = nn.Linear(512, num_classes)
-
-    def _make_layer(self, planes, stride):
-        layers = []
-        for s in (stride, 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            nn.Sequential(PreActBlock(a, b, s), PreActBlock(b, b))
+            for a, b, s in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)))
+        self.bn, self.linear = nn.BatchNorm2d(512), nn.Linear(512, num_classes)
 
     def forward(self, x):
-        out = self.conv1(self.normalize(x))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
-        # adaptive pooling = Wong's avg_pool2d(out, 4) on 32×32 inputs, and also fits 64×64 / 28×28
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
-
-
-class WideBasic(nn.Module):
-    def __init__(self, in_planes, planes, stride, dropout=0.0):
-        super().__init__()
-        self.dropout = dropout  # drop rate between the two convs (Zagoruyko & Komodakis), train mode only
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = F.relu(self.bn2(self.conv1(out)))
-        out = self.conv2(F.dropout(out, self.dropout, self.training) if self.dropout else out)
-        return out + shortcut
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x))))))
+        # adaptive pooling = Wong's avg_pool2d(out, 4) on 32×32 inputs, and fits 64×64 or 28×28 as well
+        return self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1))
 
 
 class WideResNet(Normalized):
-    """WRN-depth-width (Zagoruyko & Komodakis 2016), pre-activation; depth = 6n + 4. dropout: drop rate
-    inside every block (default 0, no dropout; latent_at.py sets its authors' 0.3)."""
+    """WRN-depth-width (Zagoruyko & Komodakis 2016), pre-activation, depth = 6n + 4, `dropout` in every block."""
 
     def __init__(self, depth=34, width=10, num_classes=10, in_channels=3, mean=(0.0,), std=(1.0,), dropout=0.0):
         super().__init__(mean, std)
-        assert (depth - 4) % 6 == 0, "WRN depth must be 6n+4"
-        n = (depth - 4) // 6
-        widths = [16, 16 * width, 32 * width, 64 * width]
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.block1 = self._group(widths[0], widths[1], n, 1, dropout)
-        self.block2 = self._group(widths[1], widths[2], n, 2, dropout)
-        self.block3 = self._group(widths[2], widths[3], n, 2, dropout)
-        self.bn1 = nn.BatchNorm2d(widths[3])
-        self.fc = nn.Linear(widths[3], num_classes)
-
-    @staticmethod
-    def _group(in_planes, planes, n, stride, dropout=0.0):
-        return nn.Sequential(*[WideBasic(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout)
-                               for i in range(n)])
+        n, w = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.block1, self.block2, self.block3 = (
+            nn.Sequential(*[PreActBlock(w[k] if i == 0 else w[k + 1], w[k + 1], s if i == 0 else 1, dropout)
+                            for i in range(n)]) for k, s in ((0, 1), (1, 2), (2, 2)))
+        self.bn1, self.fc = nn.BatchNorm2d(w[3]), nn.Linear(w[3], num_classes)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
-        out = F.relu(self.bn1(out))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1))
 
 
-class MnistCNN(Normalized):
-    """Wong et al.'s MNIST net (SPEC §1): conv(1→16,k4,s2,p1)–ReLU–conv(16→32,k4,s2,p1)–ReLU–FC(1568→100)–ReLU–FC(10)."""
+class Sequential(Normalized):
+    """Wong et al.'s MNIST CNN, or pytorch/examples' MNIST LeNet (make_model)."""
 
-    def __init__(self, num_classes=10, in_channels=1, mean=(0.0,), std=(1.0,)):
+    def __init__(self, mean, std, *layers):
         super().__init__(mean, std)
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes))
-
-    def forward(self, x):
-        return self.net(self.normalize(x))
-
-
-class LeNet(Normalized):
-    """The LeNet of pytorch/examples mnist/main.py from Dec 2018 to Nov 2019 (the PyTorch 1.0 that Amata ran;
-    later versions use conv 32/64 k3 with dropout): conv(1→20,k5)–ReLU–maxpool 2–conv(20→50,k5)–ReLU–maxpool 2–
-    FC(800→500)–ReLU–FC(10), no padding, no dropout. It returns logits (the original ends in log_softmax, which
-    the cross-entropy applies itself). The first FC layer's width follows the image size: 50·4·4 = 800 on 28×28."""
-
-    def __init__(self, num_classes=10, in_channels=1, mean=(0.0,), std=(1.0,), image_size=(28, 28)):
-        super().__init__(mean, std)
-        h, w = (((s - 4) // 2 - 4) // 2 for s in image_size)  # two valid 5×5 convolutions, each then pooled by 2
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(self.normalize(x))
@@ -547,569 +338,538 @@ class LeNet(Normalized):
 
 def model_name(text):
     """argparse type for --model: preact18, wrn-DEPTH-WIDTH (depth = 6n+4), mnist-cnn or lenet."""
-    name = text.lower()
-    if name in ("preact18", "preactresnet18"):
-        return "preact18"
-    if name in ("mnist-cnn", "cnn"):
-        return "mnist-cnn"
-    if name == "lenet":
-        return "lenet"
+    name = {"preactresnet18": "preact18", "cnn": "mnist-cnn"}.get(text.lower(), text.lower())
     m = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
-    if m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0 and int(m[2]) >= 1:
+    if name in ("preact18", "mnist-cnn", "lenet") or (m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0
+                                                      and int(m[2]) >= 1):
         return name
-    raise argparse.ArgumentTypeError(
-        f"'{text}' is not a model: use preact18, wrn-DEPTH-WIDTH with depth = 6n+4 (wrn-34-10, wrn-28-10, "
-        f"wrn-16-2, ...), mnist-cnn or lenet")
+    raise argparse.ArgumentTypeError(f"'{text}' is not a model: use preact18, wrn-DEPTH-WIDTH with depth = 6n+4 "
+                                     f"(wrn-34-10, wrn-28-10, wrn-16-2, ...), mnist-cnn or lenet")
 
 
-def make_model(name, dataset, data_dir="data"):
-    info = dataset_info(dataset, data_dir)
-    kw = dict(num_classes=info["classes"], in_channels=info["shape"][0], mean=info["mean"], std=info["std"])
+def make_model(name, num_classes, shape, mean, std, dropout=0.0):
+    """A network for images of `shape` (C, H, W) in [0, 1]; mean and std (per channel) normalise inside it."""
+    c, h, w = shape
     if name == "preact18":
-        return PreActResNet18(**kw)
-    if name == "mnist-cnn":
-        return MnistCNN(**kw)
-    if name == "lenet":
-        return LeNet(image_size=info["shape"][1:], **kw)
-    depth, width = map(int, name.split("-")[1:])
-    return WideResNet(depth, width, **kw)
+        return PreActResNet18(num_classes, c, mean, std)
+    if name.startswith("wrn"):
+        return WideResNet(*map(int, name.split("-")[1:]), num_classes, c, mean, std, dropout)
+    if name == "mnist-cnn":  # Wong et al.: conv(16,k4,s2,p1)-ReLU-conv(32,k4,s2,p1)-ReLU-FC(100)-ReLU-FC
+        if (h, w) != (28, 28):
+            fail(f"--model mnist-cnn only fits 28x28 images, not {w}x{h}")
+        return Sequential(mean, std, nn.Conv2d(c, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes))
+    # lenet: pytorch/examples' mnist/main.py from Dec 2018 to Nov 2019 (the PyTorch 1.0 Amata ran): two valid 5×5
+    # convs (20, 50), each ReLU + max-pool 2, FC(500)-ReLU-FC, no dropout; logits out (its log_softmax is the CE's)
+    if min(h, w) < 16:
+        fail(f"--model lenet needs images of at least 16x16, not {w}x{h}")
+    h, w = (((s - 4) // 2 - 4) // 2 for s in (h, w))  # 4×4 on 28×28: FC(800)
+    return Sequential(mean, std, nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
+                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes))
 
 
-def get_model(args, device):
-    model = make_model(args.model, args.dataset, args.data_dir).to(device)
-    if gpu_path(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+def get_model(args, data, dropout=0.0):
+    model = make_model(args.model, data.num_classes, data.shape, data.mean, data.std, dropout).to(args.device)
+    return model.to(memory_format=torch.channels_last) if channels_last(args) else model
 
+# ---- Evaluation: fp32, model in eval mode
 
-# ----------------------------------------------------------------------------------------------
-# Attacks for evaluation (fp32, model in eval mode)
-# ----------------------------------------------------------------------------------------------
 
 def cw_margin(logits, y):
     """Carlini-Wagner margin: max_{k≠y} z_k − z_y, per sample (> 0 ⇔ misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return other - true
-
-
-def attack_loss(logits, y, loss):
-    return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
+    return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1) - true
 
 
 def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=True):
-    """L∞ PGD. Returns (delta, robust): per sample the restart whose final δ has the highest loss,
-    and whether the sample was classified correctly after *every* restart (the honest accuracy).
-    Gradients flow to δ only; the model's .grad fields are not touched."""
-    best_delta = torch.zeros_like(x)
-    best_loss = torch.full((len(y),), -float("inf"), device=x.device)
+    """L∞ PGD on the cross-entropy (loss="ce") or the CW margin ("cw"); x N×C×H×W in [0, 1], eps and step in [0, 1]
+    units. Returns (δ, robust): per sample the restart whose final δ has the highest loss, and whether the sample
+    was classified correctly after *every* restart. Gradients flow to δ only; the model stays in its mode."""
+    def value(logits):
+        return F.cross_entropy(logits, y, reduction="none") if loss == "ce" else cw_margin(logits, y)
+    best_delta, best_loss = torch.zeros_like(x), torch.full((len(y),), -math.inf, device=x.device)
     robust = torch.ones(len(y), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(iters):
             delta.requires_grad_(True)
-            grad, = torch.autograd.grad(attack_loss(model(x + delta), y, loss).sum(), delta)
-            delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
+            grad, = torch.autograd.grad(value(model(x + delta)).sum(), delta)
+            delta = (x + (delta.detach() + step * grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x
         with torch.no_grad():
             logits = model(x + delta)
-            final = attack_loss(logits, y, loss)
-            robust &= logits.argmax(1) == y
-            # torch.where, not best_delta[better] = ...: a boolean mask has a data-dependent size, so indexing
-            # with it makes the host wait for the GPU (LAS-AT runs this attack inside its training loop).
+            final, robust = value(logits), robust & (logits.argmax(1) == y)
+            # torch.where, not boolean-mask indexing, whose data-dependent size makes the host wait for the GPU
             better = final > best_loss
             best_delta = torch.where(better.view(-1, *[1] * (x.dim() - 1)), delta, best_delta)
             best_loss = torch.where(better, final, best_loss)
     return best_delta, robust
 
 
-def pgd_accuracy(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None,
-                 per_sample=False):
-    """Robust accuracy over a whole set in batches; prints progress every few seconds if `label`.
-    per_sample: return the bool mask of samples classified correctly instead of the accuracy."""
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode inside, and back in the mode it was found in afterwards."""
     was_training = model.training
     model.eval()
-    correct, done, last_print, masks = 0, 0, time.time(), []
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-        if iters == 0:
-            with torch.no_grad():
-                ok = model(xb).argmax(1) == yb
-        else:
-            ok = attack_pgd(model, xb, yb, eps, step, iters, restarts, loss)[1]
-        masks.append(ok)
-        correct += ok.sum().item()
-        done += len(yb)
-        if label and (time.time() - last_print > 5 or done == len(y)):
-            print(f"  {label}: {done}/{len(y)} images, accuracy so far {100 * correct / done:.2f}%", flush=True)
-            last_print = time.time()
-    model.train(was_training)
-    if per_sample:
-        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=y.device)
-    return correct / max(len(y), 1)
-
-
-def autoattack_accuracy(model, x, y, eps, num_classes, batch_size=500, per_sample=False):
-    """Standard L∞ AutoAttack via the official `autoattack` package, else `torchattacks`.
-    per_sample: return the bool mask of samples that survive instead of the accuracy."""
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
-    model.eval()
     try:
-        from autoattack import AutoAttack
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device)
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pgd_correct(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None, progress=0.0):
+    """Per sample, whether it is classified correctly under PGD-iters-restarts (iters 0: clean), in batches, in eval
+    mode: the BN statistics are left alone and the model comes back in its mode. x: uint8 or [0, 1] float."""
+    out, meter = [], Progress(label, len(y), progress if label else 0)
+    with eval_mode(model):
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+            if iters == 0:
+                with torch.no_grad():
+                    out.append(model(xb).argmax(1) == yb)
+            else:
+                out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss)[1])
+            meter.update(len(yb))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
+
+
+def autoattack_correct(model, x, y, eps, num_classes, batch_size=500):
+    """Per sample, correct under standard L∞ AutoAttack (the official package, github.com/fra31/auto-attack), and
+    the attacks that ran. Its targeted attacks get min(9, C − 1) target classes; below 4 classes, where its DLR
+    losses are not defined, APGD-CE and Square run (with the standard version's settings)."""
+    from autoattack import AutoAttack
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    with eval_mode(model):
+        few = num_classes < 4
+        adversary = AutoAttack(model, "Linf", eps, version="custom" if few else "standard", device=x.device,
+                               verbose=False, attacks_to_run=["apgd-ce", "square"] if few else [])
+        if few:
+            adversary.apgd.n_restarts, adversary.square.n_queries = 1, 5000
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = min(9, num_classes - 1)
         x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
-    except ImportError:
-        try:
-            import torchattacks
-        except ImportError:
-            print("AutoAttack skipped: install the official package (pip install "
-                  "git+https://github.com/fra31/auto-attack) or torchattacks", flush=True)
-            return None
-        attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes)
-        x_adv = torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
-    with torch.no_grad():
-        ok = torch.cat([model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                        for i in range(0, len(y), batch_size)])
-    return ok if per_sample else ok.float().mean().item()
+        with torch.no_grad():
+            mask = torch.cat([model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                              for i in range(0, len(y), batch_size)])
+    return mask, adversary.attacks_to_run
 
 
-def eval_subset(total, n=None):
-    """Indices of the test images to evaluate: all of them, or a fixed random subset of n (sorted). Not the first
-    n: an image folder (and Tiny ImageNet's train-ordered val) may list its images class by class."""
-    if not n or n >= total:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+def eval_step(eps, iters, dataset):
+    """PGD step of the evaluation: 2/255 at ε = 8/255 (MNIST: 0.01 at 0.3), in proportion to ε, and at least
+    1.5ε/iters so that a short attack can still cross the ball from its random start."""
+    return max(eps / 30 if dataset == "mnist" else eps / 4, 1.5 * eps / iters)
 
 
-def eval_step(dataset):
-    """PGD step of the evaluation protocol (SPEC §0): 2/255, MNIST 0.01."""
-    return 0.01 if dataset == "mnist" else 2 / 255
-
-
-def evaluate(model, x, y, eps, step, pgd_iters=50, restarts=10, cw_iters=20, autoattack=False,
-             num_classes=10, batch_size=500):
-    """SPEC §0: clean, PGD-50-10 (CE, random start, per-sample worst restart), PGD-20 on the CW margin, and
-    "worst_case": the share of samples classified correctly clean and under every attack that ran (per
-    sample, as RobustBench counts). CE-based PGD is weak against models trained on soft labels (R-MC-LA,
-    label smoothing) without their being robust; the worst case is the honest headline then."""
-    model = model.float()
-    masks = {"clean": pgd_accuracy(model, x, y, eps, step, 0, batch_size=batch_size, label="clean",
-                                   per_sample=True)}
-    masks[f"pgd{pgd_iters}_{restarts}"] = pgd_accuracy(model, x, y, eps, step, pgd_iters, restarts, "ce",
-                                                       batch_size, label=f"PGD-{pgd_iters}-{restarts}",
-                                                       per_sample=True)
+def evaluate(model, x, y, eps, iters=50, restarts=10, cw_iters=20, autoattack=False, num_classes=10,
+             batch_size=500, step=None, dataset="cifar10", progress=0.0):
+    """The evaluation protocol: clean, PGD-iters-restarts (CE, random start, per-sample worst restart), PGD on the CW
+    margin (cw_iters steps; 0: none), optional AutoAttack, and "worst_case": the share of samples correct clean and
+    under every attack that ran, per sample (as RobustBench counts). x uint8 N×C×H×W, eps in [0, 1] units. A CE
+    attack is weak against a model trained on soft labels: the worst case is the honest headline."""
+    kw = dict(batch_size=batch_size, progress=progress)
+    masks = {"clean": pgd_correct(model, x, y, eps, 0, 0, label="clean", **kw),
+             f"pgd{iters}_{restarts}": pgd_correct(model, x, y, eps, step or eval_step(eps, iters, dataset), iters,
+                                                   restarts, label=f"PGD-{iters}-{restarts}", **kw)}
     if cw_iters:
-        masks[f"cw{cw_iters}"] = pgd_accuracy(model, x, y, eps, step, cw_iters, 1, "cw", batch_size,
-                                              label=f"CW-{cw_iters}", per_sample=True)
+        masks[f"cw{cw_iters}"] = pgd_correct(model, x, y, eps, step or eval_step(eps, cw_iters, dataset), cw_iters,
+                                             loss="cw", label=f"CW-{cw_iters}", **kw)
     if autoattack:
-        masks["autoattack"] = autoattack_accuracy(model, x, y, eps, num_classes, batch_size, per_sample=True)
-    ran = [m for m in masks.values() if m is not None]
-    masks["worst_case"] = torch.stack(ran).all(0)
-    n = max(len(y), 1)
-    return {k: None if m is None else m.sum().item() / n for k, m in masks.items()}
+        masks["autoattack"], ran = autoattack_correct(model, x, y, eps, num_classes, batch_size)
+        log(f"# AutoAttack ran {', '.join(ran)}")
+    masks["worst_case"] = torch.stack(list(masks.values())).all(0)
+    return {k: m.float().mean().item() if len(m) else 0.0 for k, m in masks.items()}
+
+# ---- Command line
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line shared by every method script
-# ----------------------------------------------------------------------------------------------
-
-def _nonneg_float(text):
-    v = float(text)
-    if not v >= 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _pos_float(text):
-    v = float(text)
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+def _number(cast, low, strict, what):
+    def check(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return check
 
 
-def _pos_int(text):
-    v = int(text)
+nonneg_float, pos_float = _number(float, 0, False, "a finite number >= 0"), _number(float, 0, True, "a number > 0")
+nonneg_int, pos_int = _number(int, 0, False, "an integer >= 0"), _number(int, 1, False, "an integer >= 1")
+batch_size = _number(int, 2, False, "at least 2 (train-mode BatchNorm needs two images)")
+
+
+def epsilon(text):
+    """argparse type for --epsilon (/255 units). Under 1/255 is no threat model anyone trains for, but a [0, 1]
+    value written by mistake (0.3 on MNIST): refused, with what to write instead."""
+    v = nonneg_float(text)
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"{text} is in /255 units, i.e. {v:g}/255; for ε = {text} in [0, 1] units "
+                                         f"write --epsilon {255 * v:g}" if v else "must be at least 1 (/255 units)")
     return v
 
 
-def _nonneg_int(text):
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return v
-
-
-nonneg_float, pos_float, pos_int, nonneg_int = _nonneg_float, _pos_float, _pos_int, _nonneg_int
-
-
-def base_parser(doc, lr_flag="--lr-max", lr_help="peak learning rate",
-                alpha_help="attack step size, in /255 units (default: the recipe's ratio to ε, times --epsilon)"):
-    """The flags every method shares. Flags left at None are filled from the method's recipe for
-    the chosen dataset by parse_args()."""
+def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size, /255 units (keeps its ratio to ε "
+                "when only --epsilon is given)", label_smoothing=None):
+    """The flags every method shares. A flag left at None is filled from the method's recipe by parse_args()."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=DATASET_NAMES,
-                   help="folder: any image folder DATA_DIR/{train,test}/CLASS/* (the CIFAR-10 recipe is used)")
-    p.add_argument("--data-dir", default="data", help="where datasets live / are downloaded to")
-    p.add_argument("--no-flip", action="store_true",
-                   help="no random horizontal flip (for data where a flip changes the class: digits, text)")
-    p.add_argument("--model", type=model_name, default=None,
-                   help="preact18 (default; mnist-cnn for MNIST, lenet for Amata's MNIST recipe), wrn-DEPTH-WIDTH "
-                        "(e.g. wrn-34-10), mnist-cnn, lenet")
-    p.add_argument("--epochs", type=pos_int, default=None, help="training epochs (recipe default)")
-    p.add_argument("--batch-size", type=pos_int, default=None)
-    p.add_argument(lr_flag, type=pos_float, default=None, help=lr_help)
-    p.add_argument("--epsilon", type=nonneg_float, default=None,
-                   help="L∞ radius of training and of the final evaluation, in /255 units")
-    p.add_argument("--alpha", type=nonneg_float, default=None,
-                   help=alpha_help)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--eval-samples", type=pos_int, default=None,
-                   help="evaluate on N test images, a fixed random subset (default: all)")
-    p.add_argument("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
-    p.add_argument("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack in the final evaluation")
-    p.add_argument("--monitor-size", type=pos_int, default=512,
-                   help="images in the fixed batch of the catastrophic-overfitting monitor (PGD-10, step ε/4)")
-    p.add_argument("--val-size", type=nonneg_int, default=None,
-                   help="training images held out for validation; the best model is chosen on them "
-                        "(0: on the monitor batch, drawn from training images)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last epoch")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    a = p.add_argument
+    a("--dataset", default="cifar10", choices=DATASET_NAMES, help="folder: any image folder DATA_DIR/{train,test}/"
+      "CLASS/* (README.md, 'Data layout'), trained with the CIFAR-10 recipe")
+    a("--data-dir", default="data", help="where the dataset is (CIFAR, SVHN and MNIST are downloaded there)")
+    a("--no-flip", action="store_true", help="no random horizontal flip (where a flip changes the class)")
+    a("--model", type=model_name, default=None, help="preact18, wrn-DEPTH-WIDTH (e.g. wrn-34-10), mnist-cnn, lenet")
+    a("--epochs", type=pos_int, default=None)
+    a("--batch-size", type=batch_size, default=None)
+    a("--lr", type=pos_float, default=None, help=lr_help)
+    a("--epsilon", type=epsilon, default=None, help="L∞ radius of training and of the evaluation, /255 units")
+    a("--alpha", type=nonneg_float, default=None, help=alpha_help)
+    if label_smoothing:
+        a("--label-smoothing", type=pos_float, default=None, metavar="TRUE_PROB", help=label_smoothing)
+    a("--seed", type=int, default=0)
+    a("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
+    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype of training. "
+      "auto: bf16 on GPUs that compute it natively (Ampere and later), fp16 with loss scaling on older GPUs, fp32 on "
+      "the CPU. The evaluation is fp32")
+    a("--compile", action="store_true", help="torch.compile the networks for training")
+    a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1), help="processes that decode image files")
+    a("--eval-samples", type=pos_int, default=None, help="evaluate on N test images, a fixed random subset (default "
+                                                         "all)")
+    a("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
+    a("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
+    a("--eval-cw-iters", type=nonneg_int, default=20, help="steps of the final PGD on the CW margin (0: none)")
+    a("--autoattack", action="store_true", help="also run AutoAttack (github.com/fra31/auto-attack) at the end")
+    a("--monitor-size", type=pos_int, default=512, help="training images of the catastrophic-overfitting monitor "
+                                                        "(PGD-10, step ε/4, after every epoch)")
+    a("--val-size", type=nonneg_int, default=None, help="training images held out to choose the best model on (0: "
+                                                        "the monitor's images are training images)")
+    a("--progress-every", type=nonneg_float, default=10, metavar="SECONDS", help="a progress line (images/s, ETA) "
+      "this often in an epoch and in the evaluation (0: none)")
+    a("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint with its own "
+                                            "flags; only the evaluation and where it runs (--device, ...) may change")
     return p
 
 
-def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",)):
-    """Parse, then fill every flag left at None from recipes[dataset] (or recipes['default']).
+# What a resumed run may change: where it runs and how it is evaluated, not what it trains.
+FREE_ON_RESUME = {"resume", "out_dir", "device", "data_dir", "workers", "compile", "progress_every", "eval_samples",
+                  "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
+_GIVEN = object()  # marks the flags that were not on the command line
 
-    eps_relative: recipe values that are a ratio of ε (the FGSM step α = 1.25ε of FGSM-RS, ...). When the user
-    sets --epsilon but not one of these, it keeps the recipe's ratio to ε instead of the recipe's absolute
-    value: `--epsilon 16` trains FGSM-RS with α = 20/255, not 10/255. An explicit flag always wins."""
+
+def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",)):
+    """Parse, then fill every flag left at None from recipes[dataset] over recipes['default'].
+
+    eps_relative: recipe values that are a ratio of ε (FGSM-RS's α = 1.25ε, ...): with --epsilon alone they keep
+    the ratio (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With --resume the flags come from the
+    run's checkpoint, and a flag given with it that would change the training is refused. Seeds every generator."""
+    for action in parser._actions:  # -h shows each recipe's value
+        values = [(k, r[action.dest]) for k, r in recipes.items() if r.get(action.dest) is not None]
+        if values and action.default is None:
+            action.help = (f"{action.help or ''} (" + "; ".join(f"{'default' if k == 'default' else k + ' recipe'} "
+                                                                f"{_show(v)}" for k, v in values) + ")").lstrip()
     args = parser.parse_args(argv)
-    recipe = {"val_size": 0, **recipes.get("default", {}), **recipes.get(args.dataset, {})}
-    recipe.setdefault("model", "mnist-cnn" if args.dataset == "mnist" else "preact18")
-    if args.epsilon is not None and recipe.get("epsilon"):
-        for key in eps_relative:
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{a.dest: _GIVEN for a in parser._actions})))
+    given = {k: v for k, v in given.items() if v is not _GIVEN}
+    script = script or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    args.out_dir = args.out_dir or os.path.join("runs", f"{script}-{args.dataset}")
+    if args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
+        args = _resumed_args(args.out_dir, given, script)
+    else:
+        recipe = {"val_size": 0, "model": "mnist-cnn" if args.dataset == "mnist" else "preact18",
+                  **recipes.get("default", {}), **recipes.get(args.dataset, {})}
+        for key in eps_relative if args.epsilon is not None and recipe.get("epsilon") else ():
             if getattr(args, key, None) is None and key in recipe:
                 setattr(args, key, recipe[key] * args.epsilon / recipe["epsilon"])
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.model == "mnist-cnn" and dataset_info(args.dataset, args.data_dir)["shape"][1:] != (28, 28):
-        parser.error("--model mnist-cnn only fits 28x28 images (--dataset mnist)")
-    script = script or os.path.splitext(os.path.basename(sys.argv[0]))[0]
-    args.method = script
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{script}-{args.dataset}")
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        for key, value in recipe.items():
+            setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
+        args.method = script
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.autoattack:
+        try:
+            import autoattack  # noqa: F401  (now, not after hours of training)
+        except ImportError:
+            parser.error("--autoattack needs the official package: pip install git+https://github.com/fra31/auto-attack")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# Run plumbing: seed, log, checkpoints/resume, monitor, results.json, curves.png, weights
-# ----------------------------------------------------------------------------------------------
-
-class NonFiniteLoss(Exception):
-    pass
+def _show(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-# An epoch whose clean predictions on the monitor batch put at least this share into one class is not
-# eligible as "best" (issue: a constant predictor won against catastrophically overfitted models).
-DEGENERATE_SHARE = 0.9
+def _resumed_args(out, given, script):
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "results.json")) as f:
+        if json.load(f).get("final"):
+            print(f"fastat: {out} is a finished run (results.json): nothing to resume. To evaluate it again: python "
+                  f"evaluate.py --weights {out}/model_best.pt", flush=True)
+            raise SystemExit(0)
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", mmap=True, weights_only=False)["args"]
+    if saved["method"] != script:
+        fail(f"{out} holds a {saved['method']}.py run, not a {script}.py one")
+    for key, value in given.items():
+        if key not in FREE_ON_RESUME and value != saved.get(key):
+            fail(f"--{key.replace('_', '-')} {_show(value)}: this run was started with {_show(saved.get(key))}, and a "
+                 f"resumed run keeps its flags; start a new run (another --out-dir) to change it")
+    return argparse.Namespace(**{**saved, "device": None, **{k: given[k] for k in given}, "out_dir": out})
 
 
-def top_class_share(model, x, batch_size=500):
-    """Share of the images that get the most frequent predicted class (clean inputs, eval mode)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return torch.bincount(pred).max().item() / max(len(pred), 1)
-
-
-class Run:
-    """One training run in args.out_dir.
-
-        run = Run(args)
-        run.track(model=model, opt=opt, sched=sched)       # everything a resume must restore
-        for epoch in run.epochs():                          # loads the checkpoint on --resume
-            ...train one epoch...
-            run.end_epoch(epoch, model, data, lr=..., loss=..., acc=...)
-        run.finish(model, data)
-
-    `run.state` is a dict for the method's own values (saved with every checkpoint, restored on
-    resume before the first epoch starts). Objects passed to track() are restored in place:
-    modules, optimisers and schedulers via load_state_dict, tensors (per-sample memories) via copy_.
-    """
-
-    def __init__(self, args):
-        self.args = args
-        self.device = torch.device(args.device)
-        self.cuda = self.device.type == "cuda"
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        random.seed(args.seed)
-        os.makedirs(args.out_dir, exist_ok=True)
-        self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-        if os.path.exists(self.ckpt_path) and not args.resume:
-            raise SystemExit(f"fastat: {args.out_dir} already holds a run (checkpoint.pt); pass --resume to "
-                             f"continue it, or choose another --out-dir")
-        self.log_file = open(os.path.join(args.out_dir, "log.txt"), "a" if args.resume else "w")
-        self.tracked, self.state, self.rows = {}, {}, []
-        self.best = {"score": -float("inf"), "epoch": 0, "weights": None}
-        self.train_time, self.start_epoch, self.stopped = 0.0, 0, False
-        self._columns = None
-
-    # -- helpers the training loops use
-    def autocast(self):
-        """bf16 autocast for training on CUDA; a no-op on the CPU (fp32), unless FASTAT_CPU_BF16=1."""
-        if gpu_path(self.device):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def compile(self, model):
-        return torch.compile(model) if self.args.compile else model
-
-    def print(self, line):
-        print(line, flush=True)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
-
-    def track(self, **objects):
-        """Objects a resume must restore. A tensor (a per-sample memory: GBs for FGSM-MEP) is not serialised
-        into checkpoint.pt: its raw bytes are written in place into NAME.0.bin or NAME.1.bin, in turn (the
-        one that the checkpoint on disk does not name), and checkpoint.pt then names the file. Rewriting a file that already exists is a copy into
-        the page cache, several times cheaper than torch.save of a new file; and the file being rewritten is
-        never the one that the checkpoint.pt on disk names, so an interrupted save leaves the last checkpoint
-        whole. Still, rewriting GBs every epoch can outlast a fast epoch (and a slow disk throttles it): a run
-        that tracks a tensor skips an epoch's checkpoint while its saves so far have cost more than 5% of its
-        training time, and always saves its last epoch. An interruption then resumes from the last save, a
-        few epochs back at worst, and exactly: everything in a checkpoint is of the same epoch."""
-        self.tracked.update(objects)
-        # A tensor on the GPU goes through one host buffer per tensor, allocated here once: a fresh host copy
-        # at every save would page-fault its GBs again each time.
-        self._host_copies = {**getattr(self, "_host_copies", {}),
-                             **{k: torch.empty(v.numel() * v.element_size(), dtype=torch.uint8)
-                                for k, v in objects.items() if torch.is_tensor(v) and v.device.type != "cpu"}}
-
-    # -- checkpoints
-    def _save_checkpoint(self, epochs_done):
-        spent = getattr(self, "_save_seconds", 0.0)  # seconds spent saving since this process started
-        budgeted = any(torch.is_tensor(v) for v in self.tracked.values())  # see track()
-        if budgeted and spent > 0.05 * self.train_time and not (self.stopped or epochs_done >= self.args.epochs):
-            return
-        start = time.time()
-        tracked = {}
-        # The slot that the checkpoint.pt on disk does not name (not the epoch's parity: with skipped epochs
-        # that could be the file the last checkpoint needs).
-        slot = 1 - getattr(self, "_slot", 1)
-        for k, v in self.tracked.items():
-            if not torch.is_tensor(v):
-                tracked[k] = v.state_dict()
-                continue
-            name = f"{k}.{slot}.bin"  # see track(): written before checkpoint.pt names it
-            path = os.path.join(os.path.dirname(self.ckpt_path), name)
-            data = v.detach().contiguous().reshape(-1).view(torch.uint8)
-            if k in self._host_copies:
-                data = self._host_copies[k].copy_(data)
-            with open(path, "r+b" if os.path.exists(path) else "wb") as f:
-                f.write(data.numpy().data)
-                f.truncate()
-            tracked[k] = {"file": name, "dtype": str(v.dtype), "shape": list(v.shape)}
-        ckpt = {
-            "epochs_done": epochs_done, "rows": self.rows, "best": self.best, "train_time": self.train_time,
-            "stopped": self.stopped, "state": self.state, "args": vars(self.args), "tracked": tracked,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.cuda else None},
-        }
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.ckpt_path)  # atomic: an interruption never leaves a half-written checkpoint
-        self._slot = slot
-        self._save_seconds = spent + time.time() - start
-
-    def _load_checkpoint(self):
-        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
-        for k, v in self.tracked.items():
-            saved = ckpt["tracked"][k]
-            if torch.is_tensor(v) and isinstance(saved, dict):  # raw bytes in the side file track() describes
-                raw = np.fromfile(os.path.join(os.path.dirname(self.ckpt_path), saved["file"]), dtype=np.uint8)
-                if saved["dtype"] != str(v.dtype) or len(raw) != v.numel() * v.element_size():
-                    raise SystemExit(f"fastat: {saved['file']} does not hold the {k} of this run")
-                v.copy_(torch.from_numpy(raw).view(v.dtype).view(v.shape))
-                self._slot = int(saved["file"].rsplit(".", 2)[1])  # the next save writes the other slot
-            elif torch.is_tensor(v):  # a checkpoint.pt written before the side files
-                v.copy_(saved)
-            else:
-                v.load_state_dict(ckpt["tracked"][k])
-        self.rows, self.best, self.train_time = ckpt["rows"], ckpt["best"], ckpt["train_time"]
-        if self.best["weights"] is not None:  # map_location moved them to the device; they are kept on the CPU
-            self.best["weights"] = {k: v.cpu() for k, v in self.best["weights"].items()}
-        self.stopped, self.start_epoch = ckpt["stopped"], ckpt["epochs_done"]
-        # Flags that only affect evaluation or where the run happens may change; others change the run.
-        free = {"resume", "device", "out_dir", "data_dir", "eval_samples", "eval_iters", "eval_restarts",
-                "autoattack", "compile"}
-        for key, saved in ckpt.get("args", {}).items():
-            if key not in free and getattr(self.args, key, saved) != saved:
-                self.print(f"# warning: --{key.replace('_', '-')} was {saved} when this run started and is "
-                           f"{getattr(self.args, key)} now; the resumed run is not the run that was started")
-        self.state.clear()
-        self.state.update(ckpt["state"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if self.cuda and rng["cuda"] is not None:
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-
-    # -- the epoch loop
-    def epochs(self):
-        if self.args.resume:
-            if os.path.exists(self.ckpt_path):
-                self._load_checkpoint()
-                self.print(f"# resumed from {self.ckpt_path} after epoch {self.start_epoch}")
-            else:
-                self.print(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
-        else:
-            self.print(f"# python {self.args.method}.py {command_line(self.args)}")
-        for epoch in range(self.start_epoch, self.args.epochs):
-            if self.stopped:
-                break
-            self._sync()
-            self._epoch_start, self._epoch_cpu_start = time.time(), time.process_time()
-            yield epoch
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def end_epoch(self, epoch, model, data, lr, loss, acc, score=None, stop=False, **extra):
-        """Close an epoch: check the loss, run the monitor, keep the best weights, log, checkpoint.
-
-        loss/acc: the epoch's mean training loss and accuracy (on the training inputs the method
-        uses, e.g. x+δ). score: what "best" maximises (default: the monitor's PGD accuracy).
-        stop: the method ends training after this epoch (early stopping). extra: more columns.
-        """
-        self._sync()
-        seconds = time.time() - self._epoch_start
-        # CPU time of this process: on a CPU run it measures the epoch's cost even when other work shares the
-        # machine (wall-clock seconds then grow, CPU seconds hardly). Meaningless on CUDA, where the host waits.
-        cpu_seconds = time.process_time() - self._epoch_cpu_start
-        self.train_time += seconds
-        if not math.isfinite(loss):
-            self.print(f"# epoch {epoch + 1}: training loss is {loss}; stopping. The last checkpoint in "
-                       f"{self.ckpt_path} is intact (lower the learning rate or step size and --resume).")
-            raise NonFiniteLoss()
-        x, y = data.monitor
-        eps = self.args.epsilon / 255
-        monitor = pgd_accuracy(model, x, y, eps, eps / 4, 10, batch_size=len(y))
-        top_share = top_class_share(model, x)
-        row = {"epoch": epoch + 1, "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": lr, "loss": loss, "acc": acc, "pgd_monitor": monitor,
-               **extra}
-        self.rows.append(row)
-        score = monitor if score is None else score
-        if top_share >= DEGENERATE_SHARE:
-            # A model that predicts one class can beat a catastrophically overfitted one on robust accuracy
-            # (it is "robust" on that class's images): never call it the best.
-            self.print(f"# epoch {epoch + 1}: {100 * top_share:.0f}% of the monitor images get one class; "
-                       f"not eligible as the best model")
-        elif score > self.best["score"]:
-            self.best = {"score": score, "epoch": epoch + 1,
-                         "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        self._log_row(row)
-        self.stopped = stop
-        self._save_checkpoint(epoch + 1)
-        if os.environ.get("FASTAT_INTERRUPT_AFTER_EPOCH") == str(epoch + 1):
-            # Test hook: behave like a Ctrl-C arriving right after this epoch's checkpoint.
-            raise KeyboardInterrupt
-
-    def _log_row(self, row):
-        if self._columns is None:
-            self._columns = list(row)
-            self.print("  ".join(f"{c:>10}" for c in self._columns))
-        cells = []
-        for c in self._columns:
-            v = row.get(c)
-            if isinstance(v, bool) or isinstance(v, int):
-                cells.append(f"{v:>10d}")
-            elif isinstance(v, float) and (c in ("acc", "pgd_monitor") or c.endswith("_acc")):
-                cells.append(f"{100 * v:>9.2f}%")
-            elif isinstance(v, float):
-                cells.append(f"{v:>10.4g}" if c not in ("seconds", "cpu_seconds") else f"{v:>10.1f}")
-            else:
-                cells.append(f"{str(v):>10}")
-        self.print("  ".join(cells))
-
-    # -- the end of a run
-    def finish(self, model, data):
-        """Evaluate the last and the best model (SPEC §0), write results.json, curves.png, weights."""
-        args, out = self.args, self.args.out_dir
-        pick = eval_subset(len(data.test_y), args.eval_samples).to(data.test_y.device)
-        n = len(pick)
-        x, y = data.test_x[pick], data.test_y[pick]
-        eps, step = args.epsilon / 255, eval_step(args.dataset)
-        last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        best = self.best["weights"] or last
-        best_epoch = self.best["epoch"] or len(self.rows)
-        if self.best["weights"] is None and self.rows:
-            self.print("# no epoch was eligible as the best model (all predicted one class); best = last")
-        final = {}
-        for name, weights, epoch in (("last", last, len(self.rows)), ("best", best, best_epoch)):
-            if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
-                final["best"] = final["last"]  # the best weights are the last ones: same numbers
-                continue
-            model.load_state_dict(weights)
-            torch.manual_seed(args.seed)  # the evaluation's random starts do not depend on training
-            self.print(f"# evaluating the {name} model (epoch {epoch}) on {n} test images")
-            final[name] = evaluate(model, x, y, eps, step, args.eval_iters, args.eval_restarts,
-                                   autoattack=args.autoattack, num_classes=data.num_classes)
-        model.load_state_dict(last)
-        for name in ("last", "best"):
-            self.print(f"# {name:4} model: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items()
-                                                          if v is not None))
-        torch.save(last, os.path.join(out, "model_last.pt"))
-        torch.save(best, os.path.join(out, "model_best.pt"))
-        results = {"method": args.method, "args": vars(args), "epochs": self.rows, "train_time": self.train_time,
-                   "best_epoch": self.best["epoch"], "stopped_early": self.stopped and len(self.rows) < args.epochs,
-                   "train_images": len(data.train.labels), "step_flops": data.train.step_flops,
-                   "eval_samples": n, "final": final,
-                   "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
-                   "precision": "bf16 autocast, channels_last" if gpu_path(self.device) else "fp32",
-                   "torch": torch.__version__}
-        tmp = os.path.join(out, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, os.path.join(out, "results.json"))
-        plot_curves(self.rows, os.path.join(out, "curves.png"), title=f"{args.method} on {args.dataset}")
-        self.print(f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, model_last.pt, "
-                   f"model_best.pt")
-        self.log_file.close()
-        return results
+def label_smoothing(true_prob, num_classes):
+    """PyTorch's label_smoothing s for the soft labels of the SDI/PGI/LAS-AT authors' code (true class f, every other
+    (1 − f)/(C − 1)): 1 − s + s/C = f, so s = (1 − f)·C/(C − 1). f outside [1/C, 1] is refused (s would exceed 1)."""
+    if true_prob is None:
+        return 0.0
+    if not 1 / num_classes <= true_prob <= 1:
+        fail(f"--label-smoothing {true_prob}: the true class's probability must lie between 1/C = "
+             f"{1 / num_classes:.4g} (this dataset has {num_classes} classes) and 1")
+    return (1 - true_prob) * num_classes / (num_classes - 1)
 
 
 def command_line(args):
     """The flags of a parsed run as a command line that reproduces it (recipe values made explicit)."""
     words = []
     for key, value in vars(args).items():
-        flag = "--" + key.replace("_", "-")
-        if key == "method" or value is None or value is False:
-            continue
-        if value is True:
-            words.append(flag)
-        elif isinstance(value, (list, tuple)):
-            words += [flag, *map(str, value)]
-        else:
-            words += [flag, str(value)]
+        if key not in ("method", "resume") and value is not None and value is not False:
+            words += [f"--{key.replace('_', '-')}"] + ([] if value is True else _show(value).split(" "))
     return " ".join(words)
+
+# ---- A training run: its folder, the per-epoch table, checkpoints, the final evaluation
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class InputGradOnly(nn.Module):
+    """The attacks' view of a model: model(x) with its parameters' requires_grad off during the forward pass, so
+    that a backward through it computes input gradients only. Eager autograd would skip the weight gradients anyway;
+    a torch.compile'd backward computes every gradient its graph was traced with (bench/RESULTS.md measures it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.model(x)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+class Run:
+    """One training run in args.out_dir: log.txt (the table, also on stdout), checkpoint.pt after every epoch, and
+    at the end model_last.pt, model_best.pt, results.json and curves.png. `columns`: the method's own columns, after
+    epoch, seconds (training), cpu_s (the process's CPU time), monitor_s, lr, loss, acc, pgd_monitor."""
+
+    # An epoch whose clean predictions put this share of the monitor images into one class is never "best": a
+    # constant predictor can beat a catastrophically overfitted model on robust accuracy.
+    DEGENERATE_SHARE = 0.9
+
+    def __init__(self, args, data, columns=()):
+        self.args, self.data, self.device = args, data, torch.device(args.device)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
+        if args.precision == "auto" and self.device.type == "cuda":
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        self.amp = amp  # the autocast dtype of training (None: fp32), as the method cores take it
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
+        self.columns = ["epoch", "seconds", "cpu_s", "monitor_s", "lr", "loss", "acc", "pgd_monitor", *columns]
+        torch.backends.cudnn.benchmark = True  # the shapes of a step are fixed: let cuDNN time its kernels once
+        self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+        resumed = args.resume and os.path.exists(self.ckpt_path)
+        if os.path.exists(self.ckpt_path) and not args.resume:
+            fail(f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another "
+                 f"--out-dir")
+        os.makedirs(args.out_dir, exist_ok=True)
+        _LOG[:] = [open(os.path.join(args.out_dir, "log.txt"), "a" if resumed else "w")]
+        self.rows, self.best, self.best_weights = [], {"score": -math.inf, "epoch": 0}, None
+        self.train_time = self.save_seconds = 0.0
+        self.stopped = False
+        if not resumed:
+            log(f"# python {args.method}.py {command_line(args)}")
+            if self.device.type == "cpu" and args.model in ("preact18", "wrn-34-10", "wrn-28-10"):
+                log(f"# training {args.model} on the CPU is slow: see the ETA of the progress lines; a small --model "
+                    f"such as wrn-16-2 is many times faster")
+            log("  ".join(f"{c:>10}" for c in self.columns))
+
+    def autocast(self):
+        """The autocast of the training passes (a no-op in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def models(self, model):
+        """(attack_model, train_model), both torch.compile'd with --compile and sharing `model`'s parameters: the
+        network the attacks run on (input gradients only: InputGradOnly) and the one the weight step runs through."""
+        fast = torch.compile(model) if self.args.compile else model
+        return InputGradOnly(fast), fast
+
+    def trainable(self, net):
+        """A method's own network (SDI's generator, LAS-AT's strategy network) as its training passes run it:
+        torch.compile'd with --compile."""
+        return torch.compile(net) if self.args.compile else net
+
+    def resume(self, checkpoint):
+        """Restore every object of `checkpoint` from checkpoint.pt (modules, optimisers and schedulers with
+        load_state_dict, tensors with copy_, dicts with update) and the run's own state (table, best model, RNG
+        states); returns the epoch to continue from."""
+        if not os.path.exists(self.ckpt_path):
+            log(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
+            return 0
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        for key, obj in checkpoint.items():
+            saved = ckpt["objects"][key]
+            if torch.is_tensor(obj):
+                obj.copy_(saved)
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(saved)
+            else:
+                obj.load_state_dict(saved)
+        self.rows, self.best, self.train_time, self.stopped = ckpt["rows"], ckpt["best"], ckpt["train_time"], \
+            ckpt["stopped"]
+        if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16's loss scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["best_weights"] is not None:  # kept on the CPU (map_location moved them)
+            self.best_weights = {k: v.cpu() for k, v in ckpt["best_weights"].items()}
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and self.device.type == "cuda":  # this run's own device only
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        done = ckpt["epoch"]
+        with open(os.path.join(self.args.out_dir, "log.txt")) as f:
+            logged = max([int(w[0]) for w in map(str.split, f) if w and w[0].isdigit()], default=0)
+        log(f"# resumed from {self.ckpt_path} after epoch {done}" + (
+            f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded" if logged > done else ""))
+        log("  ".join(f"{c:>10}" for c in self.columns))
+        return self.args.epochs if self.stopped else done
+
+    def start_epoch(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._start, self._cpu = time.time(), time.process_time()
+
+    def end_epoch(self, epoch, model, checkpoint, lr, loss, acc, score=None, stop=False, save=True, **extra):
+        """Close an epoch: check the loss, run the monitor, keep the best weights, log the row, write the checkpoint.
+
+        loss, acc: the epoch's mean training loss and accuracy (on the inputs the method trains on). score: what
+        "best" maximises (default: the monitor's PGD accuracy). stop: the method ends training after this epoch.
+        save: write checkpoint.pt (the last epoch and a stop always are). extra: the method's own columns."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu = time.time() - self._start, time.process_time() - self._cpu
+        self.train_time += seconds
+        if not math.isfinite(loss):
+            log(f"# epoch {epoch + 1}: the training loss is {loss}; stopping. The checkpoint of epoch {epoch} is intact, "
+                f"but a resumed run would repeat this epoch: start a new run with a lower --lr or step size")
+            raise NonFiniteLoss()
+        start, (x, y), eps = time.time(), self.data.monitor, self.args.epsilon / 255
+        monitor = pgd_correct(model, x, y, eps, eps / 4, 10, batch_size=self.args.batch_size).float().mean().item()
+        with torch.no_grad(), eval_mode(model):
+            top_share = torch.bincount(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+                                       ).max().item() / len(x)
+        row = {"epoch": epoch + 1, "seconds": seconds, "cpu_s": cpu, "monitor_s": time.time() - start, "lr": lr,
+               "loss": loss, "acc": acc, "pgd_monitor": monitor, **extra}
+        self.rows.append(row)
+        score = monitor if score is None else score
+        if top_share >= self.DEGENERATE_SHARE:
+            log(f"# epoch {epoch + 1}: {100 * top_share:.0f}% of the monitor images get one class; not eligible as "
+                f"the best model")
+        elif score > self.best["score"]:
+            self.best = {"score": score, "epoch": epoch + 1}
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        log("  ".join(_cell(c, row.get(c)) for c in self.columns))
+        self.stopped = stop
+        if save or stop or epoch + 1 == self.args.epochs:
+            start = time.time()
+            _atomic_save({"epoch": epoch + 1, "rows": self.rows, "best": self.best, "best_weights": self.best_weights,
+                          "train_time": self.train_time, "stopped": stop, "args": vars(self.args),
+                          "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                          "objects": {k: v if torch.is_tensor(v) or isinstance(v, dict) else v.state_dict()
+                                      for k, v in checkpoint.items()},
+                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                  "python": random.getstate(), "cuda": torch.cuda.get_rng_state(self.device)
+                                  if self.device.type == "cuda" else None}}, self.ckpt_path)
+            self.save_seconds += time.time() - start
+
+    def finish(self, model):
+        """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the best model
+        on the fixed test subset (evaluate()'s protocol), and write results.json and curves.png."""
+        args, out, data, eps = self.args, self.args.out_dir, self.data, self.args.epsilon / 255
+        last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.best_weights is None and self.rows:
+            log("# no epoch was eligible as the best model (all predicted one class); best = last")
+        best = self.best_weights or last
+        _atomic_save(last, os.path.join(out, "model_last.pt"))
+        _atomic_save(best, os.path.join(out, "model_best.pt"))
+        results = {
+            "method": args.method, "args": vars(args), "epochs": self.rows, "train_time": self.train_time,
+            "best_epoch": self.best["epoch"] or len(self.rows), "stopped_early": len(self.rows) < args.epochs,
+            "train_images": len(data.train.labels),
+            "data": {"classes": data.num_classes, "shape": list(data.shape), "mean": data.mean, "std": data.std},
+            "eval": {"images": len(data.test_y), "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step "
+                     f"{255 * eval_step(eps, args.eval_iters, args.dataset):.4g}/255", "cw_iters": args.eval_cw_iters,
+                     "autoattack": args.autoattack},
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "precision": str(self.amp or torch.float32).replace("torch.", ""), "torch": torch.__version__,
+            "final": None}  # written now too: evaluate.py can load the weights even if this evaluation fails
+        _write_json(results, os.path.join(out, "results.json"))
+        final = {}
+        for name, weights, epoch in (("last", last, len(self.rows)), ("best", best, results["best_epoch"])):
+            if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
+                final[name] = final["last"]  # the best weights are the last ones: the same numbers
+                continue
+            model.load_state_dict(weights)
+            torch.manual_seed(args.seed)  # the evaluation's random starts do not depend on training
+            log(f"# evaluating the {name} model (epoch {epoch}) on {len(data.test_y)} test images")
+            final[name] = evaluate(model, data.test_x, data.test_y, eps, args.eval_iters, args.eval_restarts,
+                                   args.eval_cw_iters, args.autoattack, data.num_classes, dataset=args.dataset,
+                                   progress=args.progress_every)
+            log(f"# {name} model: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items()))
+        model.load_state_dict(last)
+        _write_json({**results, "final": final}, os.path.join(out, "results.json"))
+        plot_curves(self.rows, os.path.join(out, "curves.png"), f"{args.method} on {args.dataset}")
+        log(f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, model_last.pt, model_best.pt")
+        _LOG.pop().close()
+        return results
+
+
+def _cell(column, v):
+    if isinstance(v, float) and (column in ("acc", "pgd_monitor") or column.endswith("_acc")):
+        return f"{100 * v:>9.2f}%"
+    if isinstance(v, float):
+        return f"{v:>10.1f}" if column in ("seconds", "cpu_s", "monitor_s") else f"{v:>10.4g}"
+    return f"{str(v):>10}"
+
+
+def _atomic_save(obj, path):
+    """torch.save that never leaves a half-written file: a temporary file, flushed to the disk (fsync), renamed over
+    the old one, and the rename made durable (fsync of the folder)."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)
+    os.close(folder)
+
+
+def _write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main_guard(main):
@@ -1117,32 +877,24 @@ def main_guard(main):
     try:
         main()
     except KeyboardInterrupt:
-        print("fastat: interrupted; the last checkpoint (after every epoch; fgsm_mep.py may skip some to bound "
-              "its cost) is intact: rerun with --resume", file=sys.stderr)
+        print("fastat: interrupted; the last checkpoint is intact: continue with --resume --out-dir RUN", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss:
         sys.exit(3)
 
 
 def plot_curves(rows, path, title=""):
-    """One small panel per numeric column of the per-epoch rows."""
+    """One small panel per numeric column of the per-epoch rows (a column may be None in some epochs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    # a column may be None in some epochs (e.g. LAS-AT's reward when no strategy update happened)
-    keys = [k for k in (rows[0] if rows else {}) if k != "epoch" and any(number(r.get(k)) for r in rows)
-            and all(number(r.get(k)) or r.get(k) is None for r in rows)]
-    cols = 3
-    nrows = max(1, math.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
-    epochs = [r["epoch"] for r in rows]
+    keys = [k for k in (rows[0] if rows else {}) if k != "epoch" and any(_numeric(r.get(k)) for r in rows)
+            and all(_numeric(r.get(k)) or r.get(k) is None for r in rows)]
+    fig, axes = plt.subplots(max(1, -(-len(keys) // 3)), 3, figsize=(12, 2.8 * max(1, -(-len(keys) // 3))),
+                             squeeze=False)
     for ax, k in zip(axes.flat, keys):
-        points = [(e, r[k]) for e, r in zip(epochs, rows) if r.get(k) is not None]
-        ax.plot(*zip(*points), marker="o", ms=3)
-        ax.set_title(k)
-        ax.set_xlabel("epoch")
+        ax.plot(*zip(*[(r["epoch"], r[k]) for r in rows if r.get(k) is not None]), marker="o", ms=3)
+        ax.set(title=k, xlabel="epoch")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(title)
@@ -1151,63 +903,5 @@ def plot_curves(rows, path, title=""):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# python common.py eval: evaluate saved weights without training
-# ----------------------------------------------------------------------------------------------
-
-def eval_main(argv=None):
-    p = argparse.ArgumentParser(prog="common.py eval", description="Evaluate saved weights (SPEC §0 protocol). "
-                                "Dataset, model, ε and data dir default to those in results.json beside the weights.")
-    p.add_argument("--weights", required=True, help="a model_last.pt / model_best.pt state dict")
-    p.add_argument("--dataset", choices=DATASET_NAMES)
-    p.add_argument("--model", type=model_name)
-    p.add_argument("--data-dir")
-    p.add_argument("--epsilon", type=nonneg_float, help="/255 units")
-    p.add_argument("--eval-samples", type=pos_int, default=None,
-                   help="N test images, the fixed random subset that training runs use (default: all)")
-    p.add_argument("--pgd-iters", type=pos_int, default=50)
-    p.add_argument("--restarts", type=pos_int, default=10)
-    p.add_argument("--step", type=pos_float, default=None, help="/255 units (default 2; MNIST 0.01·255)")
-    p.add_argument("--cw-iters", type=nonneg_int, default=20)
-    p.add_argument("--autoattack", action="store_true")
-    p.add_argument("--batch-size", type=pos_int, default=500)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the numbers to this JSON file")
-    args = p.parse_args(argv)
-    if not os.path.exists(args.weights):
-        p.error(f"--weights {args.weights}: no such file")
-    saved = {}
-    results_path = os.path.join(os.path.dirname(args.weights), "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            saved = json.load(f)["args"]
-    for key in ("dataset", "model", "data_dir", "epsilon"):
-        if getattr(args, key) is None:
-            if key not in saved:
-                p.error(f"--{key.replace('_', '-')} is needed (no results.json beside the weights)")
-            setattr(args, key, saved[key])
-    model = make_model(args.model, args.dataset, args.data_dir).to(args.device)
-    model.load_state_dict(torch.load(args.weights, map_location=args.device))
-    x, y = load_split(args.dataset, args.data_dir, train=False)
-    pick = eval_subset(len(y), args.eval_samples).numpy()
-    n = len(pick)
-    x, y = torch.from_numpy(x[pick]).to(args.device), torch.from_numpy(y[pick]).to(args.device)
-    torch.manual_seed(args.seed)
-    step = args.step / 255 if args.step else eval_step(args.dataset)
-    res = evaluate(model, x, y, args.epsilon / 255, step, args.pgd_iters, args.restarts, args.cw_iters,
-                   args.autoattack, dataset_info(args.dataset, args.data_dir)["classes"], args.batch_size)
-    print(f"{args.weights} on {n} {args.dataset} test images, eps {args.epsilon}/255:")
-    for k, v in res.items():
-        if v is not None:
-            print(f"  {k:>12}  {100 * v:6.2f}%")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": res}, f, indent=1)
-    return res
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "eval":
-        raise SystemExit("usage: python common.py eval --weights PATH [options]  (see python common.py eval -h)")
-    eval_main(sys.argv[2:])
+def _numeric(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

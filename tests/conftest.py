@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.svhn
 
@@ -115,6 +116,22 @@ def write_tiny_imagenet(root, per_class=4, n_val=8, num_classes=200, gray_every=
     return colours, val_labels
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """In-process runs use one thread: two test workers share the two cores, and sums run in one fixed order."""
+    torch.set_num_threads(1)
+
+
+def copy_of(function):
+    """`function` defined again from its source in a namespace that holds only torch (as torch, nn and F): the proof
+    that a method's core copies into another project without this repository."""
+    import inspect
+    import textwrap
+    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
+    exec(textwrap.dedent(inspect.getsource(function)), namespace)
+    return namespace[function.__name__]
+
+
 @pytest.fixture
 def no_checksum(monkeypatch):
     """torchvision checks the official md5 of CIFAR/SVHN files; test-made files cannot match it."""
@@ -141,7 +158,7 @@ def small_args(data_dir, out_dir, epochs=2, **extra):
     """Flags for a CPU smoke run of any method script on the tiny CIFAR-10: a small WRN, short eval."""
     args = ["--dataset", "cifar10", "--data-dir", data_dir, "--model", "wrn-10-1", "--epochs", str(epochs),
             "--batch-size", "32", "--eval-samples", "32", "--eval-iters", "3", "--eval-restarts", "1",
-            "--monitor-size", "32", "--device", "cpu", "--out-dir", out_dir]
+            "--eval-cw-iters", "3", "--monitor-size", "32", "--device", "cpu", "--out-dir", out_dir]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return args
@@ -168,7 +185,7 @@ def load_results(out_dir):
 def comparable(results):
     """What must be identical between an uninterrupted and a resumed run: every per-epoch figure
     except the timings, the best epoch, and the final evaluation."""
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in results["epochs"]]
+    rows = [{k: v for k, v in r.items() if k not in ("seconds", "cpu_s", "monitor_s")} for r in results["epochs"]]
     return rows, results["best_epoch"], results["final"]
 
 
@@ -179,7 +196,7 @@ def check_outputs(out_dir, epochs):
     res = load_results(out_dir)
     assert [r["epoch"] for r in res["epochs"]] == list(range(1, epochs + 1))
     for which in ("last", "best"):
-        for key in ("clean", "pgd3_1", "cw20"):
+        for key in ("clean", "pgd3_1", "cw3", "worst_case"):
             assert 0.0 <= res["final"][which][key] <= 1.0
     with open(os.path.join(out_dir, "log.txt")) as f:
         log = f.read()
@@ -193,7 +210,7 @@ def check_resume(script, data_dir, tmp_path, epochs=2, **extra):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_script(script, small_args(data_dir, full, epochs, **extra))
     proc = run_script(script, small_args(data_dir, part, epochs, **extra),
-                      env={"FASTAT_INTERRUPT_AFTER_EPOCH": "1"}, expect=130)
+                      env={"FASTAT_TEST_INTERRUPT_AFTER_EPOCH": "1"}, expect=130)
     assert "--resume" in proc.stderr
     assert not os.path.exists(os.path.join(part, "results.json"))
     run_script(script, small_args(data_dir, part, epochs, resume=True, **extra))
