@@ -1,23 +1,26 @@
 """FGSM with a sample-dependent learnable initialisation (FGSM-SDI).
 
-Jia, Zhang, Wu, Wang, Cao, "Boosting fast adversarial training with learnable adversarial
-initialization", IEEE TIP 2022, arXiv:2110.05007. Authors' code: github.com/jiaxiaojunQAQ/FGSM-SDI.
+Jia, Zhang, Wu, Wang, Cao, "Boosting fast adversarial training with learnable adversarial initialization", IEEE TIP
+2022, arXiv:2110.05007. Authors' code: github.com/jiaxiaojunQAQ/FGSM-SDI (FGSM_SDI.py, FGSM_SDI_loss.py,
+attacker.py).
 
     python fgsm_sdi.py                                  # CIFAR-10 recipe: PreActResNet18, 110 epochs
-    python fgsm_sdi.py --lr-schedule cyclic --epochs 30 # the cyclic-lr variant of Table VI (epochs: our choice)
+    python fgsm_sdi.py --lr-schedule cyclic --epochs 30 # the paper's cyclic-lr variant (the epoch count: our choice)
     python fgsm_sdi.py --dataset mnist --data-dir DIR   # MNIST: Wong's CNN and MNIST recipe (our choice)
 
-Paper (ResNet18, CIFAR-10, best epoch): 84.86% clean, 53.73% PGD-10, 52.18% PGD-50, 51.00% C&W,
-48.50% AutoAttack, 83 min (FGSM-RS: 51 min in the same table). CIFAR-100: 60.67 / 31.5 / 30.6 /
-27.15 / 25.23 (AA), 99 min. Measured here: see README.md (only numbers from commands shown there).
+Paper (ResNet18, CIFAR-10, best epoch): 84.86% clean, 53.73% PGD-10, 52.18% PGD-50, 51.00% C&W, 48.50% AutoAttack,
+83 min (FGSM-RS: 51 min in the same table). CIFAR-100: 60.67 / 31.5 / 30.6 / 27.15 / 25.23 (AA), 99 min.
+Measured here: see README.md (only numbers from commands shown there).
 
-Algorithm 3 (slides, papers/003), per iteration i of an epoch (SPEC §2):
-    s_x = sign(∇_x L(f(x), y))                                    line 3, eq. (5)
-    if i mod k == 0: θ ← θ + ∇_θ L(f(x + δ_g(θ)), y)             lines 4-8 (generator maximises)
-    η_g = ε·g(x, s_x; θ)                                          line 9, eq. (6)
-    δ_g = Π_[−ε,ε](η_g + α·sign(∇_x L(f(x + η_g), y)))            line 10, eq. (7)
-          (the code caps the step at ε first: Π_[−ε,ε](α·sign(...)); we follow it, see fgsm_from)
-    w ← w − ∇_w L(f(x + δ_g), y)                                  line 11
+The FGSM-SDI algorithm (arXiv:2110.05007; the equation numbers (5)-(7) are UNVERIFIED against the paper's PDF; code:
+FGSM_SDI.py and FGSM_SDI_loss.py), per iteration i of an epoch (DECISIONS.md, 'SDI step cap' and 'SDI generator'):
+    s_x = sign(∇_x L(f(x), y))                                   signed clean gradient, eq. (5)
+    if i mod k == 0: θ ← θ + ∇_θ L(f(x + δ_g(θ)), y)            the generator update (it maximises the loss)
+    η_g = ε·g(x, s_x; θ)                                         generated initialisation, eq. (6)
+    δ_g = Π_[−ε,ε](η_g + α·sign(∇_x L(f(x + η_g), y)))           perturbation, eq. (7)
+          (the code caps the step at ε first: Π_[−ε,ε](α·sign(...)); we follow it)
+    w ← w − ∇_w L(f(x + δ_g), y)                                 the target's weight step
+Copyable pieces: Generator (g), generator_step (the generator update), fgsm_sdi_delta (s_x, η_g, δ_g).
 """
 import torch
 import torch.nn as nn
@@ -30,47 +33,43 @@ RECIPES = {
     # with the target's weight decay.
     "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=8, weight_decay=5e-4, optimizer="sgd",
                     lr_schedule="multistep"),
-    # Not in the paper (our choice): Wong's MNIST recipe, as fgsm_rs.py uses it (ε = 0.3, α = 0.375 by
-    # SPEC §0, Adam, 10 epochs), except that the lr triangle peaks at the middle (Wong: at 2/5).
+    # Not in the paper (our choice): Wong et al.'s MNIST recipe as fgsm_rs.py uses it (ε = 0.3, α = 0.375 as in
+    # Wong's MNIST/train_mnist.py, Adam, 10 epochs; DECISIONS.md, 'Our MNIST recipes'), except that the lr
+    # triangle peaks at the middle (Wong: at 2/5).
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
                   optimizer="adam", lr_schedule="cyclic"),
 }
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_flag="--lr", lr_help="initial learning rate (multistep) or peak (cyclic)")
+    p = common.base_parser(
+        __doc__, lr_help="initial learning rate (multistep) or peak (cyclic)",
+        label_smoothing="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
+                        "the rest spread evenly, on the final loss of the generator's and the target's update. The "
+                        "code's default was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today "
+                        "(since August 2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)")
     p.add_argument("--gen-interval", type=common.pos_int, default=20,
-                   help="k of Alg. 3: the generator is updated on iterations 0, k, 2k, ... of every epoch")
+                   help="k, the generator-update interval of FGSM-SDI (the code's --att_num): the generator is "
+                        "updated on iterations 0, k, 2k, ... of every epoch")
     p.add_argument("--gen-lr", type=common.pos_float, default=1e-3, help="generator Adam learning rate")
     p.add_argument("--lr-schedule", choices=["multistep", "cyclic"], default=None,
                    help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-                        "cyclic: one triangle 0 → lr → 0 over the run (Table VI)")
+                        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="target model optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
     p.add_argument("--weight-decay", type=common.nonneg_float, default=None,
                    help="L2 weight decay of the target's and the generator's optimiser (one value for both, as in "
-                        "the code); default 5e-4 (MNIST 0)")
-    p.add_argument("--label-smoothing", type=common.pos_float, default=None, metavar="TRUE_PROB",
-                   help="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class "
-                        "and the rest spread evenly, on the generator's and the target's loss. The code's default "
-                        "was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today (since August "
-                        "2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)")
-    args = common.parse_args(p, RECIPES, argv, script="fgsm_sdi")
-    if args.label_smoothing is not None:
-        # Below 1/C the true class would get less than the others: PyTorch's label_smoothing (see main) would
-        # exceed 1 and fail once the data has loaded. Checked here, with the flag's own error.
-        classes = common.dataset_info(args.dataset, args.data_dir)["classes"]
-        if not 1 / classes <= args.label_smoothing <= 1:
-            p.error(f"--label-smoothing {args.label_smoothing}: the true class's probability must lie between "
-                    f"1/C = {1 / classes:.4g} ({args.dataset}: {classes} classes) and 1")
-    return args
+                        "the code)")
+    return common.parse_args(p, RECIPES, argv, script="fgsm_sdi")
 
 
 class Generator(nn.Module):
-    """The lightweight initialisation generator g(x, s_x; θ) of Fig. 3, as in the authors' attacker.py:
+    """The lightweight initialisation generator g(x, s_x; θ), as in the authors' attacker.py (One_Layer_Attacker):
     conv3×3 (no bias) → BN → ReLU → one pre-activation residual block → BN → conv3×3 → tanh.
-    Returns values in [−1, 1]; the caller scales by ε (eq. 6). Fully convolutional, so any image size fits.
-    (The code's unused `scale_last` parameter is left out: it never reaches the output.)"""
+
+    Takes images N×C×H×W in [0, 1] and the signed gradient s_x (same shape); returns N×C×H×W in [−1, 1], which the
+    caller scales by ε (eq. (6)). Fully convolutional: any image size fits. The code's unused `scale_last`
+    parameter is left out (it never reaches the output). Copyable: torch and nn only."""
 
     def __init__(self, channels):
         super().__init__()
@@ -88,121 +87,172 @@ class Generator(nn.Module):
         return torch.tanh(self.head(h + self.block(h)))
 
 
-def signed_input_grad(model, x, y, autocast):
-    """eq. (5): s_x = sign(∇_x L(f(x), y)) on the clean image (plain CE, as in the code)."""
-    x = x.clone().requires_grad_(True)
-    with autocast():
-        loss = F.cross_entropy(model(x), y)
-    grad, = torch.autograd.grad(loss, x)
-    return grad.sign()
+def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, smoothing=0.0):
+    """FGSM-SDI's generator update (arXiv:2110.05007; the code's adv_FGSM_loss with for_attacker=1): one step of
+    gen_opt that *ascends* L(f(x + δ_g(θ)), y) in the generator's parameters θ, with δ_g built as in
+    fgsm_sdi_delta (eqs. (5)-(7)). θ gets its gradient through η_g only: the FGSM direction of eq. (7) is taken at a
+    detached copy of x + η_g, a constant for θ (sign() has no useful gradient anyway).
 
-
-def sdi_init(generator, x, signed_grad, eps):
-    """eq. (6): η_g = ε·g(x, s_x; θ), then x+η_g clamped to [0, 1] (the code does not clamp; SPEC §0)."""
-    eta = eps * generator(x, signed_grad)
-    return (x + eta).clamp(0, 1) - x
-
-
-def fgsm_from(model, x, y, eta, eps, alpha, autocast):
-    """eq. (7): δ_g = Π_[−ε,ε](η_g + Π_[−ε,ε](α·sign(∇_x L(f(x+η_g), y)))), x+δ_g clamped to [0, 1].
-
-    The inner Π is the authors' code (it clamps the FGSM step to ±ε before adding it to η_g); eq. (7) has
-    no such cap. Both agree for α ≤ ε (the CIFAR recipe, α = ε); for α > ε (the MNIST recipe, α = 1.25ε)
-    the cap keeps the step at ε, so from η_g < 0 a positive step stops at η_g + ε instead of reaching ε.
-    We follow the code (SPEC §0: the code decides where the paper is silent on such details).
-
-    The FGSM direction is computed at a detached copy of x+η_g, so it is a constant for θ: δ_g
-    depends on θ only through η_g (sign() has no useful gradient anyway). δ_g keeps η_g's graph."""
-    x_init = (x + eta).detach().requires_grad_(True)
-    with autocast():
-        loss = F.cross_entropy(model(x_init), y)
-    grad, = torch.autograd.grad(loss, x_init)
-    step = (alpha * grad.sign()).clamp(-eps, eps)  # the code's cap: a step of min(α, ε)
-    delta = (eta + step).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1) - x
-
-
-def generator_step(model, generator, gen_opt, x, y, signed_grad, eps, alpha, autocast, smoothing=0.0):
-    """Alg. 3 lines 5-7: one gradient-ascent step of θ on L(f(x + δ_g(θ)), y). Returns that loss.
-
-    backward(inputs=θ) computes gradients for the generator only: the target's gradients from this
-    pass are never formed, so nothing of it can leak into the target's next step. The target stays
-    in whatever mode the caller set (train in main(), as in the code: its BN statistics see this pass)."""
+    model: the target network; takes images in [0, 1] and returns logits (normalisation inside). It runs in the
+        mode it is in (train in main(), as in the code: its BN statistics see these passes) and its weights get no
+        gradient: backward(inputs=θ) never forms them, so nothing of this pass leaks into the target's step.
+    generator: a Generator; put in train mode for the update (the code's attacker.train()) and handed back in the
+        mode it was found in. gen_opt: its optimiser (Adam, lr 1e-3 in the code).
+    x: images N×C×H×W in [0, 1] (checked: RuntimeError otherwise); y: labels N, int64.
+    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
+    autocast: None (fp32, default) or the torch.autocast dtype (torch.bfloat16 / torch.float16). Under float16 the
+        losses are multiplied by 2^10 before each backward so that no gradient underflows; the input gradients are
+        only used through their sign, and θ's gradients are divided back before the step.
+    smoothing: PyTorch's label_smoothing of the final loss (the code's soft labels; 0: hard labels).
+    Returns (L, s_x): the loss before the step (detached scalar) and s_x = sign(∇_x L(f(x), y)) (N×C×H×W), which
+    fgsm_sdi_delta can reuse in the same iteration (the code computes it once per iteration)."""
+    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    scale = 1024.0 if autocast == torch.float16 else 1.0
+    was_training = generator.training
     generator.train()
-    with autocast():
-        eta = sdi_init(generator, x, signed_grad, eps)
-    delta = fgsm_from(model, x, y, eta, eps, alpha, autocast)
-    with autocast():
-        loss = F.cross_entropy(model(x + delta), y, label_smoothing=smoothing)
-    gen_opt.zero_grad(set_to_none=True)
-    (-loss).backward(inputs=list(generator.parameters()))  # maximise: line 7 has θ ← θ + ∇_θ L
-    gen_opt.step()
-    generator.eval()
-    return loss.detach()
+    try:
+        # s_x, eq. (5): plain CE on the clean image (as the code; smoothing is for the final loss only).
+        x_clean = x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss_clean = F.cross_entropy(model(x_clean), y)
+        grad, = torch.autograd.grad(loss_clean * scale, x_clean)
+        signed_grad = grad.sign()
+        # η_g, eq. (6), keeping its graph to θ; x + η_g clamped to [0, 1] (the code does not; DECISIONS.md,
+        # 'Pixel range').
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            eta = eps * generator(x, signed_grad)
+        eta = (x + eta).clamp(0, 1) - x
+        # δ_g, eq. (7), the FGSM step capped at ε as in the code (DECISIONS.md, 'SDI step cap'); its direction is a
+        # constant for θ.
+        x_init = (x + eta).detach().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss_init = F.cross_entropy(model(x_init), y)
+        grad, = torch.autograd.grad(loss_init * scale, x_init)
+        delta = (eta + (alpha * grad.sign()).clamp(-eps, eps)).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = F.cross_entropy(model(x + delta), y, label_smoothing=smoothing)
+        params = [p for p in generator.parameters() if p.requires_grad]
+        gen_opt.zero_grad(set_to_none=True)
+        (-loss * scale).backward(inputs=params)  # ascent: θ ← θ + ∇_θ L
+        if scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(scale)
+        gen_opt.step()
+    finally:
+        generator.train(was_training)
+    return loss.detach(), signed_grad
+
+
+def fgsm_sdi_delta(model, generator, x, y, eps, alpha, autocast=None, signed_grad=None):
+    """FGSM-SDI's perturbation δ_g (arXiv:2110.05007, eqs. (5)-(7); code: FGSM_SDI_loss.py): the FGSM step from the
+    generated, sample-dependent initialisation η_g = ε·g(x, s_x), with the step capped at ε before it is added to η_g
+    as in the authors' code (the paper's formula has no cap; both agree for α ≤ ε: DECISIONS.md, 'SDI step cap').
+
+    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it runs in the
+        mode it is in (train mode in the code, so BatchNorm sees these passes), and only input gradients are taken.
+    generator: a module (x, s_x) → N×C×H×W in [−1, 1] (Generator); run without gradients, in the mode it is in
+        (eval mode for the target's step, as in the code).
+    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
+    autocast: None (fp32, default) or the torch.autocast dtype of the forward passes (torch.bfloat16 or
+        torch.float16; under float16 each loss is multiplied by 2^10 before its input gradient so that the gradient
+        does not underflow: its sign, all that is used, is unchanged).
+    signed_grad: s_x of eq. (5) if it was computed already this iteration (generator_step returns it); None
+        computes it here.
+    Returns δ_g, detached, N×C×H×W: |δ_g| ≤ ε and x + δ_g in [0, 1]."""
+    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    scale = 1024.0 if autocast == torch.float16 else 1.0
+    if signed_grad is None:
+        # s_x, eq. (5): the signed gradient of the plain CE at the clean image.
+        x_clean = x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss_clean = F.cross_entropy(model(x_clean), y)
+        grad, = torch.autograd.grad(loss_clean * scale, x_clean)
+        signed_grad = grad.sign()
+    # η_g, eq. (6): no graph to θ is needed for the target's step. x + η_g clamped to [0, 1] (the code does not;
+    # DECISIONS.md, 'Pixel range').
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        eta = eps * generator(x, signed_grad)
+    eta = (x + eta).clamp(0, 1) - x
+    # δ_g, eq. (7): one FGSM step from x + η_g, capped at ε before it is added (the code), projected.
+    x_init = (x + eta).requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        loss_init = F.cross_entropy(model(x_init), y)
+    grad, = torch.autograd.grad(loss_init * scale, x_init)
+    delta = (eta + (alpha * grad.sign()).clamp(-eps, eps)).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1) - x
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = common.Run(args)
-    data = common.get_data(args, run.device, args.val_size)
-    model = common.get_model(args, run.device)
-    train_model = run.compile(model)
-    generator = Generator(common.dataset_info(args.dataset, args.data_dir)["shape"][0]).to(run.device).eval()
+    data = common.get_data(args)
+    # The code's soft labels (true class TRUE_PROB, the others (1 − TRUE_PROB)/(C − 1)) as PyTorch's label_smoothing.
+    smoothing = common.label_smoothing(args.label_smoothing, data.num_classes)
+    model = common.get_model(args, data)
+    run = common.Run(args, data, columns=["gen_loss"])
+    attack_model, train_model = run.models(model)
+    generator = Generator(data.shape[0]).to(args.device).eval()  # eval mode except while it is updated
+    if common.channels_last(args):
+        generator = generator.to(memory_format=torch.channels_last)
+    gen_net = run.trainable(generator)
     eps, alpha = args.epsilon / 255, args.alpha / 255
-    # The code's LabelSmoothLoss (true class f, others (1−f)/(C−1)) is PyTorch's label_smoothing s with
-    # 1 − s + s/C = f, i.e. s = (1−f)·C/(C−1).
-    c = data.num_classes
-    smoothing = 0.0 if args.label_smoothing is None else (1 - args.label_smoothing) * c / (c - 1)
 
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(data.train)
+    steps = args.epochs * len(data.train)  # the batches actually yielded
     if args.lr_schedule == "multistep":
-        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs
-        # scales the milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step
-        # count, so the code's float milestones never fire unless they happen to be whole numbers.
+        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
+        # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
+        # float milestones fire only when they happen to be whole numbers.
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1)
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).
         sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2,
                                                   step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
-    # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its
-    # milestones (counted in target iterations) are never reached: a constant lr is the same thing.
-    # The code gives the generator's Adam the target's --weight-decay (5e-4 in the CIFAR recipe), not a constant.
+    # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its milestones
+    # (counted in target iterations) are never reached: a constant lr is the same thing. The generator's Adam gets
+    # the target's --weight-decay (5e-4 in the CIFAR recipe), as in the code.
     gen_opt = torch.optim.Adam(generator.parameters(), lr=args.gen_lr, weight_decay=args.weight_decay)
-    run.track(model=model, opt=opt, sched=sched, generator=generator, gen_opt=gen_opt)
+    checkpoint = dict(model=model, opt=opt, sched=sched, generator=generator, gen_opt=gen_opt)
+    start = run.resume(checkpoint) if args.resume else 0
 
-    for epoch in run.epochs():
+    for epoch in range(start, args.epochs):
+        run.start_epoch()
         model.train()
         total_loss = total_correct = total_n = gen_loss = 0
         gen_steps = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
-            signed_grad = signed_input_grad(train_model, x, y, run.autocast)  # line 3: extra clean fwd/bwd
-            if i % args.gen_interval == 0:  # lines 4-8: i counts batches within the epoch, as in the code
-                gen_loss += generator_step(train_model, generator, gen_opt, x, y, signed_grad, eps, alpha,
-                                           run.autocast, smoothing)
+            signed_grad = None
+            if i % args.gen_interval == 0:
+                # The generator update on iterations 0, k, 2k, ... of the epoch (the code's batch_idx % att_num),
+                # before this iteration's δ_g. Its passes need input gradients only (attack_model); it hands back
+                # s_x, which δ_g reuses: one clean pass per iteration, as in the code.
+                loss_g, signed_grad = generator_step(attack_model, gen_net, gen_opt, x, y, eps, alpha, run.amp,
+                                                     smoothing)
+                gen_loss += loss_g
                 gen_steps += 1
-            # Lines 9-10 with the generator in eval mode; no graph to θ is needed for the target's step.
-            with torch.no_grad(), run.autocast():
-                eta = sdi_init(generator, x, signed_grad, eps)
-            delta = fgsm_from(train_model, x, y, eta, eps, alpha, run.autocast)
-            # Line 11: weight step on the loss at x+δ_g (δ_g holds no graph: η_g came from no_grad).
+            # s_x, η_g, δ_g (eqs. (5)-(7)), the generator in eval mode, the target in train mode (as the code).
+            delta = fgsm_sdi_delta(attack_model, gen_net, x, y, eps, alpha, run.amp, signed_grad)
+            # The target's weight step on the loss at x + δ_g.
             with run.autocast():
                 out = train_model(x + delta)
                 loss = F.cross_entropy(out, y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            run.scaler.scale(loss).backward()
+            run.scaler.step(opt)
+            run.scaler.update()
             sched.step()  # per iteration
             total_loss += loss.detach() * len(y)
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
 
-        run.end_epoch(epoch, model, data, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
+        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
                       acc=(total_correct / total_n).item(), gen_loss=(gen_loss / gen_steps).item())
-    run.finish(model, data)
+    run.finish(model)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,25 @@
-"""fgsm_mep.py: memories, FGSM step, regulariser, momentum forms, and the script end to end with resume."""
-import contextlib
+"""fgsm_mep.py: its copyable core and memory update, the momentum forms, --compile, checkpoints of the memories, and
+the script end to end with resume."""
 import os
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
 import fgsm_mep
-from conftest import check_outputs, check_resume, small_args, write_cifar
+from conftest import (check_outputs, check_resume, comparable, copy_of, load_results, small_args, write_cifar,
+                      write_mnist)
 
 EPS, ALPHA = 8 / 255, 8 / 255
-nullcast = contextlib.nullcontext
 
 
-def saved_memories(out_dir):
-    """The memories of the checkpoint in out_dir, read from the side files that checkpoint.pt names."""
-    tracked = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)["tracked"]
-    out = {}
-    for name in ("delta_memory", "momentum_memory"):
-        if name in tracked:
-            ref = tracked[name]
-            raw = np.fromfile(os.path.join(out_dir, ref["file"]), dtype=np.uint8)
-            out[name] = torch.from_numpy(raw).view(getattr(torch, ref["dtype"].split(".")[1])).view(ref["shape"])
-    return out
-
-
-def tiny_model():
+def tiny_model(mode="train"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    return net.train(mode == "train")
 
 
 def memories(rows=20):
@@ -38,192 +27,290 @@ def memories(rows=20):
     return torch.empty(rows, 3, 4, 4).uniform_(-EPS, EPS), torch.randn(rows, 3, 4, 4) * 1e-3
 
 
+def a_batch(n=5):
+    x = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    x[0], x[1] = 0.0, 1.0  # pixels at the ends of the range
+    return x, torch.arange(n)
+
+
+@pytest.mark.parametrize("lam", [10.0, 0.0])
+def test_the_core_copies_and_equals_lines_12_14_16_written_out(lam):
+    mep_loss = copy_of(fgsm_mep.mep_loss)  # defined again with torch alone
+    model, (x, y) = tiny_model(), a_batch()
+    delta_pgi = (x + memories()[0][:5]).clamp(0, 1) - x
+    loss, logits, delta_adv, grad = mep_loss(model, x, y, delta_pgi, EPS, ALPHA, lam)
+    assert model.training and all(p.grad is None for p in model.parameters())  # its mode; input gradients only
+    assert delta_adv.abs().max() <= EPS + 1e-7 and (x + delta_adv).min() >= 0 and (x + delta_adv).max() <= 1
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    # written out, on a copy of the model in the same state (BN statistics included)
+    ref = tiny_model()
+    d = delta_pgi.clone().requires_grad_(True)
+    logits_pgi = ref(x + d)
+    g, = torch.autograd.grad(F.cross_entropy(logits_pgi, y), d, retain_graph=True)            # line 12
+    adv = (x + (delta_pgi + ALPHA * g.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x             # line 14
+    out = ref(x + adv)
+    expected = F.cross_entropy(out, y) + lam * ((out - logits_pgi) ** 2).mean()              # line 16
+    expected.backward()
+    torch.testing.assert_close(grad, g)
+    torch.testing.assert_close(delta_adv, adv)
+    torch.testing.assert_close(logits, out)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(got, [p.grad for p in ref.parameters()]):  # gradients through both forward passes
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the FGSM step raises the loss over the prior
+        assert F.cross_entropy(ref.eval()(x + delta_adv), y) > F.cross_entropy(ref(x + delta_pgi), y)
+
+
+def test_the_regulariser_reaches_the_weights_through_the_priors_forward_too():
+    model, (x, y) = tiny_model(), a_batch()
+    delta_pgi = torch.zeros_like(x)
+    frozen = tiny_model()  # adv_model: a second module, so that only the prior's pass can reach model's weights
+    loss, *_ = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0, adv_model=frozen)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_core_refuses_normalised_images():
+    x = (torch.rand(4, 3, 4, 4) - 0.5) / 0.25
+    with pytest.raises(RuntimeError, match=r"\[0, 1\]"):
+        fgsm_mep.mep_loss(tiny_model(), x, torch.arange(4), torch.zeros_like(x), EPS, ALPHA, 10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_core_under_autocast_gives_the_fp32_step_and_momentum(dtype):
+    model, (x, y) = tiny_model("eval"), a_batch(8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    delta_pgi = torch.zeros_like(x)
+    _, _, adv32, grad32 = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0)
+    # an eval-mode model stays in eval mode, its BN statistics untouched (main() runs it in train mode, as the code)
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    loss, _, adv, grad = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0, autocast=dtype)
+    assert loss.dtype == torch.float32 and (adv == adv32).float().mean() > 0.9  # the same signs, up to rounding
+    # under float16 grad is 2^10 ∇ (the loss scale): the momentum's ∇/‖∇‖₁ does not see it
+    scale = 1024 if dtype == torch.float16 else 1
+    assert (grad.abs().sum() / grad32.abs().sum()).item() == pytest.approx(scale, rel=0.05)
+    torch.testing.assert_close(grad / grad.abs().sum(), grad32 / grad32.abs().sum(), rtol=0.1, atol=1e-4)
+
+
 @pytest.mark.parametrize("prior", ["epoch", "momentum"])
-def test_a_batch_changes_only_its_own_memory_rows_and_stays_in_range(prior):
+def test_the_memory_update_copies_changes_only_its_rows_and_stays_in_range(prior):
+    update_memory = copy_of(fgsm_mep.update_memory)
     model = tiny_model()
     delta_memory, momentum_memory = memories()
     idx = torch.tensor([2, 5, 7, 11, 19])
-    x = torch.rand(5, 3, 4, 4)
-    x[0], x[1] = 0.0, 1.0  # pixels at the ends of the range
-    y = torch.arange(5)
+    x, y = a_batch()
     delta_before, momentum_before = delta_memory.clone(), momentum_memory.clone()
     delta_pgi = (x + delta_memory[idx]).clamp(0, 1) - x
-    delta_adv, grad, _ = fgsm_mep.fgsm_from_prior(model, x, y, delta_pgi, EPS, ALPHA, nullcast)
-    fgsm_mep.store_prior(prior, delta_memory, momentum_memory, idx, x, delta_pgi, delta_adv, grad, EPS, ALPHA,
-                         0.3, "norm")
+    _, _, delta_adv, grad = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0)
+    update_memory(delta_memory, momentum_memory if prior == "momentum" else None, idx, x, delta_pgi, delta_adv, grad,
+                  EPS, ALPHA, 0.3)
     others = torch.ones(20, dtype=torch.bool)
     others[idx] = False
     assert torch.equal(delta_memory[others], delta_before[others])
-    assert not torch.equal(delta_memory[idx], delta_before[idx])
     assert torch.equal(momentum_memory[others], momentum_before[others])
     assert torch.equal(momentum_memory[idx], momentum_before[idx]) == (prior == "epoch")
-    for delta in (delta_adv, delta_memory[idx]):
-        assert delta.abs().max() <= EPS + 1e-7 and (x + delta).min() >= 0 and (x + delta).max() <= 1
-    # δ_adv is the FGSM step from the prior: where no clamp binds, it moved by exactly α·sign(∇)
-    free = (delta_pgi + ALPHA * grad.sign()).abs() < EPS - 1e-6
-    free &= ((x + delta_pgi + ALPHA * grad.sign()) > 0) & ((x + delta_pgi + ALPHA * grad.sign()) < 1)
-    assert free.any()
-    torch.testing.assert_close((delta_adv - delta_pgi)[free], (ALPHA * grad.sign())[free])
+    assert delta_memory[idx].abs().max() <= EPS + 1e-7
+    assert (x + delta_memory[idx]).min() >= 0 and (x + delta_memory[idx]).max() <= 1
+    if prior == "epoch":  # EP: the next prior is δ_adv itself
+        assert torch.equal(delta_memory[idx], delta_adv)
+    else:  # lines 13, 15 written out, with the code's ∇/‖∇‖₁ over the whole batch
+        momentum = 0.3 * momentum_before[idx] + grad / grad.abs().sum()
+        torch.testing.assert_close(momentum_memory[idx], momentum)
+        expected = (x + (delta_pgi + ALPHA * momentum.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x
+        torch.testing.assert_close(delta_memory[idx], expected)
 
 
-def test_batch_prior_hands_delta_adv_to_the_next_batch():
-    model = tiny_model()
+def test_the_batch_prior_hands_delta_adv_to_the_next_batch():
     slot = torch.empty(8, 3, 4, 4).uniform_(-EPS, EPS)
-    x, y = torch.rand(5, 3, 4, 4), torch.arange(5)  # a smaller last batch uses the first 5 slots
+    x, y = a_batch()  # a smaller last batch uses the first 5 slots
     before = slot.clone()
     delta_pgi = (x + slot[:5]).clamp(0, 1) - x
-    delta_adv, grad, _ = fgsm_mep.fgsm_from_prior(model, x, y, delta_pgi, EPS, ALPHA, nullcast)
-    fgsm_mep.store_prior("batch", slot, None, slice(0, 5), x, delta_pgi, delta_adv, grad, EPS, ALPHA, 0.3, "norm")
+    _, _, delta_adv, grad = fgsm_mep.mep_loss(tiny_model(), x, y, delta_pgi, EPS, ALPHA, 10.0)
+    fgsm_mep.update_memory(slot, None, slice(0, 5), x, delta_pgi, delta_adv, grad, EPS, ALPHA, None)
     assert torch.equal(slot[:5], delta_adv) and torch.equal(slot[5:], before[5:])
 
 
-def test_regulariser_is_lambda_times_mean_squared_logit_difference():
-    logits_adv = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
-    logits_pgi = torch.tensor([[0.0, 0.0], [1.0, 1.0]], requires_grad=True)
-    reg = fgsm_mep.pgi_regulariser(logits_adv, logits_pgi, 10.0)
-    assert reg.item() == pytest.approx(10 * (1 + 4 + 4 + 9) / 4)  # 45
-    reg.backward()
-    # gradients reach both passes: d/da = 2λ(a − b)/4, d/db its negative
-    torch.testing.assert_close(logits_adv.grad, 5.0 * (logits_adv - logits_pgi).detach())
-    torch.testing.assert_close(logits_pgi.grad, -logits_adv.grad)
-
-
-def test_the_prior_forward_keeps_its_graph_for_the_weight_step():
-    model = tiny_model()
-    x, y = torch.rand(5, 3, 4, 4), torch.arange(5)
-    delta_pgi = torch.empty_like(x).uniform_(-EPS, EPS)
-    delta_adv, _, logits_pgi = fgsm_mep.fgsm_from_prior(model, x, y, delta_pgi, EPS, ALPHA, nullcast)
-    assert all(p.grad is None for p in model.parameters())  # the attack computed ∇δ only
-    # the regulariser's gradient through f(x+δ_pgi) alone (f(x+δ_adv) held fixed) reaches the weights
-    reg = fgsm_mep.pgi_regulariser(model(x + delta_adv).detach(), logits_pgi, 10.0)
-    grads = torch.autograd.grad(reg, list(model.parameters()))
-    assert all(g.abs().sum() > 0 for g in grads)
-
-
-def test_norm_form_uses_one_l1_norm_over_the_whole_batch():
+def test_the_norm_form_uses_one_l1_norm_over_the_whole_batch():
     grad = torch.stack([torch.full((3, 4, 4), -1.0), torch.full((3, 4, 4), 10.0)])
-    direction = fgsm_mep.momentum_direction(grad, "norm")
-    assert direction.abs().sum().item() == pytest.approx(1.0)
+    x = torch.full((2, 3, 4, 4), 0.5)
+    delta, momentum = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    fgsm_mep.update_memory(delta, momentum, torch.arange(2), x, delta[:2].clone(), delta[:2].clone(), grad, EPS,
+                           ALPHA, 0.3, "norm")
+    assert momentum.abs().sum().item() == pytest.approx(1.0)
     # per-sample scale survives (a per-sample norm would make both samples weigh the same)
-    torch.testing.assert_close(direction[1] / direction[0], torch.full((3, 4, 4), -10.0))
-    assert torch.equal(fgsm_mep.momentum_direction(grad, "sign"), grad.sign())
+    torch.testing.assert_close(momentum[1] / momentum[0], torch.full((3, 4, 4), -10.0))
 
 
 def run_momentum_steps(form, steps=4):
-    """A few batches on the same samples with hand-made gradients that flip sign after the first: the
-    history should outvote the current gradient in the code's norm form, never in the slides' sign form."""
+    """A few batches on the same samples with hand-made gradients that flip sign after the first: the history should
+    outvote the current gradient in the code's norm form, never in the box's sign form (DECISIONS.md, 'MEP
+    momentum form')."""
     delta_memory, momentum_memory = memories(6)
     momentum_memory.zero_()
     x, idx = torch.rand(6, 3, 4, 4) * 0.5 + 0.25, torch.arange(6)
     outcomes = []
     for t in range(steps):
         delta_pgi = (x + delta_memory[idx]).clamp(0, 1) - x
-        # A strong gradient, then weak opposite ones; one big entry makes the later batches' ∇/‖∇‖₁
-        # small everywhere else (a real batch's L1 norm differs from batch to batch too).
+        # A strong gradient, then weak opposite ones; one big entry makes the later batches' ∇/‖∇‖₁ small
+        # everywhere else (a real batch's L1 norm differs from batch to batch too).
         grad = torch.full_like(x, 1.0 if t == 0 else -1e-3)
         grad[0, 0, 0, 0] = 1.0 if t == 0 else -100.0
         delta_adv = (x + (delta_pgi + ALPHA * grad.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x  # line 14
-        fgsm_mep.store_prior("momentum", delta_memory, momentum_memory, idx, x, delta_pgi, delta_adv, grad,
-                             EPS, ALPHA, 0.3, form)
+        fgsm_mep.update_memory(delta_memory, momentum_memory, idx, x, delta_pgi, delta_adv, grad, EPS, ALPHA, 0.3,
+                               form)
         outcomes.append(torch.equal(delta_memory, delta_adv))
     return outcomes
 
 
 def test_sign_momentum_reduces_mep_to_ep_and_the_default_does_not():
-    # sign form: the stored prior is always δ_adv, i.e. FGSM-EP (the degeneracy the docstring explains)
-    assert all(run_momentum_steps("sign"))
-    # norm form: after the flip, the remembered direction wins and the stored prior is not δ_adv
-    outcomes = run_momentum_steps("norm")
+    assert all(run_momentum_steps("sign"))  # the stored prior is always δ_adv, i.e. FGSM-EP
+    outcomes = run_momentum_steps("norm")  # after the flip, the remembered direction wins
     assert outcomes[0] and not all(outcomes[1:])
 
 
-# BP keeps one batch slot (batch size 32); EP and MEP one row per training image of the split
-# (tiny CIFAR-100 here: 120, tiny MNIST: 200), whatever the dataset's image shape.
+def test_momentum_flags_are_refused_without_a_momentum_memory(capsys):
+    for argv in (["--prior", "epoch", "--mu", "0.5"], ["--prior", "batch", "--momentum-form", "sign"]):
+        with pytest.raises(SystemExit) as err:
+            fgsm_mep.get_args(argv)
+        assert err.value.code == 2 and "--prior momentum" in capsys.readouterr().err
+    args = fgsm_mep.get_args([])
+    assert (args.mu, args.momentum_form) == (0.3, "norm")
+    assert fgsm_mep.get_args(["--prior", "epoch"]).mu is None
+
+
+def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(cifar_dir, tmp_path, capsys, no_checksum):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        fgsm_mep.main(small_args(cifar_dir, str(out), label_smoothing=0.05))  # 1/C = 0.1
+    assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+
+
+# BP keeps one batch slot (batch size 32); EP and MEP one row per training image of the split (tiny CIFAR-100 here:
+# 120, tiny MNIST: 200), whatever the dataset's image shape. MEP on MNIST also resets its memories every epoch.
 @pytest.mark.parametrize("prior,dataset,rows,shape", [("batch", "cifar10", 32, (3, 32, 32)),
                                                       ("epoch", "cifar100", 120, (3, 32, 32)),
                                                       ("momentum", "mnist", 200, (1, 28, 28))])
-def test_each_prior_runs_and_memories_fit_the_dataset(prior, dataset, rows, shape, cifar_dir, mnist_dir, tmp_path,
-                                                      no_checksum):
+def test_each_prior_runs_and_its_memories_fit_the_dataset(prior, dataset, rows, shape, cifar_dir, mnist_dir,
+                                                          tmp_path, no_checksum, monkeypatch):
     data_dir = {"cifar10": cifar_dir, "mnist": mnist_dir}.get(dataset)
     if dataset == "cifar100":
         data_dir = str(tmp_path / "c100")
         write_cifar(data_dir, n_train=120, n_test=32, num_classes=100)
-    extra = dict(dataset=dataset, prior=prior)
-    if dataset == "mnist":
-        extra["model"] = "mnist-cnn"
+    extra = dict(dataset=dataset, prior=prior, epochs=1)
+    if dataset == "mnist":  # --reset-every 1: at every epoch's start, random ±min(α, ε) and zero momentum
+        extra.update(model="mnist-cnn", epochs=2, reset_every=1)
+        calls, real = [], fgsm_mep.update_memory
+
+        def spy(delta_memory, momentum_memory, *args):
+            calls.append((delta_memory.clone(), momentum_memory.clone()))
+            return real(delta_memory, momentum_memory, *args)
+        monkeypatch.setattr(fgsm_mep, "update_memory", spy)
     out = str(tmp_path / "run")
-    fgsm_mep.main(small_args(data_dir, out, epochs=1, **extra))  # in-process: the subprocess path is tested below
-    res = check_outputs(out, epochs=1)
+    fgsm_mep.main(small_args(data_dir, out, **extra))
+    res = check_outputs(out, epochs=extra["epochs"])
     assert res["args"]["prior"] == prior and "reg" in res["epochs"][0]
-    saved = saved_memories(out)
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]
     assert tuple(saved["delta_memory"].shape) == (rows,) + shape
     assert ("momentum_memory" in saved) == (prior == "momentum")
     assert saved["delta_memory"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
+    if dataset == "mnist":
+        step = min(res["args"]["alpha"], res["args"]["epsilon"]) / 255
+        for delta_memory, momentum_memory in (calls[0], calls[len(calls) // 2]):  # each epoch's first batch
+            assert torch.allclose(delta_memory.abs(), torch.tensor(step)) and not momentum_memory.any()
 
 
-def test_label_smoothing_below_one_over_c_is_a_usage_error(capsys):
-    for argv in (["--label-smoothing", "0.09"], ["--label-smoothing", "1.5"],
-                 ["--dataset", "cifar100", "--label-smoothing", "0.009"]):
-        with pytest.raises(SystemExit) as err:
-            fgsm_mep.get_args(argv)
-        assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err
-    assert fgsm_mep.get_args(["--label-smoothing", "0.1"]).label_smoothing == 0.1          # 1/C: uniform labels
-    assert fgsm_mep.get_args(["--dataset", "cifar100", "--label-smoothing", "0.05"]).label_smoothing == 0.05
+def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tmp_path):
+    """129 images in batches of 128: the loader drops the lone 129th, so an epoch is one step, and the milestones
+    (100/110 and 105/110 of all steps) must be planned for that: lr × 0.01 at the end."""
+    write_mnist(str(tmp_path / "d"), n_train=129, n_test=8)  # MNIST's CNN: the cheapest network
+    out = str(tmp_path / "run")
+    fgsm_mep.main(small_args(str(tmp_path / "d"), out, epochs=2, dataset="mnist", model="mnist-cnn", batch_size=128,
+                             lr_schedule="multistep", lr=0.1, monitor_size=8, eval_samples=8, eval_iters=1,
+                             eval_cw_iters=0))
+    lrs = [r["lr"] for r in load_results(out)["epochs"]]
+    assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.1 * 0.01)
 
 
-def test_memories_live_beside_a_small_checkpoint_and_an_interrupted_save_keeps_the_last_one(tmp_path):
-    args = SimpleNamespace(method="test", out_dir=str(tmp_path), resume=False, seed=0, device="cpu", epsilon=8,
-                           epochs=5)
-    memory = torch.rand(1000, 3, 8, 8)                               # 768 kB
-    run = common.Run(args)
-    run.track(model=nn.Linear(2, 2), memory=memory)
-    run.train_time = 1e6  # saving is cheap next to the training: every epoch is saved
-    run._save_checkpoint(1)
-    memory.mul_(2)
-    epoch_2 = memory.clone()
-    run._save_checkpoint(2)
-    # checkpoint.pt is small: it names the memory's file and holds no copy of it
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    # the two saves went to the two files in turn: epoch 2's is memory.1.bin
-    assert ckpt["tracked"]["memory"] == {"file": "memory.1.bin", "dtype": "torch.float32", "shape": [1000, 3, 8, 8]}
-    assert os.path.getsize(tmp_path / "checkpoint.pt") < memory.numel() * 4 / 10
-    assert os.path.getsize(tmp_path / "memory.1.bin") == memory.numel() * 4
-    # epoch 3's save dies half-way through its file (memory.0.bin): checkpoint.pt still names epoch 2's
-    with open(tmp_path / "memory.0.bin", "r+b") as f:
-        f.write(b"\xff" * 1000)
-        f.truncate(5000)
-    memory.zero_()
-    resumed = common.Run(SimpleNamespace(**{**vars(args), "resume": True}))
-    resumed.track(model=nn.Linear(2, 2), memory=memory)
-    resumed._load_checkpoint()
-    assert resumed.start_epoch == 2 and torch.equal(memory, epoch_2)
+def test_compile_gives_the_eager_gradients(tmp_path, monkeypatch):
+    """--compile: the prior's forward keeps its graph for the regulariser's second backward, which a compiled module
+    cannot run, so it runs on the eager model; the weight step's gradients equal eager's. One step of a tiny CNN
+    (33 images, batch 32); inductor's first compile on a CPU takes about a minute, a warm cache about 10 s."""
+    write_mnist(str(tmp_path / "d"), n_train=33, n_test=2)
+    grads, models = {}, {}
+    real = fgsm_mep.mep_loss
+
+    def spy(model, *args, adv_model=None, **kwargs):
+        models.setdefault(key, (model, adv_model))
+        return real(model, *args, adv_model=adv_model, **kwargs)
+    monkeypatch.setattr(fgsm_mep, "mep_loss", spy)
+
+    def first_gradients(opt, *_):
+        grads.setdefault(key, [p.grad.clone() for g in opt.param_groups for p in g["params"]])
+    handle = register_optimizer_step_pre_hook(first_gradients)
+    try:
+        for key in ("eager", "compile"):
+            fgsm_mep.main(small_args(str(tmp_path / "d"), str(tmp_path / key), epochs=1, dataset="mnist",
+                                     model="mnist-cnn", batch_size=32, monitor_size=2, eval_samples=2, eval_iters=1,
+                                     eval_cw_iters=0, **({"compile": True} if key == "compile" else {})))
+    finally:
+        handle.remove()
+    prior_model, adv_model = models["compile"]
+    assert not isinstance(prior_model, (torch._dynamo.eval_frame.OptimizedModule, common.InputGradOnly))
+    assert isinstance(adv_model, torch._dynamo.eval_frame.OptimizedModule)  # the weight step's pass is compiled
+    assert all(p.requires_grad for p in prior_model.parameters())  # the regulariser reaches them through it
+    for a, b in zip(grads["eager"], grads["compile"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_saving_memories_is_held_to_five_percent_of_the_training_time(tmp_path):
-    args = SimpleNamespace(method="test", out_dir=str(tmp_path), resume=False, seed=0, device="cpu", epsilon=8,
-                           epochs=5)
+def mnist_run(data_dir, out, **extra):
+    return small_args(data_dir, out, epochs=3, dataset="mnist", model="mnist-cnn", batch_size=50, eval_iters=1,
+                      eval_cw_iters=0, **extra)
 
-    def epochs_done():
-        return torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epochs_done"]
 
-    run = common.Run(args)
-    run.track(model=nn.Linear(2, 2), memory=torch.zeros(10))
-    run._save_checkpoint(1)
-    run._save_seconds, run.train_time = 1.0, 10.0    # saves have cost 10% of the training so far: skip
-    run._save_checkpoint(2)
-    assert epochs_done() == 1
-    run.train_time = 30.0                             # 3.3%: save
-    run._save_checkpoint(3)
-    assert epochs_done() == 3
-    run._save_seconds, run.train_time = 100.0, 30.0
-    run._save_checkpoint(5)                           # the last epoch is always saved
-    assert epochs_done() == 5
-    # a run without per-sample memories saves every epoch, whatever its saves cost
-    plain = common.Run(SimpleNamespace(**{**vars(args), "out_dir": str(tmp_path / "plain")}))
-    plain.track(model=nn.Linear(2, 2))
-    plain._save_seconds, plain.train_time = 100.0, 1.0
-    plain._save_checkpoint(2)
-    assert torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["epochs_done"] == 2
+def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mnist_dir, tmp_path, monkeypatch):
+    """Saving the memories is held to 5% of the training time: when the saves have cost more, MEP's loop passes
+    save=False, checkpoint.pt stays at the previous epoch, and an interrupted run resumes from there, exactly (with
+    the memories of that epoch)."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    fgsm_mep.main(mnist_run(mnist_dir, full))
+    saves, start_epoch, end_epoch = [], common.Run.start_epoch, common.Run.end_epoch
+
+    def costly_saves(run):  # from epoch 2 on, the saves so far seem to have cost 100 s
+        start_epoch(run)
+        if len(saves) >= 1:
+            run.save_seconds = 100.0
+
+    def end_then_interrupt(run, epoch, *args, **kwargs):
+        saves.append(kwargs["save"])
+        end_epoch(run, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common.Run, "start_epoch", costly_saves)
+    monkeypatch.setattr(common.Run, "end_epoch", end_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fgsm_mep.main(mnist_run(mnist_dir, part))
+    assert saves == [True, False]
+    ckpt = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)
+    assert ckpt["epoch"] == 1  # epoch 2 was not saved: the checkpoint of epoch 1 is intact
+    monkeypatch.undo()
+    restored, real = [], fgsm_mep.update_memory
+
+    def first_memories(delta_memory, momentum_memory, *args):
+        if not restored:
+            restored.append((delta_memory.clone(), momentum_memory.clone()))
+        return real(delta_memory, momentum_memory, *args)
+    monkeypatch.setattr(fgsm_mep, "update_memory", first_memories)
+    fgsm_mep.main(mnist_run(mnist_dir, part, resume=True))
+    # the memories are those of epoch 1's checkpoint, exactly, when epoch 2 starts again
+    assert torch.equal(restored[0][0], ckpt["objects"]["delta_memory"])
+    assert torch.equal(restored[0][1], ckpt["objects"]["momentum_memory"])
+    assert comparable(load_results(full)) == comparable(load_results(part))
+    with open(os.path.join(part, "log.txt")) as f:
+        assert "the rows of epochs 2-2 above were not checkpointed: discarded" in f.read()
+    final = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["objects"] for d in (full, part)]
+    for name in ("delta_memory", "momentum_memory"):
+        assert torch.equal(final[0][name], final[1][name]), name
 
 
 def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
@@ -231,9 +318,8 @@ def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
     check_outputs(str(tmp_path / "full"), epochs=2)
     assert a["method"] == "fgsm_mep" and a["args"]["prior"] == "momentum" and a["args"]["lam"] == 10
     assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(1e-3)  # both milestones passed
-    full, part = (saved_memories(os.path.join(tmp_path, d)) for d in ("full", "part"))
+    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]
+                  for d in ("full", "part"))
     for name in ("delta_memory", "momentum_memory"):
         assert full[name].shape[0] == 256 and torch.equal(full[name], part[name]), name
     assert full["momentum_memory"].abs().sum() > 0
-    # checkpoint.pt holds no memory: it is smaller than one of them
-    assert os.path.getsize(os.path.join(tmp_path, "full", "checkpoint.pt")) < full["delta_memory"].numel() * 4
