@@ -1,142 +1,152 @@
 """Adversarial training with a learnable attack strategy (LAS-AT, LAS-PGD-AT).
 
-Jia, Zhang, Wu, Ma, Wang, Cao, "LAS-AT: adversarial training with learnable attack strategy", CVPR 2022
-(oral), arXiv:2203.06616. Authors' code: github.com/jiaxiaojunQAQ/LAS-AT (LAS_PGD_AT/).
+Jia, Zhang, Wu, Ma, Wang, Cao, "LAS-AT: adversarial training with learnable attack strategy", CVPR 2022 (oral),
+arXiv:2203.06616. Authors' code: github.com/jiaxiaojunQAQ/LAS-AT (LAS_PGD_AT/LAS_AT_train_cifar10.py).
 
     python las_at.py                                    # CIFAR-10 recipe: PreActResNet18, 110 epochs, k = 20
-    python las_at.py --model wrn-34-10                  # the paper's WRN34-10 target (Table 2)
+    python las_at.py --model wrn-34-10                  # the paper's WRN34-10 target (strategy: still preact18)
     python las_at.py --dataset cifar100                 # iterations ∈ {3..12}, strategy SGD with momentum
     python las_at.py --dataset tiny-imagenet --data-dir DIR   # code's Tiny ImageNet script: k = 1, clip 10, 2×2 grid
-    python las_at.py --strategy-every 40                # k = 40, the slides' headline row
-    python las_at.py --reward loss                      # the slides' L1 + α·L2 + β·L3 instead of the code's
+    python las_at.py --strategy-every 40                # k = 40, the headline row of the paper's ablation on k
+    python las_at.py --reward loss                      # the paper's L1 + α·L2 + β·L3 instead of the code's
     python las_at.py --dataset mnist --data-dir DIR     # MNIST: Wong's CNN and MNIST recipe (our choice)
 
-Paper (slides' Table 1, CIFAR-10, ResNet18), by k: the default k = 20 gives 82.00% clean / 53.53% PGD-10 in
-418 min, 1.60× the 261 min of PGD-10 AT (82.56 / 53.15); the headline k = 40 (`--strategy-every 40`) gives
-82.3 / 54.29 / 49.89% AutoAttack in 365 min; k = 1 gives 82.88 / 53.71 in 1378 min. WRN34-10: 86.23
-clean / 57.64 PGD-10 / 56.12 PGD-50 / 55.73 C&W / 53.58 AA. Tiny ImageNet (PreActResNet18, Table 4): 44.86
-clean / 22.16 PGD-50 / 18.54 C&W / 16.74 AA. Measured here: see README.md (only numbers from commands shown
-there).
+Paper (arXiv:2203.06616; the paper's ablation on the update interval k, CIFAR-10, ResNet18): the default k = 20
+gives 82.00% clean / 53.53% PGD-10 in 418 min, 1.60× the 261 min of PGD-10 AT (82.56 / 53.15); the headline
+k = 40 (`--strategy-every 40`) gives 82.3 / 54.29 / 49.89% AutoAttack in 365 min; k = 1 gives 82.88 / 53.71 in
+1378 min. The paper's WRN34-10 comparison (CIFAR-10): 86.23 clean / 57.64 PGD-10 / 56.12 PGD-50 / 55.73 C&W /
+53.58 AA. The paper's Tiny ImageNet comparison (PreActResNet18): 44.86 clean / 22.16 PGD-50 / 18.54 C&W /
+16.74 AA. Measured here: see README.md (only numbers from commands shown there).
 
-A strategy network p(a|x; θ) picks, per image, a PGD attack a = (ε, step, iterations) from discrete sets;
-the target network f_w trains on the examples those attacks make (SPEC §6, slides in papers/003):
-    every k-th iteration (REINFORCE, θ ascends J = E_a[L1 + α·L2 + β·L3]):
-        a ~ p(a|x; θ) (strategy in train mode);  x_adv = PGD_a(x) on f_w
-        R1 = CE(f_w(x_adv), y) clamped to [0, 10]                               L1
+A strategy network p(a|x; θ) picks, per image, a PGD attack a = (ε, step, iterations) from discrete sets; the
+target network f_w trains on the examples those attacks make (the paper's method section; the authors'
+LAS_AT_train_cifar10.py; DECISIONS.md, 'LAS-AT reward' and 'LAS-AT attack and schedule'):
+    every k-th iteration, counted over the whole run (REINFORCE: θ ascends J = E_a[L1 + α·L2 + β·L3]):
+        a ~ p(a|x; θ) (strategy in train mode);  x_adv = g(x, a, w): per-sample PGD on f_w (eval mode)
+        R1 = CE(f_w(x_adv), y) clamped to [0, 10]                                L1
         ŵ = w after one SGD step on CE(f_w(x_adv), y)       (a copy: w itself is untouched)
-        R2 = α·(robust accuracy of ŵ, PGD-10)     --reward loss: −α·CE(f_ŵ(x_adv^â), y)   L2
-        R3 = β·(clean accuracy of ŵ)              --reward loss: −β·CE(f_ŵ(x), y)         L3
+        R2 = α·(robust accuracy of ŵ, PGD-10)      --reward loss: −α·CE(f_ŵ(x + δ_â), y)   L2
+        R3 = β·(clean accuracy of ŵ)               --reward loss: −β·CE(f_ŵ(x), y)         L3
              (the PGD-10 â runs on ŵ in train mode, R2 and R3 are then measured in eval mode: code)
-        θ ← θ + η_2 · mean(R · ∇_θ log p(a|x; θ)),  one scalar R = R1 + R2 + R3 per batch
+        θ ← θ + η_2 · mean_n(R · ∇_θ log p(a_n|x_n; θ)),  one scalar R = R1 + R2 + R3 per batch
     every iteration:
-        a ~ p(a|x; θ) (eval mode);  x_adv = PGD_a(x) on f_w (eval mode);  w ← w − η_1 ∇_w CE(f_w(x_adv), y)
---epsilon / --alpha are not the training attack's (those are sampled): --epsilon is the radius of the
-random start of every sampled attack and, with --alpha as its step, of the fixed PGD-10 â that measures ŵ.
+        a ~ p(a|x; θ) (eval mode);  x_adv = g(x, a, w) (eval mode);  w ← w − η_1 ∇_w CE(f_w(x_adv), y)
+g(x, a, w) starts from U(−8/255, 8/255) for every image, whatever its sampled ε (the code), and projects onto
+each image's own ε-ball after every step. --epsilon / --alpha are not the training attack's (those are sampled):
+--epsilon is the radius of that random start and, with --alpha as its step, of the fixed PGD-10 â that measures ŵ.
+
+Copyable pieces (torch only): StrategyNet, per_sample_pgd (g), compute_reward (R), reinforce_step, and the core
+las_at_delta (sample a, then g), which needs per_sample_pgd.
 """
-import copy
+import argparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Categorical
 
 import common
 
 RECIPES = {
-    # Authors' code and README commands (SPEC §6): SGD lr 0.1, 110 epochs, ×0.1 at epochs 100 and 105;
-    # ε ∈ {3..15}/255, step ∈ {1..5}/255, iterations ∈ {3..14}; strategy SGD lr 1e-4 without momentum.
-    # k = 20 (interval_num), no gradient clipping on the target step, the strategy's features pooled to 1×1.
-    # Tiny ImageNet uses these sets too (code README); SVHN gets them as our documented default.
+    # Authors' code and README commands (jiaxiaojunQAQ/LAS-AT README.md, 'Train for LAS-PGD-AT'; DECISIONS.md,
+    # 'LAS-AT attack and schedule'): SGD lr 0.1, 110 epochs, ×0.1 at epochs 100 and 105; ε ∈ {3..15}/255,
+    # step ∈ {1..5}/255, iterations ∈ {3..14}; strategy SGD lr 1e-4 without momentum, k = 20 (interval_num), no
+    # gradient clipping on the target step, the strategy's features pooled to 1×1. The code's strategy is a
+    # ResNet18 for every target (also WRN-34-10): preact18 here, whatever --model. Tiny ImageNet uses these sets too
+    # (code README); SVHN gets them as our default.
     "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=2, weight_decay=5e-4, optimizer="sgd",
                     lr_schedule="multistep", eps_set=list(range(3, 16)), step_set=list(range(1, 6)),
                     iters_set=list(range(3, 15)), strategy_model="preact18", strategy_lr=1e-4,
                     strategy_momentum=0.0, strategy_weight_decay=0.0, strategy_every=20, clip_grad_norm=0.0,
                     strategy_grid=1),
-    # CIFAR-100 (code README and train script): iterations ∈ {3..12}, strategy SGD momentum 0.9, wd 5e-4.
+    # CIFAR-100 (code README and LAS_AT_train_cifar100.py): iterations ∈ {3..12}, strategy SGD momentum 0.9, wd 5e-4.
     "cifar100": dict(iters_set=list(range(3, 13)), strategy_momentum=0.9, strategy_weight_decay=5e-4),
     # Tiny ImageNet (code: LAS_AT_train_TinyImageNet.py): the strategy is updated on every iteration (k = 1), the
     # target's gradient is clipped to norm 10 before each weight step, and the strategy's heads read its last
     # feature map (8×8 on 64×64 images) average-pooled to 2×2, i.e. 4 × 512 = 2048 features (CIFAR: 1×1, 512).
     # What differs from that script, and why: its label smoothing 0.8 stays off (--label-smoothing 0.8 gives it):
-    # SPEC §6 keeps this code-only trick off on every dataset, and soft labels weaken the CE attacks of the
-    # evaluation without adding robustness. Its loader neither crops nor flips Tiny ImageNet, and its target
-    # PreActResNet18 also reads a 2×2 grid; here the data and the target are common.py's, as for every method.
+    # DECISIONS.md, 'LAS-AT attack and schedule' keeps this code-only trick off on every dataset, and soft labels
+    # weaken the CE attacks of the evaluation without adding robustness. Its loader neither crops nor flips Tiny
+    # ImageNet, and its target PreActResNet18 also reads a 2×2 grid; here the data and the target are common.py's,
+    # as for every method.
     "tiny-imagenet": dict(strategy_every=1, clip_grad_norm=10.0, strategy_grid=2),
-    # Not in the paper (our choice): Wong's MNIST recipe as fgsm_rs.py / fgsm_sdi.py use it (CNN, Adam, 10
-    # epochs, one lr triangle), ε = 0.3. Sets: ε ∈ {0.05, 0.10, ..., 0.30}, step ∈ {0.01, ..., 0.05}, the CIFAR
+    # Not in the paper (DECISIONS.md, 'Our MNIST recipes'): Wong's MNIST recipe as fgsm_rs.py uses it (CNN, Adam,
+    # 10 epochs, one lr triangle), ε = 0.3. Sets: ε ∈ {0.05, 0.10, ..., 0.30}, step ∈ {0.01, ..., 0.05}, the CIFAR
     # iterations. Why not CIFAR's 3/8..15/8 of ε: PGD training from scratch on MNIST sticks at the constant
-    # prediction (loss ln 10) when its attacks are that strong; with {0.10..0.40} a 10-epoch run on a small
-    # MNIST subset never left it. ŵ's PGD-10 step is ε/4 (2/255 = 8/255 / 4 on CIFAR). /255 units here.
+    # prediction (loss ln 10) when its attacks are that strong; with {0.10..0.40} a 10-epoch run on a small MNIST
+    # subset never left it. ŵ's PGD-10 step is ε/4 (2/255 = 8/255 / 4 on CIFAR). /255 units here.
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=19.125, weight_decay=0.0,
-                  optimizer="adam", lr_schedule="cyclic", eps_set=[12.75 * i for i in range(1, 7)],
-                  step_set=[2.55 * i for i in range(1, 6)], strategy_model="mnist-cnn"),
+                  optimizer="adam", lr_schedule="cyclic", eps_set=[round(12.75 * i, 4) for i in range(1, 7)],
+                  step_set=[round(2.55 * i, 4) for i in range(1, 6)], strategy_model="mnist-cnn"),
 }
 REWARD_PGD_ITERS, REWARD_PGD_RESTARTS = 10, 2  # the fixed attack â on ŵ (code: attack_pgd(..., 10, 2))
 STRATEGY_CLIP = 1.0                             # code: clip_grad_norm_(strategy, 1.0) before each step
+LABEL_SMOOTHING_HELP = ("authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
+                        "the rest spread evenly, in the target's and ŵ's training loss (code: 0.7 on CIFAR-10, 0.6 on "
+                        "CIFAR-100, 0.8 on Tiny ImageNet); between 1/C and 1 for C classes")
+
+
+def action_value(text):
+    """argparse type for the ε and step sets (/255 units): under 1/255 is a [0, 1]-unit value written by mistake."""
+    v = common.pos_float(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} is in /255 units, i.e. {v:g}/255; for {text} in [0, 1] units "
+                                         f"write {255 * v:g}")
+    return v
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_flag="--lr", lr_help="initial learning rate (multistep) or peak (cyclic)",
-                           alpha_help="step of the fixed PGD-10 that measures ŵ in the reward, /255 units (default "
-                                      "2 = ε/4, following --epsilon; the training attacks' ε, step and iterations "
-                                      "are drawn from the absolute sets --eps-set, --step-set, --iters-set, which "
-                                      "do not follow --epsilon)")
+    p = common.base_parser(__doc__, lr_help="initial learning rate (multistep) or peak (cyclic)",
+                           alpha_help="step of the fixed PGD-10 that measures ŵ in the reward, /255 units (keeps its "
+                                      "ratio ε/4 to --epsilon; the training attacks' ε, step and iterations are drawn "
+                                      "from the absolute sets --eps-set, --step-set, --iters-set, which do not "
+                                      "follow --epsilon)",
+                           label_smoothing=LABEL_SMOOTHING_HELP)
     p.add_argument("--strategy-every", type=common.pos_int, default=None,
                    help="k: the strategy network is updated on iterations k, 2k, ... counted over the whole run "
-                        "(code: interval_num 20, Tiny ImageNet 1; the slides' Table 1 tries 1, 10, 20, 40, 60)")
+                        "(the code's interval_num; the paper's ablation on k tries 1, 10, 20, 40, 60); at most the "
+                        "run's number of iterations")
     p.add_argument("--reward", choices=["accuracy", "loss"], default="accuracy",
-                   help="accuracy (code, SPEC default): R2, R3 = robust / clean accuracy of ŵ; loss (slides): "
-                        "L2, L3 = −CE of ŵ on the PGD-10 and the clean images")
+                   help="accuracy (the authors' code; default): R2, R3 = robust / clean accuracy of ŵ; loss (the "
+                        "paper's L2, L3): −CE of ŵ on the PGD-10 and the clean images")
     p.add_argument("--reward-alpha", type=common.nonneg_float, default=None,
                    help="α, weight of the ŵ-robustness term (default 4 for --reward accuracy, the code's R2_param; "
-                        "1 for --reward loss, not stated in the slides: our choice)")
+                        "1 for --reward loss, not stated in the paper: our choice)")
     p.add_argument("--reward-beta", type=common.nonneg_float, default=None,
-                   help="β, weight of the ŵ-clean term (default 2 for --reward accuracy, the code's R3_param; "
-                        "1 for --reward loss)")
-    p.add_argument("--eps-set", type=common.pos_float, nargs="+", default=None,
-                   help="the ε actions, /255 units (CIFAR: 3 4 ... 15)")
-    p.add_argument("--step-set", type=common.pos_float, nargs="+", default=None,
-                   help="the step-size actions, /255 units (CIFAR: 1 2 3 4 5)")
-    p.add_argument("--iters-set", type=common.pos_int, nargs="+", default=None,
-                   help="the iteration-count actions (CIFAR-10: 3 ... 14; CIFAR-100: 3 ... 12)")
+                   help="β, weight of the ŵ-clean term (default 2 for --reward accuracy, the code's R3_param; 1 for "
+                        "--reward loss, our choice)")
+    p.add_argument("--eps-set", type=action_value, nargs="+", default=None, help="the ε actions, /255 units")
+    p.add_argument("--step-set", type=action_value, nargs="+", default=None, help="the step-size actions, /255 units")
+    p.add_argument("--iters-set", type=common.pos_int, nargs="+", default=None, help="the iteration-count actions")
     p.add_argument("--strategy-model", type=common.model_name, default=None,
-                   help="backbone of the strategy network, any --model name with its classifier removed "
-                        "(default preact18, 512-d features; MNIST mnist-cnn)")
+                   help="backbone of the strategy network: any --model name, its last Linear layer removed. It does "
+                        "not follow --model: the authors' code uses a ResNet18 strategy for every target (also "
+                        "WRN-34-10); the log says so when the two differ")
     p.add_argument("--strategy-grid", type=common.pos_int, default=None,
                    help="G: the backbone's last feature map is average-pooled to G×G and flattened for the heads "
-                        "(code: 1 on CIFAR, 512 features; 2 on Tiny ImageNet, 2048); G > 1 needs a backbone "
-                        "that ends in BatchNorm (preact18, wrn-D-W)")
-    p.add_argument("--strategy-lr", type=common.pos_float, default=None, help="strategy SGD lr (code: 1e-4)")
-    p.add_argument("--strategy-momentum", type=common.nonneg_float, default=None,
-                   help="strategy SGD momentum (code: 0 on CIFAR-10, 0.9 on CIFAR-100)")
-    p.add_argument("--strategy-weight-decay", type=common.nonneg_float, default=None,
-                   help="strategy SGD weight decay (code: 0 on CIFAR-10, 5e-4 on CIFAR-100)")
+                        "(code: 1 on CIFAR, 512 features; 2 on Tiny ImageNet, 2048); G > 1 needs a backbone that "
+                        "ends in BatchNorm (preact18, wrn-D-W)")
+    p.add_argument("--strategy-lr", type=common.pos_float, default=None, help="strategy SGD lr")
+    p.add_argument("--strategy-momentum", type=common.nonneg_float, default=None, help="strategy SGD momentum, < 1")
+    p.add_argument("--strategy-weight-decay", type=common.nonneg_float, default=None, help="strategy SGD weight decay")
     p.add_argument("--lr-schedule", choices=["multistep", "cyclic"], default=None,
-                   help="multistep: ×0.1 after 99/110 and 104/110 of the iterations (epochs 100, 105 of 110 run "
-                        "at the lower rates, as in the code); cyclic: one triangle 0 → lr → 0 (MNIST recipe)")
+                   help="multistep: ×0.1 after int(99/110) and int(104/110) of all iterations (the code's; at 110 "
+                        "epochs, epochs 100 and 105 run at the lower rates); cyclic: one triangle 0 → lr → 0")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="target optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe); ŵ is one "
-                        "step of a fresh optimiser of the same kind")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None, help="default 5e-4 (MNIST 0)")
+                   help="target optimiser: sgd (momentum 0.9) or adam; ŵ is one step of a fresh optimiser of the "
+                        "same kind")
+    p.add_argument("--weight-decay", type=common.nonneg_float, default=None, help="of the target and of ŵ's step")
     p.add_argument("--clip-grad-norm", type=common.nonneg_float, default=None,
-                   help="clip the target's gradient to this L2 norm before each weight step, 0 = off (code: off on "
-                        "CIFAR, 10 on Tiny ImageNet; ŵ's step is never clipped, as in the code)")
-    p.add_argument("--label-smoothing", type=common.pos_float, default=None, metavar="TRUE_PROB",
-                   help="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class "
-                        "and the rest spread evenly, in the target's and ŵ's training loss (code: 0.7 on "
-                        "CIFAR-10, 0.6 on CIFAR-100, 0.8 on Tiny ImageNet); between 1/C and 1 for C classes")
+                   help="clip the target's gradient to this L2 norm before each weight step, 0 = off (ŵ's step is "
+                        "never clipped, as in the code)")
     args = common.parse_args(p, RECIPES, argv, script="las_at")
-    if args.label_smoothing is not None:
-        # Below 1/C another class would get more mass than the true one (and PyTorch's label_smoothing would
-        # exceed 1 and fail at the first step): refuse it here, before any data is loaded.
-        classes = common.dataset_info(args.dataset, args.data_dir)["classes"]
-        if not 1 / classes <= args.label_smoothing <= 1:
-            p.error(f"--label-smoothing is the true class's probability: between 1/C = {1 / classes:.4g} and 1 "
-                    f"for the {classes} classes of {args.dataset}, got {args.label_smoothing}")
-    if args.strategy_model == "mnist-cnn" and args.dataset != "mnist":
-        p.error("--strategy-model mnist-cnn only fits --dataset mnist")
     if args.strategy_grid > 1 and args.strategy_model in ("mnist-cnn", "lenet"):
-        p.error(f"--strategy-grid {args.strategy_grid} needs a backbone that ends in BatchNorm (preact18, wrn-D-W)")
+        p.error(f"--strategy-grid {args.strategy_grid} needs a backbone that ends in BatchNorm (preact18, wrn-D-W), "
+                f"not --strategy-model {args.strategy_model}")
+    for flag, values in (("--eps-set", args.eps_set), ("--step-set", args.step_set), ("--iters-set", args.iters_set)):
+        if len(set(values)) < len(values):  # a repeated action would silently get twice the prior probability
+            p.error(f"{flag} {' '.join(f'{v:g}' for v in values)}: each value once")
+    if args.strategy_momentum >= 1:
+        p.error(f"--strategy-momentum {args.strategy_momentum}: SGD momentum must be below 1 (code: 0 or 0.9)")
     if args.reward_alpha is None:
         args.reward_alpha = 4.0 if args.reward == "accuracy" else 1.0
     if args.reward_beta is None:
@@ -147,31 +157,32 @@ def get_args(argv=None):
 class StrategyNet(nn.Module):
     """p(a|x; θ): a classifier backbone on the clean image, then one linear head per attack parameter.
 
-    The code's backbone is a standard (post-activation) ResNet18 with 512-d features; here it is any of
-    common.py's networks with its last Linear layer removed (default PreActResNet18: the same 512-d
-    features), so that a CPU run can use a small WRN. With grid G > 1 the heads read the backbone's last
-    feature map (after its final BN-ReLU) average-pooled to G×G instead of 1×1: the code's Tiny ImageNet
-    strategy pools its 8×8 map with a 4×4 window, 2×2 × 512 = 2048 features. Heads: softmax over the sets
-    in /255 units (ε, step) and counts (iterations); the values are buffers, so the checkpoint pins the
-    action sets. The code's fourth head (attack type, a single choice 'IFGSM') is left out: it is always
-    the same."""
+    backbone: a classifier module (images in, logits out) whose last nn.Linear (in module order) is its classifier:
+        that Linear is replaced by nn.Identity in place, so the backbone returns its features (PreActResNet18: 512).
+        The code's backbone is a standard ResNet18 with 512-d features.
+    eps_set, step_set: the ε and step-size actions in /255 units; iters_set: the iteration counts. They are buffers
+        (eps_values, step_values, iters_values), so a checkpoint pins the action sets.
+    grid: G > 1 makes the heads read the backbone's last feature map, the output of its last BatchNorm2d after a
+        ReLU, average-pooled to G×G (the code's Tiny ImageNet strategy pools its 8×8 map with a 4×4 window: 2×2 ×
+        512 = 2048 features). The backbone must then end in BN → ReLU → global pool → Linear (preact18, WRN);
+        ValueError if it has no BatchNorm2d.
+    forward(x) returns the logits of each head: {"eps": N×|eps_set|, "step": N×|step_set|, "iters": N×|iters_set|}.
+    The code's fourth head (attack type, a single choice 'IFGSM') is left out: it is always the same."""
 
-    def __init__(self, backbone, dataset, eps_set, step_set, iters_set, grid=1, data_dir="data"):
+    def __init__(self, backbone, eps_set, step_set, iters_set, grid=1):
         super().__init__()
-        # The backbone normalises its input with the dataset's mean/std, as every network here does (SPEC §0).
-        # The code's loaders do not normalise (mean 0, std 1): its strategy sees raw [0, 1] pixels. A fixed
-        # per-channel affine map of the input only reparametrises the first convolution.
-        self.backbone = common.make_model(backbone, dataset, data_dir)
-        name, classifier = [(n, m) for n, m in self.backbone.named_modules() if isinstance(m, nn.Linear)][-1]
+        linears = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the strategy backbone has no nn.Linear classifier to remove")
+        name, classifier = linears[-1]
         parent, _, attr = name.rpartition(".")
-        setattr(self.backbone.get_submodule(parent), attr, nn.Identity())
-        self.grid, self._feature_map = grid, None
+        setattr(backbone.get_submodule(parent), attr, nn.Identity())
+        self.backbone, self.grid, self._feature_map = backbone, grid, None
         if grid > 1:
-            # preact18 and wrn-D-W end in BN → ReLU → global pool → Linear: keep the last BN's output and pool
-            # it to the grid ourselves (the backbone's own 1×1 pooled output is then unused).
-            norms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+            norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
             if not norms:
-                raise ValueError(f"strategy grid {grid} needs a backbone that ends in BatchNorm, not {backbone}")
+                raise ValueError(f"strategy grid {grid} needs a backbone that ends in BatchNorm")
+            # keep the last BN's output and pool it to the grid here (the backbone's own 1×1 pooling is then unused)
             norms[-1].register_forward_hook(self._keep_feature_map)
         self.register_buffer("eps_values", torch.tensor(eps_set, dtype=torch.float))
         self.register_buffer("step_values", torch.tensor(step_set, dtype=torch.float))
@@ -191,122 +202,206 @@ class StrategyNet(nn.Module):
 
     def forward(self, x):
         features = self.features(x)
-        return {k: head(features) for k, head in self.heads.items()}  # logits, one tensor per head
+        return {k: head(features) for k, head in self.heads.items()}
 
 
-def sample_strategy(strategy, x):
-    """a ~ p(a|x; θ), each head independently. Returns the distributions, the sampled indices, and the
-    attack as per-sample tensors: ε and step in [0, 1] units, iterations as counts."""
-    dists = {k: Categorical(logits=logits.float(), validate_args=False) for k, logits in strategy(x).items()}
-    actions = {k: d.sample() for k, d in dists.items()}
-    eps = strategy.eps_values[actions["eps"]] / 255
-    step = strategy.step_values[actions["step"]] / 255
-    iters = strategy.iters_values[actions["iters"]]
-    return dists, actions, (eps, step, iters)
+def per_sample_pgd(model, x, y, start, eps, step, iters, autocast=None):
+    """g(x, a, w): batched L∞ PGD on the cross-entropy in which image i has its own ε_i, step_i and iteration count
+    n_i (the authors' Attack_policy_batch, LAS_PGD_AT/LAS_AT_train_cifar10.py).
 
-
-def per_sample_pgd(model, x, y, start, eps, step, iters, autocast):
-    """g(x, a, w): batched L∞ PGD in which sample i has its own ε_i, step_i and iteration count n_i
-    (the code's Attack_policy_batch). All samples run max(n) steps; a sample whose n_i steps are done
-    gets a zero step (mask), so its δ stays where it ended. The start is projected onto each sample's
-    own ball and [0, 1] first (the code projects only at the first step: same result after ≥ 1 step
-    except that the first gradient is taken at the projected start). The caller sets the model's mode
-    (eval in the code). Returns the detached δ."""
-    eps, step = eps.view(-1, 1, 1, 1), step.view(-1, 1, 1, 1)
-    delta = start.clamp(-eps, eps)
-    delta = (x + delta).clamp(0, 1) - x
-    for t in range(int(iters.max())):  # the one host sync of the attack: its number of steps
+    model: takes images in [0, 1] and returns logits; used in the mode it is in (las_at_delta puts it in eval mode).
+    x: images N×C×H×W in [0, 1]; y: labels N. start: the random start N×C×H×W (the code: U(−8/255, 8/255) for every
+        image, whatever its ε_i): it is clamped to the pixel range only, not onto the ε_i-ball, so the first
+        gradient is taken there, as in the code.
+    eps, step: N, in [0, 1] units; iters: N, int64 ≥ 1. Every image runs max(n) steps; after its n_i steps an image's
+        step is masked to 0, but every step still projects every image onto its own ε_i-ball and the pixel range
+        (as the code), so each δ_i ends inside its ball.
+    autocast: None (fp32) or the torch.autocast dtype; under float16 the loss is multiplied by 2^10 before the input
+        gradient (its sign is all that is used).
+    Returns δ, detached, N×C×H×W: |δ_i| ≤ ε_i and x + δ in [0, 1]. One host sync: the number of steps."""
+    eps, step = eps.to(x.dtype).view(-1, 1, 1, 1), step.to(x.dtype).view(-1, 1, 1, 1)
+    delta = (x + start).clamp(0, 1) - x
+    for t in range(int(iters.max())):
         delta.requires_grad_(True)
-        with autocast():
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")  # sum: each sample its own gradient
-        grad, = torch.autograd.grad(loss, delta)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = F.cross_entropy(model(x + delta).float(), y)  # the code's mean: the same sign per image
+        grad, = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
         active = (iters > t).view(-1, 1, 1, 1)
         delta = (delta.detach() + active * step * grad.sign()).clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
     return delta.detach()
 
 
-def compute_reward(model, x, y, x_adv, lr, args, autocast, smoothing=0.0):
-    """The strategy's reward for one batch of its attacks (SPEC §6). `model` is the target f_w: it is
-    only read (eval-mode forward, deepcopy); its weights, BN statistics and optimiser are untouched.
-    Returns the scalar reward and its three terms."""
-    eps, alpha = args.epsilon / 255, args.alpha / 255
-    # L1 / R1: the target's loss on the strategy's examples, clamped to [0, 10] as in the code.
+def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_decay=5e-4, reward="accuracy",
+                   reward_alpha=4.0, reward_beta=2.0, smoothing=0.0, iters=10, restarts=2, autocast=None):
+    """The strategy's reward R for one batch of its attacks (DECISIONS.md, 'LAS-AT reward'; the code's Get_reward).
+
+    model: the target f_w (images in [0, 1], logits out). It is only read: one eval-mode forward and a deepcopy ŵ;
+        its weights, gradients, BN statistics and optimiser are untouched, and it comes back in the mode it was in.
+    x, y: the clean batch (N×C×H×W in [0, 1], labels); x_adv: the strategy's examples x + δ.
+    lr: the target's current lr (ŵ's step); eps, step: ε and step of the fixed PGD â on ŵ, in [0, 1] units (code:
+        8/255, 2/255); iters, restarts: its steps and restarts (code: 10, 2).
+    optimizer: "sgd" (momentum 0.9, the code) or "adam", a fresh one for ŵ's single step; weight_decay: its decay.
+    reward: "accuracy" (code: R2 = reward_alpha × ŵ's robust accuracy, R3 = reward_beta × its clean accuracy) or
+        "loss" (the paper: R2 = −reward_alpha × CE of ŵ under â, R3 = −reward_beta × its clean CE).
+    smoothing: PyTorch label_smoothing of ŵ's training loss (0: none).
+    autocast: None (fp32) or the torch.autocast dtype; under float16 ŵ's loss is multiplied by 2^10 before its
+        backward and the gradients divided back, and â's loss likewise before its input gradient.
+    Returns (R, (R1, R2, R3)), 0-dim fp32 tensors without gradient, R = R1 + R2 + R3."""
+    import copy  # the standard library's: ŵ is a deepcopy of the target
+    amp = dict(device_type=x.device.type, dtype=autocast, enabled=autocast is not None)
+    scale = 1024.0 if autocast == torch.float16 else 1.0
+    was_training = model.training
+    # L1 / R1: the target's loss on the strategy's examples, eval mode, clamped to [0, 10] as in the code.
     model.eval()
-    with torch.no_grad(), autocast():
-        r1 = F.cross_entropy(model(x_adv), y).float().clamp(0, 10)
-    # ŵ: a copy of the target after one step of a fresh optimiser (code: SGD, current lr, momentum 0.9,
-    # wd 5e-4) on the same examples, in train mode. Only the copy moves.
+    with torch.no_grad(), torch.autocast(**amp):
+        r1 = F.cross_entropy(model(x_adv).float(), y).clamp(0, 10)
+    # ŵ: a copy of the target after one step of a fresh optimiser (code: SGD, current lr, momentum 0.9, wd 5e-4) on
+    # the same examples, in train mode. Only the copy moves.
     shadow = copy.deepcopy(model).train()
-    if args.optimizer == "sgd":
-        shadow_opt = torch.optim.SGD(shadow.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    model.train(was_training)
+    if optimizer == "sgd":
+        shadow_opt = torch.optim.SGD(shadow.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
-        shadow_opt = torch.optim.Adam(shadow.parameters(), lr=lr, weight_decay=args.weight_decay)
-    with autocast():
-        loss = F.cross_entropy(shadow(x_adv), y, label_smoothing=smoothing)
+        shadow_opt = torch.optim.Adam(shadow.parameters(), lr=lr, weight_decay=weight_decay)
     shadow_opt.zero_grad(set_to_none=True)
-    loss.backward()
+    with torch.autocast(**amp):
+        loss = F.cross_entropy(shadow(x_adv).float(), y, label_smoothing=smoothing)
+    (loss * scale).backward()
+    for p in shadow.parameters():
+        if p.grad is not None:
+            p.grad.div_(scale)
     shadow_opt.step()
-    # The fixed attack â on ŵ: PGD-10, 2 restarts, at --epsilon / --alpha, with ŵ still in train mode, as the
-    # code does (the paper is silent, SPEC §0): BN normalises with each batch's own statistics while attacking,
-    # and every one of the attack's forward passes moves ŵ's running statistics towards the adversarial
-    # batches. Only then is ŵ switched to eval mode, and R2, R3 are measured with those moved statistics.
-    # The code's PGD also stops moving a sample once it is misclassified; common.attack_pgd keeps stepping.
-    # bf16 is fine: this is training.
-    with autocast():
-        adv_delta, _ = common.attack_pgd(shadow, x, y, eps, alpha, REWARD_PGD_ITERS, REWARD_PGD_RESTARTS)
+    # The fixed attack â on ŵ (the code's attack_pgd): PGD, random start U(−ε, ε), with ŵ still in train mode, as the
+    # code does (the paper is silent: DECISIONS.md, 'Recipe defaults'): BN normalises with each batch's own
+    # statistics, and every forward pass, the attack's and the restart's final one, moves ŵ's running statistics.
+    # As in the code, an image stops moving once ŵ misclassifies it, and per image the restart with the higher loss
+    # is kept. The code also ends the attack early once no image is classified correctly; that check would make the
+    # host wait for the GPU at every step, and skipping it only moves ŵ's BN statistics further in such a batch.
+    best_delta, best_loss = torch.zeros_like(x), torch.zeros(len(y), device=x.device)
+    for _ in range(restarts):
+        delta = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x
+        for _ in range(iters):
+            delta.requires_grad_(True)
+            with torch.autocast(**amp):
+                logits = shadow(x + delta).float()
+            grad, = torch.autograd.grad(F.cross_entropy(logits, y) * scale, delta)
+            correct = (logits.argmax(1) == y).view(-1, 1, 1, 1)
+            moved = (x + (delta.detach() + step * grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x
+            delta = torch.where(correct, moved, delta.detach())
+        with torch.no_grad(), torch.autocast(**amp):
+            final = F.cross_entropy(shadow(x + delta).float(), y, reduction="none")
+        better = final >= best_loss
+        best_delta = torch.where(better.view(-1, 1, 1, 1), delta, best_delta)
+        best_loss = torch.maximum(best_loss, final)
+    # Only now is ŵ switched to eval mode: R2 and R3 are measured with the statistics the attack moved (code).
     shadow.eval()
-    with torch.no_grad(), autocast():
-        clean_logits, adv_logits = shadow(x).float(), shadow(x + adv_delta).float()
-    if args.reward == "accuracy":
-        # Code: R2 = 4·(robust accuracy of ŵ), R3 = 2·(clean accuracy of ŵ), both in eval mode; robust =
-        # correct on the restart with the higher loss (attack_pgd's "robust" flag was taken in train mode).
-        r2 = args.reward_alpha * (adv_logits.argmax(1) == y).float().mean()
-        r3 = args.reward_beta * (clean_logits.argmax(1) == y).float().mean()
+    with torch.no_grad(), torch.autocast(**amp):
+        clean_logits, adv_logits = shadow(x).float(), shadow(x + best_delta).float()
+    if reward == "accuracy":
+        r2 = reward_alpha * (adv_logits.argmax(1) == y).float().mean()
+        r3 = reward_beta * (clean_logits.argmax(1) == y).float().mean()
     else:
-        # Slides: L2 = −L(f(x_adv^â, ŵ), y), L3 = −L(f(x, ŵ), y).
-        r2 = -args.reward_alpha * F.cross_entropy(adv_logits, y)
-        r3 = -args.reward_beta * F.cross_entropy(clean_logits, y)
+        r2 = -reward_alpha * F.cross_entropy(adv_logits, y)
+        r3 = -reward_beta * F.cross_entropy(clean_logits, y)
     r2, r3 = r2.clamp(-10, 10), r3.clamp(-10, 10)  # as the code (a no-op for accuracies)
     return r1 + r2 + r3, (r1, r2, r3)
 
 
-def reinforce_step(strategy, strategy_opt, dists, actions, reward):
-    """θ ← θ + η_2 ∇_θ J with ∇_θ J ≈ mean_n R·∇_θ log p(a_n|x_n; θ) (slides, REINFORCE): minimise
-    Σ_heads mean(−log p(a|x)·R). One scalar reward per batch and no baseline, as in the code."""
-    policy_loss = sum((-dists[k].log_prob(actions[k]) * reward).mean() for k in dists)
+def reinforce_step(strategy, strategy_opt, log_prob, reward, clip_norm=1.0, scaler=None):
+    """θ ← θ + η_2 ∇_θ J with the paper's REINFORCE estimate ∇_θ J ≈ mean_n R·∇_θ log p(a_n|x_n; θ): one step of
+    strategy_opt on −mean_n(R · log p(a_n|x_n; θ)), which is the code's Σ_heads mean(−log p_head·R). One scalar
+    reward per batch and no baseline, as in the code; the strategy's gradient is clipped to L2 norm clip_norm (code:
+    1.0) before the step.
+
+    log_prob: N, Σ over the heads of log p(a_n|x_n; θ), with its graph (las_at_delta with update=True).
+    reward: 0-dim tensor R (treated as a constant). scaler: a torch.amp.GradScaler for float16 (None: no scaling).
+    No forward pass: the strategy's mode is not touched."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    policy_loss = -(log_prob * reward.detach()).mean()
     strategy_opt.zero_grad(set_to_none=True)
-    policy_loss.backward()
-    nn.utils.clip_grad_norm_(strategy.parameters(), STRATEGY_CLIP)
-    strategy_opt.step()
+    scaler.scale(policy_loss).backward()
+    scaler.unscale_(strategy_opt)
+    nn.utils.clip_grad_norm_(strategy.parameters(), clip_norm)
+    scaler.step(strategy_opt)
+    scaler.update()
+
+
+def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
+    """LAS-AT's attack: sample a strategy a = (ε, step, iterations) per image from p(a|x; θ), then run that attack
+    g(x, a, w) on the target (the code's select_action, then Attack_policy_batch). Needs per_sample_pgd.
+
+    model: the target f_w (images in [0, 1], logits out), attacked in eval mode (code), then handed back in the mode
+        it was in; its BN statistics are untouched.
+    strategy: a StrategyNet (logits per head, action values as buffers eps_values, step_values, iters_values).
+        update=False (the target step): sampled in eval mode without a graph. update=True (a strategy update): in
+        train mode, as the code, so its BN normalises with the batch and moves its running statistics, and the
+        returned log-probability keeps its graph for reinforce_step. The strategy is handed back in its mode.
+    x: images N×C×H×W in [0, 1] (checked: RuntimeError otherwise); y: labels N.
+    start_eps: radius of the random start U(−start_eps, start_eps) of every image (code: 8/255, whatever its ε).
+    autocast: None (fp32) or the torch.autocast dtype of the strategy's and the attack's forward passes.
+    Returns (δ, log_prob, (eps, step, iters)): δ detached N×C×H×W with |δ_i| ≤ ε_i and x + δ in [0, 1]; log_prob N,
+    Σ over the heads of log p(a_n|x_n; θ); the sampled attack per image: ε and step in [0, 1] units, iteration
+    counts (int64)."""
+    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    strategy_was_training, model_was_training = strategy.training, model.training
+    # a ~ p(a|x; θ): one categorical draw per head and image (sampled in both modes, never the argmax).
+    strategy.train(update)
+    with torch.set_grad_enabled(update), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        logits = strategy(x)
+    strategy.train(strategy_was_training)
+    dists = {k: torch.distributions.Categorical(logits=v.float(), validate_args=False) for k, v in logits.items()}
+    actions = {k: d.sample() for k, d in dists.items()}
+    log_prob = sum(d.log_prob(actions[k]) for k, d in dists.items())
+    eps = strategy.eps_values[actions["eps"]] / 255
+    step = strategy.step_values[actions["step"]] / 255
+    iters = strategy.iters_values[actions["iters"]]
+    # x_adv = g(x, a, w): the target in eval mode, every image from U(−start_eps, start_eps) (code).
+    model.eval()
+    start = torch.empty_like(x).uniform_(-start_eps, start_eps)
+    delta = per_sample_pgd(model, x, y, start, eps, step, iters, autocast)
+    model.train(model_was_training)
+    return delta, log_prob, (eps, step, iters)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = common.Run(args)
-    data = common.get_data(args, run.device, args.val_size)
-    model = common.get_model(args, run.device)
-    train_model = run.compile(model)
-    strategy = StrategyNet(args.strategy_model, args.dataset, args.eps_set, args.step_set, args.iters_set,
-                           args.strategy_grid, args.data_dir)
-    strategy = strategy.to(run.device, memory_format=torch.channels_last if common.gpu_path(run.device)
+    data = common.get_data(args)
+    smoothing = common.label_smoothing(args.label_smoothing, data.num_classes)
+    size = min(data.shape[1:])
+    if (args.strategy_model == "mnist-cnn" and data.shape[1:] != (28, 28)) or (args.strategy_model == "lenet"
+                                                                                 and size < 16):
+        common.fail(f"--strategy-model {args.strategy_model} does not fit {data.shape[2]}x{data.shape[1]} images")
+    steps = args.epochs * len(data.train)
+    if args.strategy_every > steps:
+        common.fail(f"--strategy-every {args.strategy_every}: this run has {steps} iterations ({args.epochs} epochs × "
+                    f"{len(data.train)} batches), so the strategy would never be updated and its attacks would stay "
+                    f"the random initial network's; use --strategy-every {steps} or less")
+    model = common.get_model(args, data)
+    # The strategy's backbone normalises its input with the dataset's mean/std, as every network here does
+    # (DECISIONS.md, 'Model I/O contract'); the code's loaders do not normalise, so its strategy sees raw [0, 1]
+    # pixels. A fixed per-channel affine map of the input only reparametrises the first convolution.
+    backbone = common.make_model(args.strategy_model, data.num_classes, data.shape, data.mean, data.std)
+    strategy = StrategyNet(backbone, args.eps_set, args.step_set, args.iters_set, args.strategy_grid)
+    strategy = strategy.to(args.device, memory_format=torch.channels_last if common.channels_last(args)
                            else torch.preserve_format)
-    train_strategy = run.compile(strategy)
+    run = common.Run(args, data, columns=["eps_mean", "step_mean", "iters_mean", "reward", "updates"])
+    if args.strategy_model != args.model:
+        common.log(f"# strategy network: {args.strategy_model}, target: {args.model} (the authors' code uses a "
+                   f"ResNet18 strategy for every target; --strategy-model {args.model} gives a matching one)")
+    attack_model, train_model = run.models(model)
+    train_strategy = run.trainable(strategy)
     start_eps = args.epsilon / 255  # code: every attack starts from U(−8/255, 8/255), whatever its sampled ε
-    # The code's LabelSmoothLoss (true class f, others (1−f)/(C−1)) is PyTorch's label_smoothing s with
-    # 1 − s + s/C = f, i.e. s = (1−f)·C/(C−1).
-    c = data.num_classes
-    smoothing = 0.0 if args.label_smoothing is None else (1 - args.label_smoothing) * c / (c - 1)
+    eps, alpha = args.epsilon / 255, args.alpha / 255  # the fixed PGD-10 â on ŵ
 
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(data.train)
     milestones = [int(steps * 99 / 110), int(steps * 104 / 110)]
     if args.lr_schedule == "multistep":
-        # Stepped per iteration at int(99/110) and int(104/110) of all iterations, as the code does; a
-        # shorter --epochs scales the milestones with it.
+        # Stepped per iteration at int(99/110) and int(104/110) of all iterations, as the code does; a shorter
+        # --epochs scales the milestones with it.
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # With SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (PyTorch's default, Wong's code).
@@ -314,64 +409,62 @@ def main(argv=None):
                                                   step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
     strategy_opt = torch.optim.SGD(strategy.parameters(), lr=args.strategy_lr, momentum=args.strategy_momentum,
                                    weight_decay=args.strategy_weight_decay)
-    # As in the code: the strategy's lr has the target's milestones (counted in target iterations) but is
-    # stepped once per strategy update, so for k ≥ 2 they are never reached (a constant lr), while with
-    # k = 1 (the Tiny ImageNet recipe) the strategy's lr drops ×0.1 together with the target's.
+    # As in the code: the strategy's lr has the target's milestones (counted in target iterations) but is stepped
+    # once per strategy update, so for k ≥ 2 they are never reached (a constant lr), while with k = 1 (the Tiny
+    # ImageNet recipe) the strategy's lr drops ×0.1 together with the target's.
     strategy_sched = torch.optim.lr_scheduler.MultiStepLR(strategy_opt, milestones, 0.1)
-    run.track(model=model, opt=opt, sched=sched, strategy=strategy, strategy_opt=strategy_opt,
-              strategy_sched=strategy_sched)
+    checkpoint = dict(model=model, opt=opt, sched=sched, strategy=strategy, strategy_opt=strategy_opt,
+                      strategy_sched=strategy_sched)
+    start = run.resume(checkpoint) if args.resume else 0
 
-    for epoch in run.epochs():
+    for epoch in range(start, args.epochs):
+        run.start_epoch()
+        model.train()
         total_loss = total_correct = total_n = 0
         eps_sum = step_sum = iters_sum = reward_sum = 0
         updates = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             iteration = epoch * len(data.train) + i + 1  # 1-based over the whole run (the code's curr_step)
             if iteration % args.strategy_every == 0:
-                # Strategy update: sample a in train mode (BN batch statistics, as the code), attack the
-                # target in eval mode, reward, REINFORCE. The examples made here are not trained on.
-                strategy.train()
-                with run.autocast():
-                    dists, actions, attack = sample_strategy(train_strategy, x)
-                train_model.eval()
-                start = torch.empty_like(x).uniform_(-start_eps, start_eps)
-                delta = per_sample_pgd(train_model, x, y, start, *attack, run.autocast)
-                reward, _ = compute_reward(model, x, y, x + delta, opt.param_groups[0]["lr"], args, run.autocast,
-                                           smoothing)
-                reinforce_step(strategy, strategy_opt, dists, actions, reward)
+                # Strategy update: sample in train mode, attack the target, reward, REINFORCE. The examples made
+                # here are not trained on (code).
+                delta, log_prob, _ = las_at_delta(attack_model, train_strategy, x, y, start_eps, update=True,
+                                                  autocast=run.amp)
+                reward, _ = compute_reward(model, x, y, x + delta, opt.param_groups[0]["lr"], eps, alpha,
+                                           args.optimizer, args.weight_decay, args.reward, args.reward_alpha,
+                                           args.reward_beta, smoothing, REWARD_PGD_ITERS, REWARD_PGD_RESTARTS,
+                                           autocast=run.amp)
+                reinforce_step(strategy, strategy_opt, log_prob, reward, STRATEGY_CLIP, run.scaler)
                 strategy_sched.step()
-                reward_sum += reward.detach()
+                reward_sum += reward
                 updates += 1
-            # Target step: a fresh strategy sample (strategy in eval mode, still sampled, not argmax),
-            # the per-sample PGD on the target in eval mode, then one weight step on x_adv in train mode.
-            strategy.eval()
-            with torch.no_grad(), run.autocast():
-                _, _, (eps, step, iters) = sample_strategy(train_strategy, x)
-            train_model.eval()
-            start = torch.empty_like(x).uniform_(-start_eps, start_eps)
-            delta = per_sample_pgd(train_model, x, y, start, eps, step, iters, run.autocast)
-            train_model.train()
+            # Target step: a fresh sample (strategy in eval mode, still sampled), its attack on the target in eval
+            # mode, then one weight step on x_adv in train mode.
+            delta, _, (eps_i, step_i, iters_i) = las_at_delta(attack_model, train_strategy, x, y, start_eps,
+                                                              autocast=run.amp)
             with run.autocast():
                 out = train_model(x + delta)
                 loss = F.cross_entropy(out, y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            run.scaler.scale(loss).backward()
             if args.clip_grad_norm:
+                run.scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)  # code: Tiny ImageNet, 10
-            opt.step()
+            run.scaler.step(opt)
+            run.scaler.update()
             sched.step()  # per iteration
             total_loss += loss.detach() * len(y)
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
-            # The strategy's choices on the examples trained on (Fig. 4/5 of the paper follow these).
-            eps_sum += eps.sum() * 255
-            step_sum += step.sum() * 255
-            iters_sum += iters.sum()
-        run.end_epoch(epoch, model, data, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
+            # The strategy's choices on the examples trained on: how the attacks it picks change over training.
+            eps_sum += eps_i.sum() * 255
+            step_sum += step_i.sum() * 255
+            iters_sum += iters_i.sum()
+        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
                       acc=(total_correct / total_n).item(), eps_mean=(eps_sum / total_n).item(),
                       step_mean=(step_sum / total_n).item(), iters_mean=(iters_sum / total_n).item(),
                       reward=(reward_sum / updates).item() if updates else None, updates=updates)
-    run.finish(model, data)
+    run.finish(model)
 
 
 if __name__ == "__main__":
