@@ -3,7 +3,7 @@ README's table of reported figures is this file's table.
 
     python bench/paper_figures.py          # print that table (markdown)
 
-Every figure is quoted as the paper (or SPEC.md, which read the paper) writes it, as a string, so that
+Every figure is quoted as the paper writes it (each names its source), as a string, so that
 "53.2" stays "53.2" and not "53.20". Each names its network, dataset and the attack of every number: a figure
 is only comparable with a column of ours that ran the same attack (PGD-10 is not our PGD-50-10). None of these
 numbers was measured here.
@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 
 # Variants of a script that have a name of their own: reproduce.py runs them, report.py names them.
 # Plain training: FGSM-RS with a zero step from a zero start trains on the clean images, exactly.
-# PGD-10 AT: Amata with K fixed at 10 and τ = 20/255 is PGD-10 with step 2/255 (SPEC §5), from a random start
+# PGD-10 AT: Amata with K fixed at 10 and τ = 20/255 is PGD-10 with step τ/K = 2/255 (Amata, arXiv:2012.08112,
+# Algorithm 1: α_t = τ/K_t; DECISIONS.md, 'Amata unstated details'), from a random start
 # as in Madry et al.; everything else is Amata's recipe, as in the paper's own PGD-10 baseline.
 VARIANTS = {
     "plain": ("fgsm_rs", ("--alpha", "0", "--delta-init", "zero"), "plain training"),

@@ -16,6 +16,9 @@ operators per batch that would make the host wait for a CUDA GPU (a scalar read,
 
 Times are host-side (the profiler's CPU clock): on the CPU they are the work itself. On CUDA the host runs ahead
 of the GPU, so a host-side share measures launch overhead, not the GPU's time; use `--device cuda` with care.
+On CUDA the profiler also records the GPU's kernels, and a range marked on the host (a forward) gets a GPU-side
+copy of the same name: the timeline summarised here keeps host events only (the events' device type is CPU),
+so that no GPU time is mixed into the host's shares.
 """
 import argparse
 import json
@@ -53,6 +56,13 @@ class _Done(Exception):
     pass
 
 
+def host_events(events):
+    """The host (CPU) side of a profile: on CUDA, kernels, memory copies and the GPU-side copies of the marked
+    ranges are events too, on the GPU's own clock; they are not part of the host's timeline."""
+    from torch.autograd import DeviceType
+    return [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+
+
 def _union(intervals):
     """Total length of the union of (start, end) intervals."""
     total, end = 0.0, -float("inf")
@@ -70,7 +80,9 @@ def _clip(intervals, lo, hi):
 
 def summarize(events, window):
     """Shares of the profiled window: inside a model's forward or backward, the optimiser step, other
-    operators, the rest. events: the profiler's FunctionEvents; window: (start, end) in microseconds."""
+    operators, the rest. events: the profiler's FunctionEvents (host events only are used); window: (start, end)
+    in microseconds."""
+    events = host_events(events)
     lo, hi = window
     span = hi - lo
     fwd = _clip([(e.time_range.start, e.time_range.end) for e in events if e.name == FORWARD], lo, hi)
@@ -167,7 +179,7 @@ def child(script, argv, skip, batches, out):
         pass
     else:
         raise SystemExit(f"{script}: the profiled window was never reached (fewer than --skip batches?)")
-    events = prof.events()
+    events = host_events(prof.events())
     start = min(e.time_range.start for e in events if e.name == "fastat::window_start")
     end = max(e.time_range.end for e in events if e.name == "fastat::window_end")
     result = summarize(events, (start, end))
@@ -199,6 +211,7 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None, help="given to every spec (a spec's own --precision wins)")
     p.add_argument("--skip", type=int, default=3, help="warm-up batches before the profiled ones")
     p.add_argument("--batches", type=int, default=10, help="batches profiled (0: the rest of the first epoch)")
     p.add_argument("--out", help="also write the results as JSON here")

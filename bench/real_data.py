@@ -11,9 +11,15 @@ validation slice); SDI, MEP, LAS-AT, FGSM-RS and SLAT place their lr schedule at
 Safe to interrupt and run again: a finished run (results.json) is skipped, an interrupted one goes on with
 --resume. Each run writes its output to RUN/stdout.txt. At the end, and with `--table-only` at any time, the
 table (markdown, as in README "Measured here") is printed and written to OUT/table.md: per run, the command,
-epochs, seconds per epoch (wall clock, and CPU time of the process) and the ratio of CPU time to FGSM-RS's, then
-clean / worst-case / PGD / CW accuracy of the last and the best model (worst case: correct under every attack). The ratio uses CPU time because a
-single-threaded run's CPU time hardly changes when other work shares the machine, and its wall time does.
+epochs, seconds per epoch of training (wall clock, and CPU time of the process) and the ratio of CPU time to
+FGSM-RS's, the seconds per epoch of the per-epoch monitor (PGD-10 on --monitor-size images, which picks the best
+model; not training, so apart), then clean / worst-case / PGD / CW accuracy of the last and the best model (worst
+case: correct under every attack). The ratio uses CPU time because a single-threaded run's CPU time hardly
+changes when other work shares the machine, and its wall time does. A run whose evaluation has not finished
+(results.json with no final numbers) is listed as such and goes on with --resume on the next invocation.
+
+Milestones in epochs (Amata, R-MC-LA) are scaled with the run's epochs and kept below them (a milestone at or past
+the last epoch never takes effect, and the scripts refuse it): with 2 epochs Amata's 75% and 90% both become 1.
 """
 import argparse
 import concurrent.futures
@@ -24,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from reproduce import fit_milestones  # bench/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,8 +39,11 @@ def runs(epochs, slow_epochs):
     """(name, script, flags, epochs). `epochs` for the FGSM-cost methods, `slow_epochs` for those that cost
     several times more per epoch (ATLAS, Amata, PGD-10 AT, LAS-AT)."""
     e, s = epochs, slow_epochs
+
+    def scaled(fractions, n):  # milestones at these fractions of n epochs, each below n (none when n is 1)
+        return [str(m) for m in fit_milestones([max(1, round(f * n)) for f in fractions], n)]
     # Amata: lr ×0.1 at 75% and 90% of its 100 epochs; R-MC-LA: at 50% and 75% of its 200.
-    amata_ms = [str(max(1, round(0.75 * s))), str(max(1, round(0.9 * s)))]
+    amata_ms = scaled((0.75, 0.9), s)
     return [
         ("plain", "fgsm_rs.py", ["--alpha", "0", "--delta-init", "zero"], e),
         ("fgsm_rs", "fgsm_rs.py", [], e),
@@ -41,7 +52,7 @@ def runs(epochs, slow_epochs):
         # wrn-16-2 stands in for every method's PreActResNet18 here: no dropout (latent_at.py's default for a WRN
         # is its authors' 0.3), so that all runs train the same network.
         ("latent_at", "latent_at.py", ["--dropout", "0"], e),
-        ("rmcla", "rmcla.py", ["--milestones", str(max(1, round(0.5 * e))), str(max(1, round(0.75 * e)))], e),
+        ("rmcla", "rmcla.py", ["--milestones", *scaled((0.5, 0.75), e)], e),
         # ATLAS trains until its validation rule stops it (the paper's runs peaked near epoch 30 of a 15-epoch
         # ramp): the ramp is kept at half the run, and the held-out slice at the paper's 10% of the training set.
         ("atlas", "atlas.py", ["--ramp-epochs", f"{s / 2:g}", "--val-size", "500"], s),
@@ -60,9 +71,24 @@ def command(args, script, flags, epochs, out_dir, resume):
     return cmd + (["--resume"] if resume else [])
 
 
+def load_results(out_dir):
+    """results.json, or None when there is none yet (or it does not read)."""
+    try:
+        with open(os.path.join(out_dir, "results.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def finished(out_dir):
+    """Evaluated: results.json holds the final numbers (it is written with "final": null before the evaluation)."""
+    res = load_results(out_dir)
+    return isinstance(res, dict) and isinstance(res.get("final"), dict)
+
+
 def run_one(args, name, script, flags, epochs):
     out_dir = os.path.join(args.out, name)
-    if os.path.exists(os.path.join(out_dir, "results.json")):
+    if finished(out_dir):
         return name, "done before"
     resume = os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
     os.makedirs(out_dir, exist_ok=True)
@@ -82,46 +108,53 @@ def table(args, plan):
     """Markdown table of the finished runs (the unfinished ones are listed as such)."""
     rows, base = [], None
     for name, script, flags, epochs in plan:
-        path = os.path.join(args.out, name, "results.json")
-        if not os.path.exists(path):
+        res = load_results(os.path.join(args.out, name))
+        if not isinstance(res, dict) or not res.get("epochs"):
             rows.append((name, script, flags, epochs, None))
             continue
-        with open(path) as f:
-            res = json.load(f)
-        def mean(key):  # over all epochs: a CPU has little warm-up, and Amata's cost changes by epoch
-            v = [r[key] for r in res["epochs"]]
-            return sum(v) / len(v)
-        per_epoch = (mean("seconds"), mean("cpu_seconds"))
-        if name == "fgsm_rs":
+
+        def mean(*keys):  # over all epochs: a CPU has little warm-up, and Amata's cost changes by epoch
+            v = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in res["epochs"]]
+            v = [x for x in v if x is not None]
+            return sum(v) / len(v) if v else None
+        # cpu_seconds: runs made before the rename to cpu_s (they had no monitor_s)
+        per_epoch = (mean("seconds"), mean("cpu_s", "cpu_seconds"), mean("monitor_s"))
+        if name == "fgsm_rs" and per_epoch[1]:
             base = per_epoch[1]
         rows.append((name, script, flags, epochs, (res, per_epoch)))
     attack = f"pgd{args.eval_iters}_{args.eval_restarts}"
+    pgd = f"PGD-{args.eval_iters}{'' if args.eval_restarts == 1 else f'-{args.eval_restarts}'}"
     lines = [f"| run: `python SCRIPT --dataset folder --model {args.model}` plus | epochs | s / epoch (wall, CPU) | "
-             f"× FGSM-RS (CPU) | "
-             f"last: clean / worst case / PGD-{args.eval_iters}{'' if args.eval_restarts == 1 else f'-{args.eval_restarts}'}"
-             f" / CW-20 | best epoch: clean / worst / PGD / CW |",
-             "|---|---|---|---|---|---|"]
+             f"× FGSM-RS (CPU) | monitor s / epoch | last: clean / worst case / {pgd} / CW-20 | "
+             f"best epoch: clean / worst / PGD / CW |",
+             "|---|---|---|---|---|---|---|"]
+
+    def sec(v):
+        return "–" if v is None else f"{v:.0f}"
     for name, script, flags, epochs, found in rows:
         shown = " ".join([script, *map(shlex.quote, flags)])
         if found is None:
-            lines.append(f"| `{shown}` | {epochs} | not run | | | |")
+            lines.append(f"| `{shown}` | {epochs} | not run | | | | |")
             continue
-        res, per_epoch = found
+        res, (wall, cpu, monitor) = found
         ran = len(res["epochs"])
-        ratio = f"{per_epoch[1] / base:.2f}" if base else "–"
-        fin = res["final"]
+        ratio = f"{cpu / base:.2f}" if base and cpu else "–"
+        head = f"| `{shown}` | {ran}{'' if ran == epochs else f' of {epochs}'} | {sec(wall)}, {sec(cpu)} | {ratio} | " \
+               f"{sec(monitor)} |"
+        fin = res.get("final")
+        if not isinstance(fin, dict):
+            lines.append(f"{head} evaluating / unfinished | |")
+            continue
 
         def cells(which):
             f = fin[which]
             return " / ".join(pct(f.get(k)) for k in ("clean", "worst_case", attack, "cw20"))
         best = "= last" if res["best_epoch"] in (0, ran) and fin["best"] == fin["last"] else cells("best")
-        lines.append(f"| `{shown}` | {ran}{'' if ran == epochs else f' of {epochs}'} | {per_epoch[0]:.0f}, {per_epoch[1]:.0f} | "
-                     f"{ratio} | "
-                     f"{cells('last')} | {res['best_epoch'] or ran}: {best} |")
+        lines.append(f"{head} {cells('last')} | {res['best_epoch'] or ran}: {best} |")
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="an image folder: DATA_DIR/{train,test}/CLASS/*")
     p.add_argument("--out", default="runs/real-data", help="one sub-folder per run")
@@ -140,7 +173,7 @@ def main():
     p.add_argument("--only", nargs="*", help="run only these, in this order (names as in the table: plain, fgsm_rs, "
                                              "...)")
     p.add_argument("--table-only", action="store_true", help="print the table of what has finished, run nothing")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(args.data_dir, "train")):
         p.error(f"--data-dir {args.data_dir}: no train/ folder there")
     plan = runs(args.epochs, args.slow_epochs or args.epochs)

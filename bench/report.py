@@ -4,18 +4,22 @@
     python bench/report.py runs/fgsm_rs-cifar10 runs/atlas-cifar10 --out runs
 
 Writes OUT/report.md and OUT/report.png and prints the table. One row per run: the method and the flags that
-differ from its recipe (found by parsing the same dataset and model with the script's own get_args; no training
-is run), dataset, model, epochs run and why the run stopped early if it did (the "# stop" or "# early stop" line
-in its log.txt), device, training time, seconds per epoch, evaluation size, the last and the best model's accuracy
-under each attack that was run, the best epoch, and, for a run of a method's default recipe (or a named variant)
-on a dataset its paper reports, the paper's figures from bench/paper_figures.py, with the paper's network.
+differ from its recipe (found by parsing the same dataset and model with the script's own get_args; no data is
+read and no training is run), dataset, model, epochs run and why the run stopped early if it did (the "# stop" or
+"# early stop" line in its log.txt), device and training precision, training time, seconds per epoch of training
+and, apart, of the per-epoch monitor, evaluation size and PGD step, the last and the best model's accuracy under
+each attack that was run, the best epoch, and, for a run of a method's default recipe (or a named variant) on a
+dataset its paper reports, the paper's figures from bench/paper_figures.py, with the paper's network.
 
 Every attack has its own column, named with its settings: a run evaluated with PGD-20-1 never shares a column
 with one evaluated with PGD-50-10. The figure has robust accuracy against training time (last and best model of
 each run) and every run's pgd_monitor against epoch, where catastrophic overfitting shows as a sudden drop.
 A directory without a readable results.json (an unfinished or failed run) gets a one-line warning and is skipped.
-Runs made by `bench/reproduce.py --quick` (a RUN/reproduce.json says so) are marked as quick runs and get no
-paper figure: they did not run the recipe.
+A run whose results.json has no final numbers yet (`"final": null`: written when training ends, before the
+evaluation; it stays so if the evaluation was interrupted or failed) gets a row marked "evaluating / unfinished"
+with its training figures; `python SCRIPT.py --resume --out-dir RUN` runs its evaluation again.
+Runs made by `bench/reproduce.py --quick` (a RUN/reproduce.json says so) are marked as quick runs, with the
+evaluation they ran, and get no paper figure: they did not run the recipe.
 """
 import argparse
 import contextlib
@@ -32,12 +36,12 @@ sys.path.insert(0, ROOT)  # the method scripts and common.py, imported for their
 
 import paper_figures  # noqa: E402  (bench/, this script's own folder)
 
-# Flags that are not part of a recipe: where the run happened, and the evaluation, which the accuracy columns'
-# headers and the "eval images" column name instead. dataset and model have columns of their own.
-NOT_RECIPE = {"method", "dataset", "model", "data_dir", "out_dir", "device", "resume", "eval_samples", "eval_iters",
-              "eval_restarts", "autoattack"}
+# Flags that are not part of a recipe: where and how the run was executed, and the evaluation, which the accuracy
+# columns' headers and the "eval images" column name instead. dataset and model have columns of their own.
+NOT_RECIPE = {"method", "dataset", "model", "data_dir", "out_dir", "device", "resume", "workers", "progress_every",
+              "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
 # Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
-NEUTRAL = {"seed", "compile"}
+NEUTRAL = {"seed", "compile", "precision"}
 RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")  # a directory holding one of these is a run
 
 
@@ -86,9 +90,11 @@ def load_results(run_dir):
         problem = "not a JSON object"
     else:
         missing = [k for k in ("method", "args", "epochs", "train_time", "final") if k not in res]
+        final = res.get("final")
         if missing:
             problem = f"no {', '.join(missing)}"
-        elif not (isinstance(res["final"], dict) and all(isinstance(res["final"].get(k), dict) for k in ("last", "best"))
+        elif not ((final is None or isinstance(final, dict) and all(isinstance(final.get(k), dict)
+                                                                   for k in ("last", "best")))
                   and isinstance(res["epochs"], list) and isinstance(res["args"], dict)):
             problem = "final.last / final.best, epochs or args are not what a run writes"
     if problem:
@@ -97,13 +103,20 @@ def load_results(run_dir):
     return res
 
 
-def quick_factor(run_dir):
-    """The --quick factor of a run made by reproduce.py (None: a full recipe, or not made by reproduce.py)."""
+def reproduce_info(run_dir):
+    """RUN/reproduce.json, written by reproduce.py ({} when there is none): "quick" (the --quick factor, None for
+    a full recipe) and "eval" (the evaluation a quick run was given)."""
     try:
         with open(os.path.join(run_dir, "reproduce.json")) as f:
-            return json.load(f).get("quick")
-    except (OSError, ValueError, AttributeError):
-        return None
+            info = json.load(f)
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def quick_factor(run_dir):
+    """The --quick factor of a run made by reproduce.py (None: a full recipe, or not made by reproduce.py)."""
+    return reproduce_info(run_dir).get("quick")
 
 
 def stop_reason(run_dir, res):
@@ -127,34 +140,6 @@ class RecipeUnknown(Exception):
     pass
 
 
-@contextlib.contextmanager
-def _folder_stand_in():
-    """get_args() of some scripts reads the class count of --dataset folder (to check --top-k, --label-smoothing)
-    by decoding the image folder. The recipe does not depend on it, and the folder may be elsewhere or gone: a
-    stand-in with many classes lets those checks pass, as they did when the run started."""
-    import common
-    import numpy as np
-    real, real_split = common.dataset_info, common.load_split
-
-    def info(name, data_dir="data"):
-        return real(name, data_dir) if name != "folder" else dict(common.DATASETS["cifar10"], classes=1000)
-
-    def split(name, data_dir, train):
-        # ATLAS's default --val-size on a folder is a tenth of its training images (at most 5,000): the real count
-        # when the folder is still there (a cached folder loads at once), else that of a 50,000-image set.
-        try:
-            return real_split(name, data_dir, train)
-        except SystemExit:
-            if name != "folder":
-                raise
-            return None, np.zeros(50_000 if train else 10_000, dtype=np.int64)
-    common.dataset_info, common.load_split = info, split
-    try:
-        yield
-    finally:
-        common.dataset_info, common.load_split = real, real_split
-
-
 _PARSED = {}  # (method, argv) → vars of get_args(argv) or the RecipeUnknown it raised: each is parsed once
 
 
@@ -174,16 +159,21 @@ def get_args(method, argv):
 def _get_args(method, argv):
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(os.path.join(ROOT, f"{method}.py")):
         raise RecipeUnknown(f"no script {method}.py")
-    module = importlib.import_module(method)  # imports only: every script keeps its work in main()
+    try:
+        module = importlib.import_module(method)  # imports only: every script keeps its work in main()
+    except Exception as exc:
+        raise RecipeUnknown(f"{method}.py does not import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, "get_args") or not all(isinstance(w, str) for w in argv):
         raise RecipeUnknown(f"{method}.py has no get_args(), or the run's dataset or model is missing")
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), _folder_stand_in():
-            return vars(module.get_args(list(argv)))
+        with contextlib.redirect_stderr(err):
+            return vars(module.get_args(list(argv)))  # parsing reads no data: the dataset need not be there
     except SystemExit:
         lines = err.getvalue().strip().splitlines()
         raise RecipeUnknown(lines[-1] if lines else "get_args refused the flags") from None
+    except Exception as exc:  # a script that fails to parse its own flags must not stop the report
+        raise RecipeUnknown(f"{method}.py get_args: {type(exc).__name__}: {exc}") from None
 
 
 def same(a, b):
@@ -228,15 +218,34 @@ def show_flags(flags):
     return " ".join(words)
 
 
-def recipe_diff(method, dataset, model, args):
+def derived_val_size(train_images, val_size):
+    """What common.get_data makes of --val-size None: a tenth of the training split, at most 5,000. The split is
+    the run's training images plus those it held out."""
+    return min(5000, (train_images + val_size) // 10)
+
+
+# Recipe values None that common.get_data derives from the data: key → f(train_images, the run's value).
+DERIVED = {"val_size": derived_val_size}
+
+
+def recipe_diff(method, dataset, model, args, train_images=None):
     """The smallest set of flags that, given to METHOD.py with --dataset DATASET --model MODEL, reproduces `args`
     (every key but NOT_RECIPE). A flag that follows from another is left out: with --epsilon 16, FGSM-RS's α
-    follows ε (20/255) and is not shown; ATLAS's --attack-iters 10 brings its own step and loss weights."""
+    follows ε (20/255) and is not shown; ATLAS's --attack-iters 10 brings its own step and loss weights.
+    A recipe value None is derived from the data when the run starts (ATLAS's --val-size: a tenth of the training
+    split): the run's value is the derived one unless a flag set it. With `train_images` (results.json's, the
+    images it trained on) the derived value is computed and a different one shown; without it, never shown."""
     base = ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull]
-    if dataset == "folder" and isinstance(args.get("data_dir"), str):
-        base += ["--data-dir", args["data_dir"]]  # a folder's recipe can depend on its size (ATLAS's --val-size)
     recipe = get_args(method, base)
-    diff = {k: v for k, v in args.items() if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k]))}
+
+    def derived(key, value):  # the run's value is what the data made of the recipe's None
+        if key not in DERIVED or recipe.get(key) is not None:
+            return False
+        if isinstance(train_images, int) and isinstance(value, int):
+            return value == DERIVED[key](train_images, value)
+        return True  # not computable without the run's image count: taken as derived
+    diff = {k: v for k, v in args.items() if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k]))
+            and not derived(k, v)}
     for key in sorted(diff, key=lambda k: list(args).index(k)):
         trial = {k: v for k, v in diff.items() if k != key and k in recipe}
         with contextlib.suppress(RecipeUnknown):
@@ -262,7 +271,7 @@ def describe(res, quick):
     dataset, model = args.get("dataset"), args.get("model")
     out = {"flags": "", "variant": None, "figures": [], "recipe_error": None}
     try:
-        diff = recipe_diff(method, dataset, model, args)
+        diff = recipe_diff(method, dataset, model, args, res.get("train_images"))
         recipe_model = get_args(method, ["--dataset", dataset, "--device", "cpu", "--out-dir", os.devnull])["model"]
     except RecipeUnknown as err:
         out["recipe_error"] = str(err)
@@ -332,14 +341,48 @@ def duration(seconds):
     return f"{seconds / 3600:.2f} h"
 
 
+def _mean(rows, *keys):
+    """Mean over the rows of the first of `keys` a row has as a number (None if no row has one)."""
+    values = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in rows]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def per_epoch(run):
+    """Training seconds per epoch (the monitor is apart: monitor_cell)."""
     rows, device = run["res"]["epochs"], run["res"].get("device", "?")
     if not rows:
         return "–"
-    wall = sum(r.get("seconds", 0) for r in rows) / len(rows)
-    cpu = [r["cpu_seconds"] for r in rows if isinstance(r.get("cpu_seconds"), (int, float))]
+    wall = _mean(rows, "seconds") or 0.0
+    cpu = _mean(rows, "cpu_s", "cpu_seconds")  # cpu_seconds: runs made before the rename
     # On a CPU the process's CPU time measures the epoch even when other work shares the machine.
-    return f"{wall:.1f} (CPU {sum(cpu) / len(cpu):.1f})" if device == "cpu" and cpu else f"{wall:.1f}"
+    return f"{wall:.1f} (CPU {cpu:.1f})" if device == "cpu" and cpu is not None else f"{wall:.1f}"
+
+
+def monitor_cell(run):
+    """Seconds per epoch of the per-epoch monitor (PGD-10 on the monitor images), not part of training."""
+    monitor = _mean(run["res"]["epochs"], "monitor_s")
+    return "–" if monitor is None else f"{monitor:.1f}"
+
+
+def device_cell(run):
+    res = run["res"]
+    return str(res.get("device", "?")) + (f" ({res['precision']})" if res.get("precision") else "")
+
+
+def eval_cell(run):
+    """The number of test images, and the PGD step of the evaluation (it follows ε)."""
+    res = run["res"]
+    ev = res.get("eval") if isinstance(res.get("eval"), dict) else {}
+    images = ev.get("images", res.get("eval_samples", "?"))  # eval_samples: runs made before "eval"
+    step = re.search(r"step ([^,]+)", str(ev.get("pgd", "")))
+    return f"{images} (step {step[1]})" if step else str(images)
+
+
+def final_of(run, which):
+    """final.last / final.best ({} while the run has no final numbers)."""
+    final = run["res"]["final"]
+    return final[which] if final else {}
 
 
 def epochs_cell(run):
@@ -347,6 +390,15 @@ def epochs_cell(run):
     ran, planned = len(res["epochs"]), res["args"].get("epochs")
     reason = stop_reason(run["dir"], res)
     return f"{ran} of {planned}: {reason}" if reason else str(ran)
+
+
+def quick_eval(run):
+    """The evaluation reproduce.py gave a quick run, as "PGD-20-1, CW-20" (None if it recorded none)."""
+    ev = run.get("reproduce", {}).get("eval")
+    if not isinstance(ev, dict) or ev.get("iters") is None:
+        return None
+    text = f"PGD-{ev['iters']}-{ev.get('restarts', '?')}"
+    return text + (f", CW-{ev['cw_iters']}" if ev.get("cw_iters") else "")
 
 
 def method_cell(run):
@@ -357,7 +409,10 @@ def method_cell(run):
     if info["recipe_error"]:
         text += f" (recipe not known: {info['recipe_error']})"
     if run["quick"]:
-        text += f" **quick (recipe ÷ {number(run['quick'])})**"
+        ev = quick_eval(run)
+        text += f" **quick (recipe ÷ {number(run['quick'])}{'; evaluated with ' + ev if ev else ''})**"
+    if res["final"] is None:
+        text += " **evaluating / unfinished (no final numbers)**"
     return text
 
 
@@ -368,22 +423,22 @@ def paper_cell(run):
 
 
 def build_table(runs):
-    keys = sorted({k for run in runs for which in ("last", "best") for k in run["res"]["final"][which]},
-                  key=metric_order)
+    keys = sorted({k for run in runs for which in ("last", "best") for k in final_of(run, which)}, key=metric_order)
     columns = [
         ("run", lambda r: r["label"]),
         ("method and flags that differ from its recipe", method_cell),
         ("dataset", lambda r: str(r["res"]["args"].get("dataset"))),
         ("model", lambda r: str(r["res"]["args"].get("model"))),
         ("epochs", epochs_cell),
-        ("device", lambda r: str(r["res"].get("device", "?"))),
+        ("device", device_cell),
         ("train time", lambda r: duration(r["res"]["train_time"])),
         ("s / epoch", per_epoch),
-        ("eval images", lambda r: str(r["res"].get("eval_samples", "?"))),
+        ("monitor s / epoch", monitor_cell),
+        ("eval images", eval_cell),
     ]
-    columns += [(f"last {metric_name(k)}", lambda r, k=k: pct(r["res"]["final"]["last"], k)) for k in keys]
+    columns += [(f"last {metric_name(k)}", lambda r, k=k: pct(final_of(r, "last"), k)) for k in keys]
     columns.append(("best epoch", lambda r: str(r["res"].get("best_epoch") or len(r["res"]["epochs"]))))
-    columns += [(f"best {metric_name(k)}", lambda r, k=k: pct(r["res"]["final"]["best"], k)) for k in keys]
+    columns += [(f"best {metric_name(k)}", lambda r, k=k: pct(final_of(r, "best"), k)) for k in keys]
     columns.append(("paper (network: reported %, time)", paper_cell))
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for run in runs:
@@ -391,13 +446,16 @@ def build_table(runs):
     return "\n".join(lines)
 
 
-NOTES = """Accuracies in % on the first `eval images` test images, for the last model and the best one ("best":
-the highest per-epoch monitor on training data, or ATLAS's validation accuracy; never the test set). PGD-N-R:
-N steps and R restarts on the cross-entropy, step 2/255 (MNIST 0.01), a sample counts as robust only if it
-survives every restart; CW-N: PGD-N on the Carlini-Wagner margin; worst case: correct under every attack the
-run evaluated. s / epoch: wall-clock training seconds (on a CPU also the process's CPU seconds), monitor and
-checkpoint excluded. Paper figures (bench/paper_figures.py) are quoted from the papers, on the network and
-hardware they name, under the attacks they name: compare a figure only with our column of the same attack."""
+NOTES = """Accuracies in % on `eval images` test images (a fixed random subset when fewer than the test set), for the
+last model and the best one ("best": the highest per-epoch monitor on training data, or ATLAS's validation
+accuracy; never the test set). PGD-N-R: N steps and R restarts on the cross-entropy, with the step given beside
+the image count (ε/4, i.e. 2/255 at ε = 8/255, MNIST ε/30; at least 1.5ε/N), a sample counts as robust only if it
+survives every restart; CW-N: PGD-N on the Carlini-Wagner margin; worst case: correct under every attack the run
+evaluated. s / epoch: wall-clock training seconds (on a CPU also the process's CPU seconds); the per-epoch monitor
+(PGD-10 on the monitor images, which picks the best model) is not training and has its own column, monitor
+s / epoch; checkpoints are in neither. Paper figures (bench/paper_figures.py) are quoted from the papers, on the
+network and hardware they name, under the attacks they name: compare a figure only with our column of the same
+attack."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +468,8 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
     fig, (ax_time, ax_mon) = plt.subplots(1, 2, figsize=(14, 5.5))
     pgd_key = {}
-    for run in runs:  # the robust accuracy of the left panel: the run's PGD column
-        keys = sorted((k for k in run["res"]["final"]["last"] if k.startswith("pgd")), key=metric_order)
+    for run in runs:  # the robust accuracy of the left panel: the run's PGD column (none before its evaluation)
+        keys = sorted((k for k in final_of(run, "last") if k.startswith("pgd")), key=metric_order)
         if keys:
             pgd_key[run["label"]] = keys[-1]
     attacks = sorted(set(pgd_key.values()), key=metric_order)
@@ -426,7 +484,7 @@ def plot(runs, path):
             # The best model is placed at the time its epoch ended: that is what it cost to train.
             best_epoch = res.get("best_epoch") or len(res["epochs"])
             best_time = sum(r.get("seconds", 0) for r in res["epochs"][:best_epoch])
-            last_acc, best_acc = (res["final"][w].get(key) for w in ("last", "best"))
+            last_acc, best_acc = (final_of(run, w).get(key) for w in ("last", "best"))
             text = label if len(attacks) == 1 else f"{label} [{metric_name(key)}]"
             if last_acc is not None:
                 ax_time.plot(res["train_time"] / unit, 100 * last_acc, "o", color=colour, ms=7)
@@ -468,7 +526,8 @@ def collect(paths):
     for d in dirs:
         res = load_results(d)
         if res is not None:
-            runs.append({"dir": d, "res": res, "quick": quick_factor(d)})
+            info = reproduce_info(d)
+            runs.append({"dir": d, "res": res, "quick": info.get("quick"), "reproduce": info})
     if len(runs) == 1:
         runs[0]["label"] = os.path.basename(runs[0]["dir"])
     elif runs:

@@ -18,15 +18,19 @@ one continues with --resume from its last completed epoch. A run that fails is r
 exit code is then 1.
 
 --quick [FACTOR] divides every recipe's length by FACTOR (default 10; at least one epoch): --epochs, the
-milestones of amata.py and rmcla.py (in epochs), ATLAS's --ramp-epochs and its epoch upper bound. fgsm_sdi,
-fgsm_mep, las_at, fgsm_rs and latent_at place their lr schedules at fractions of --epochs already. The report
-marks quick runs as such and puts no paper figure beside them.
+milestones of amata.py and rmcla.py (in epochs; a milestone that would fall at or past the shortened run's last
+epoch is moved to the epoch before it, duplicates merged, none left when the run has one epoch), ATLAS's
+--ramp-epochs and its epoch upper bound. fgsm_sdi, fgsm_mep, las_at, fgsm_rs and latent_at place their lr
+schedules at fractions of --epochs already. A quick run is also evaluated quickly: PGD-20 with 1 restart and CW-20
+(QUICK_EVAL) instead of the scripts' PGD-50-10, on every test image, unless --eval-iters, --eval-restarts or
+--eval-cw-iters are given (each one given wins). Each run's reproduce.json records the quick factor and the
+evaluation; the report marks quick runs as such, names their evaluation, and puts no paper figure beside them.
 
 --model sets the network of every run, and LAS-AT's strategy network too (the paper uses one architecture for
-both). With --dataset folder, ATLAS holds out 10% of the training images for its validation rule (the paper's
-5,000 of CIFAR's 50,000) instead of 5,000, which a small folder may not have. Flags that this script does not
-know are passed to every run unchanged (e.g. --batch-size 32 --monitor-size 64 --compile); the report shows them
-as flags that differ from the recipe.
+both). ATLAS holds out a tenth of the training images (at most 5,000, the paper's 5,000 of CIFAR's 50,000) for
+its validation rule, on any dataset: its script's default. Flags that this script does not know are passed to
+every run unchanged (e.g. --batch-size 32 --monitor-size 64 --compile); the report shows them as flags that
+differ from the recipe.
 """
 import argparse
 import json
@@ -58,6 +62,8 @@ PLAN = (
     ("las_at", "las_at", ()),
 )
 NAMES = [name for name, _, _ in PLAN]
+# The evaluation of a --quick run, for each flag not given: PGD-20-1 and CW-20 (the scripts: PGD-50-10, CW-20).
+QUICK_EVAL = {"eval_iters": 20, "eval_restarts": 1, "eval_cw_iters": 20}
 
 
 def shrink(value, factor):
@@ -65,17 +71,15 @@ def shrink(value, factor):
     return max(1, int(value / factor + 0.5))
 
 
-def count_images(data_dir):
-    """Files below DATA_DIR/train/CLASS/ (hidden ones aside): the size of a folder dataset's training split."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(os.path.join(data_dir, "train")):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        total += sum(not f.startswith(".") for f in filenames)
-    return total
+def fit_milestones(milestones, epochs):
+    """Milestones (epochs after which the lr drops) moved below `epochs`: one at or past the last epoch would never
+    take effect (the scripts refuse it), so it goes to the epoch before; duplicates are merged, and none is left
+    when the run has a single epoch."""
+    return sorted({min(m, epochs - 1) for m in milestones if min(m, epochs - 1) >= 1})
 
 
 def run_flags(args, script, flags):
-    """The flags of one run: the variant's, the network, --quick's shrinking, ATLAS's validation size."""
+    """The flags of one run: the variant's, the network, --quick's shrinking."""
     words = list(flags)
     if args.model:
         words += ["--model", args.model]
@@ -84,36 +88,53 @@ def run_flags(args, script, flags):
         if script == "latent_at" and args.model.startswith("wrn"):
             # one network for every method: latent_at.py's WRN default is its authors' dropout 0.3
             words += ["--dropout", "0"]
-    if args.quick or (script == "atlas" and args.dataset == "folder"):
-        # The recipe's own numbers, for this dataset, as the script fills them in.
-        recipe = report.get_args(script, ["--dataset", args.dataset, "--data-dir", args.data_dir, "--device", "cpu",
-                                          *words])
-        if args.quick:
-            words += ["--epochs", str(shrink(recipe["epochs"], args.quick))]
-            if "milestones" in recipe:  # amata.py, rmcla.py: milestones in epochs
-                words += ["--milestones", *(str(shrink(m, args.quick)) for m in recipe["milestones"])]
-            if "ramp_epochs" in recipe:  # atlas.py: ε ramp in epochs (a float)
-                words += ["--ramp-epochs", report.number(recipe["ramp_epochs"] / args.quick)]
-        if script == "atlas" and args.dataset == "folder":
-            words += ["--val-size", str(min(recipe["val_size"], max(1, count_images(args.data_dir) // 10)))]
+    if args.quick:
+        # The recipe's own numbers, for this dataset, as the script fills them in (parsing reads no data).
+        recipe = report.get_args(script, ["--dataset", args.dataset, "--device", "cpu", *words])
+        epochs = shrink(recipe["epochs"], args.quick)
+        words += ["--epochs", str(epochs)]
+        if "milestones" in recipe:  # amata.py, rmcla.py: milestones in epochs
+            words += ["--milestones", *map(str, fit_milestones([shrink(m, args.quick) for m in recipe["milestones"]],
+                                                               epochs))]
+        if "ramp_epochs" in recipe:  # atlas.py: ε ramp in epochs (a float)
+            words += ["--ramp-epochs", report.number(recipe["ramp_epochs"] / args.quick)]
     return words
+
+
+def evaluation(args):
+    """The evaluation every run gets: {eval_iters, eval_restarts, eval_cw_iters}, each as given, else QUICK_EVAL's
+    under --quick, else None (the script's default)."""
+    return {k: getattr(args, k) if getattr(args, k) is not None else QUICK_EVAL[k] if args.quick else None
+            for k in QUICK_EVAL}
+
+
+def evaluation_record(args):
+    """The evaluation as reproduce.json records it: iters, restarts, cw_iters, samples, the scripts' defaults
+    filled in (None samples: every test image)."""
+    defaults = vars(common.base_parser("").parse_args([]))
+    ev = {k: v if v is not None else defaults[k] for k, v in evaluation(args).items()}
+    return {"iters": ev["eval_iters"], "restarts": ev["eval_restarts"], "cw_iters": ev["eval_cw_iters"],
+            "samples": args.eval_samples}
 
 
 def command(args, name, script, flags):
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
            "--out-dir", os.path.join(args.out, name), *run_flags(args, script, flags)]
-    for flag in ("device", "eval_samples", "eval_iters", "eval_restarts"):
-        if getattr(args, flag) is not None:
-            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    given = {"device": args.device, "eval_samples": args.eval_samples, **evaluation(args)}
+    for flag, value in given.items():
+        if value is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(value)]
     return cmd + (["--autoattack"] if args.autoattack else []) + args.passthrough
 
 
 def finished(run_dir):
-    """A run is finished when its results.json is there and reads (an interrupted write leaves none)."""
+    """A run is finished when its results.json reads and holds the final numbers. A run writes results.json with
+    "final": null when training ends and fills it in after its evaluation: until then (or when the evaluation was
+    interrupted) the run is resumed, which runs the evaluation again."""
     try:
         with open(os.path.join(run_dir, "results.json")) as f:
-            return "final" in json.load(f)
-    except (OSError, ValueError, TypeError):
+            return isinstance(json.load(f).get("final"), dict)
+    except (OSError, ValueError, TypeError, AttributeError):
         return False
 
 
@@ -134,8 +155,9 @@ def run_one(args, name, cmd):
     resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     os.makedirs(run_dir, exist_ok=True)
     if before is None:
-        with open(marker, "w") as f:  # tells report.py how the run was made (quick or not)
-            json.dump({"name": name, "quick": args.quick, "command": shown}, f, indent=1)
+        with open(marker, "w") as f:  # tells report.py how the run was made (quick or not, its evaluation)
+            json.dump({"name": name, "quick": args.quick, "eval": getattr(args, "eval", None), "command": shown},
+                      f, indent=1)
     print(f"# {name}: {shown}{' --resume' if resume else ''}", flush=True)
     start = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -178,15 +200,19 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: each script's, cuda if present)")
     p.add_argument("--eval-samples", type=common.pos_int, default=None,
                    help="evaluate on N test images, a fixed random subset (default: all)")
-    p.add_argument("--eval-iters", type=common.pos_int, default=None, help="PGD steps of the final evaluation (50)")
-    p.add_argument("--eval-restarts", type=common.pos_int, default=None, help="PGD restarts of the final evaluation "
-                                                                              "(10)")
+    p.add_argument("--eval-iters", type=common.pos_int, default=None,
+                   help="PGD steps of the final evaluation (50; --quick: 20)")
+    p.add_argument("--eval-restarts", type=common.pos_int, default=None,
+                   help="PGD restarts of the final evaluation (10; --quick: 1)")
+    p.add_argument("--eval-cw-iters", type=common.nonneg_int, default=None,
+                   help="steps of the final PGD on the CW margin, 0: none (20; --quick: 20)")
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack in every final evaluation")
     args, args.passthrough = p.parse_known_args(argv)
     if args.passthrough and not args.passthrough[0].startswith("--"):
         p.error(f"unexpected argument {args.passthrough[0]}")
     if args.out is None:
         args.out = os.path.join("runs", f"reproduce-{args.dataset}{'-quick' if args.quick else ''}")
+    args.eval = evaluation_record(args)
     plan = [r for r in PLAN if not args.methods or r[0] in args.methods]
     try:
         commands = [(name, command(args, name, script, flags)) for name, script, flags in plan]
@@ -194,6 +220,10 @@ def main(argv=None):
         p.error(f"a script refused the flags: {err}")
     if args.passthrough:
         print(f"# passed to every run: {shlex.join(args.passthrough)}")
+    if args.quick:
+        ev = args.eval
+        cw = f" and CW-{ev['cw_iters']}" if ev["cw_iters"] else ""
+        print(f"# quick: recipes ÷ {report.number(args.quick)}, evaluated with PGD-{ev['iters']}-{ev['restarts']}{cw}")
 
     outcomes, start = [], time.time()
     for name, cmd in commands:
