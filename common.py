@@ -1,12 +1,13 @@
 """What every fastat method script shares, and nothing that is a method: data, networks, PGD evaluation and the
-run plumbing (command line, per-epoch table, checkpoint and resume, results.json, curves.png).
+run plumbing (command line, per-epoch table, checkpoint and resume, results.json, curves.png, torchrun).
 
 A method script relies on this much (fgsm_rs.py is the shortest example):
 
     args = common.parse_args(parser, RECIPES)      # the recipe's defaults; --resume restores the run's own flags
     data = common.get_data(args)                   # data.train.epoch(e) yields (x in [0, 1] on the device, y, index)
     model = common.get_model(args, data)           # normalisation is inside: the model takes [0, 1] images
-    run = common.Run(args, data)                   # run folder, log.txt, seeds, precision
+    run = common.Run(args, data)                   # run folder, log.txt, precision
+    attack_model, train_model = run.models(model)  # the attacks' view; the weight step's (DDP under torchrun)
     checkpoint = dict(model=model, opt=opt, ...)   # what a checkpoint holds
     start = run.resume(checkpoint) if args.resume else 0
     for epoch in range(start, args.epochs):
@@ -32,23 +33,50 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 _LOG = []  # the open log.txt of this process's run: log() writes there too
 
 
+def rank():
+    """This process's rank under torchrun (0 without it)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    """The number of processes torchrun started (1 without it)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _global_sum(t):
+    """A tensor summed over the processes."""
+    if world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def mean_over_ranks(value):
+    """A number averaged over the processes, so that every process takes the same decision from it."""
+    device = "cuda" if world() > 1 and dist.get_backend() == "nccl" else "cpu"
+    return _global_sum(torch.tensor([float(value)], dtype=torch.float64, device=device)).item() / world()
+
+
 def log(line):
-    """Print a line (flushed), and append it to the run's log.txt."""
-    print(line, flush=True)
-    for f in _LOG:
-        f.write(line + "\n")
-        f.flush()
+    """Print a line (flushed), and append it to the run's log.txt; only the first process prints."""
+    if not rank():
+        print(line, flush=True)
+        for f in _LOG:
+            f.write(line + "\n")
+            f.flush()
 
 
 def fail(message):
     """A start that cannot work: one line on stderr and exit code 2 (as argparse's errors), no traceback."""
-    print(f"fastat: {message}", file=sys.stderr, flush=True)
+    if not rank():
+        print(f"fastat: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -77,6 +105,7 @@ DATASETS = {
                  mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970)),
     "mnist": dict(classes=10, crop=0, flip=False, mean=(0.0,), std=(1.0,)),
     "tiny-imagenet": dict(classes=200, crop=4, flip=True, mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
+    "imagenet": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),  # streamed from disk
 }
 DATASET_NAMES = list(DATASETS) + ["folder"]  # folder: any ImageFolder; its facts come from its images
 
@@ -112,35 +141,9 @@ def _rgb(path):
         raise OSError(f"cannot read image {path}: {err}") from None
 
 
-def _decode(folders, workers):
-    """Decode torchvision ImageFolders into uint8 tensors N×C×H×W and labels, in DataLoader worker processes. One
-    size for every image (nothing is resized), and one channel count for all the folders: gray (1 channel) if every
-    pixel of every image is gray, else RGB."""
-    from torchvision.transforms import PILToTensor
-    out = []
-    for ds in folders:
-        ds.transform = PILToTensor()
-        try:
-            items = [i for b in torch.utils.data.DataLoader(ds, 64, num_workers=workers, collate_fn=list) for i in b]
-        except OSError as err:  # raised in a worker: the last line of its message names the file
-            fail(str(err).strip().splitlines()[-1].removeprefix("OSError: "))
-        size = (out[0][0] if out else items[0][0]).shape[-2:]
-        for (image, _), (path, _) in zip(items, ds.samples):
-            if image.shape[-2:] != size:
-                fail(f"{path} is {image.shape[2]}x{image.shape[1]} but the images are {size[1]}x{size[0]} (like "
-                     f"{folders[0].samples[0][0]}): every image must have one size (resize the folder beforehand)")
-        out.append((torch.stack([i for i, _ in items]), torch.tensor([c for _, c in items])))
-    gray = all(bool((x == x[:, :1]).all()) for x, _ in out)
-    return [(x[:, :1].contiguous() if gray else x, y) for x, y in out]
-
-
-def load_dataset(name, data_dir, workers=2):
-    """Both splits and the dataset's facts: ((x, y), (test_x, test_y), info), x uint8 N×C×H×W, y int64 (CPU), and
-    info: classes, shape, crop, flip, mean, std. A folder (torchvision's ImageFolder layout, DATA_DIR/train/CLASS/*
-    and DATA_DIR/test/CLASS/* or val/) has its training images' mean and std, and a crop padding of size/8."""
-    if name not in ("folder", "tiny-imagenet"):
-        (x, y), test = _torchvision_split(name, data_dir, True), _torchvision_split(name, data_dir, False)
-        return (x, y), test, dict(DATASETS[name], shape=x.shape[1:])
+def image_folders(name, data_dir):
+    """The training and test torchvision ImageFolders of a folder (DATA_DIR/train/CLASS/*, DATA_DIR/test/CLASS/* or
+    val/), ImageNet (the same) or Tiny ImageNet, the test split labelled in the training split's class order."""
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, "tiny-imagenet-200") if name == "tiny-imagenet" else data_dir
     test = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
@@ -148,8 +151,8 @@ def load_dataset(name, data_dir, workers=2):
         fail(f"dataset '{name}' not found in {os.path.abspath(data_dir)}; see README.md, 'Data layout'")
     try:
         train = ImageFolder(os.path.join(root, "train"), loader=_rgb)
-        test = ImageFolder(test, loader=_rgb) if name == "folder" else ImageFolder(root, loader=_rgb, allow_empty=True,
-                                                                                 is_valid_file=lambda p: f"{os.sep}val{os.sep}images{os.sep}" in p)
+        test = ImageFolder(root, loader=_rgb, allow_empty=True, is_valid_file=lambda p: f"{os.sep}val{os.sep}images"
+                           f"{os.sep}" in p) if name == "tiny-imagenet" else ImageFolder(test, loader=_rgb)
     except FileNotFoundError as err:  # an empty class folder
         fail(f"{err} (every class folder needs at least one image)")
     if name == "tiny-imagenet":  # val/images/*.JPEG, labelled by val/val_annotations.txt
@@ -158,13 +161,53 @@ def load_dataset(name, data_dir, workers=2):
         test.samples = [(p, train.class_to_idx[wnid[os.path.basename(p)]]) for p, _ in test.samples]
     elif set(test.classes) - set(train.classes):
         fail(f"{test.root}/{sorted(set(test.classes) - set(train.classes))[0]} is not a class of train/")
-    else:  # test/'s labels in train/'s class order
+    else:
         test.samples = [(p, train.class_to_idx[test.classes[c]]) for p, c in test.samples]
-    (x, y), (tx, ty) = _decode([train, test], workers)
-    v = x.transpose(0, 1).flatten(1).float().div_(255)  # per-channel mean and std
+    return train, test
+
+
+def _decode(folder, workers, indices=None, transform=None):
+    """A folder's images (all, or `indices`) as uint8 N×3×H×W and labels, decoded in DataLoader worker processes;
+    `transform` (PIL → PIL) before. Without one, every image must have the first one's size: nothing is resized."""
+    from torchvision import transforms as T
+    folder.transform = T.Compose([t for t in (transform, T.PILToTensor()) if t])
+    picked = torch.utils.data.Subset(folder, (range(len(folder)) if indices is None else indices.tolist()))
+    try:
+        items = [i for b in torch.utils.data.DataLoader(picked, 64, num_workers=workers, collate_fn=list) for i in b]
+    except OSError as err:  # raised in a worker: the last line of its message names the file
+        fail(str(err).strip().splitlines()[-1].removeprefix("OSError: "))
+    for (x, _), i in zip(items, picked.indices):
+        if x.shape != items[0][0].shape:
+            h, w = items[0][0].shape[1:]
+            fail(f"{folder.samples[i][0]} is {x.shape[2]}x{x.shape[1]} but the images are {w}x{h} (like "
+                 f"{folder.samples[picked.indices[0]][0]}): every image must have one size (resize them, or give "
+                 f"--image-size)")
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+def load_dataset(name, data_dir, workers=2):
+    """Both splits held in memory and the dataset's facts: ((x, y), (test_x, test_y), info), x uint8 N×C×H×W, y int64,
+    info: classes, shape, crop, flip, mean, std. A folder's images must have one size; they are grayscale (1 channel)
+    if every pixel of both splits is gray, else RGB; its mean and std are its training images', its crop padding
+    size/8."""
+    if name not in ("folder", "tiny-imagenet"):
+        (x, y), test = _torchvision_split(name, data_dir, True), _torchvision_split(name, data_dir, False)
+        return (x, y), test, dict(DATASETS[name], shape=x.shape[1:])
+    train, test = image_folders(name, data_dir)
+    (x, y), (tx, ty) = _decode(train, workers), _decode(test, workers)
+    if x.shape[1:] != tx.shape[1:]:
+        fail(f"the test images are {tx.shape[3]}x{tx.shape[2]}, the training images {x.shape[3]}x{x.shape[2]}")
+    if bool((x == x[:, :1]).all()) and bool((tx == tx[:, :1]).all()):  # every pixel gray: one channel
+        x, tx = x[:, :1].contiguous(), tx[:, :1].contiguous()
+    v = x.transpose(0, 1).flatten(1).float().div_(255)
     info = DATASETS.get(name, dict(classes=len(train.classes), crop=x.shape[2] // 8, flip=True,
                                    mean=tuple(v.mean(1).tolist()), std=tuple(v.std(1).tolist())))
     return (x, y), (tx, ty), dict(info, shape=x.shape[1:])
+
+
+def _part(size):
+    """This process's slice of a batch of `size` (all of it in one process)."""
+    return slice(size * rank() // world(), size * (rank() + 1) // world())
 
 
 class DeviceLoader:
@@ -172,9 +215,10 @@ class DeviceLoader:
 
     epoch(e) yields (x, y, idx): float images in [0, 1], labels, and each sample's index in the full training split
     (per-sample memories are indexed by it). The permutation, crops (zero padding) and flips come from a generator
-    seeded by (seed, epoch): a resumed run sees exactly the batches it would have seen. With shuffle, a lone last
-    sample is dropped (train-mode BatchNorm cannot take a batch of one); len() is the number of batches yielded,
-    the count every per-iteration schedule is planned with."""
+    seeded by (seed, epoch): a resumed run sees exactly the batches it would have seen. With shuffle (training),
+    each of torchrun's processes takes its part of every batch (--batch-size is the batch of all of them), and a last
+    batch too small to give each process two images is dropped (train-mode BatchNorm cannot take a batch of one);
+    len() is the number of batches yielded, the count every per-iteration schedule is planned with."""
 
     def __init__(self, images, labels, indices, batch_size, shuffle=False, crop=0, flip=False, seed=0,
                  channels_last=False, progress=0.0, label="train"):
@@ -184,10 +228,13 @@ class DeviceLoader:
 
     def _sizes(self):
         n, b = len(self.labels), self.batch_size
-        return [min(b, n - s) for s in range(0, n, b) if not (self.shuffle and n - s == 1)]
+        return [min(b, n - s) for s in range(0, n, b) if not (self.shuffle and n - s < 2 * world())]
 
     def __len__(self):
         return len(self._sizes())
+
+    def batches(self, epoch):
+        return len(self)
 
     def epoch(self, epoch):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -200,7 +247,9 @@ class DeviceLoader:
         flips = torch.cat([torch.rand(k, generator=gen) < 0.5 for k in sizes]).to(device) if self.flip else None
         progress, start = Progress(f"{self.label} epoch {epoch + 1}", sum(sizes), self.progress), 0
         for size in sizes:
-            batch, part = order[start:start + size], slice(start, start + size)
+            part = _part(size) if self.shuffle else slice(0, size)
+            part = slice(start + part.start, start + part.stop)
+            batch = order[part]
             x = self.images[batch]
             x = random_crop(x, self.crop, crops[part]) if self.crop else x
             x = torch.where(flips[part, None, None, None], x.flip(3), x) if self.flip else x
@@ -220,38 +269,123 @@ def random_crop(x, pad, offsets):
                                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
+class StreamLoader:
+    """An image folder read from disk in every epoch by torchvision's ImageFolder in DataLoader worker processes
+    (pinned memory, persistent workers): for data too large for the device's memory or of mixed image sizes
+    (ImageNet). Training transform RandomResizedCrop(crop) and a horizontal flip; `phases`, a list of (last epoch,
+    crop, batch), change crop and batch size by epoch (Wong et al.'s progressive resizing). Yields what DeviceLoader
+    yields, each process its part of every batch. A sample's augmentation is seeded by (seed, epoch, index): a
+    resumed run, any number of workers and any number of processes see the same images."""
+
+    def __init__(self, folder, indices, phases, seed, device, workers, channels_last=False, progress=0.0):
+        self.folder, self.indices, self.phases, self.seed, self.device = folder, indices, phases, seed, device
+        self.workers, self.channels_last, self.progress, self.crop, self.sampler = workers, channels_last, progress, \
+            None, []
+
+    def phase(self, epoch):
+        """(crop, batch size) of an epoch."""
+        return next(((crop, batch) for last, crop, batch in self.phases if epoch < last), self.phases[-1][1:])
+
+    def batches(self, epoch):
+        n, b = len(self.indices), self.phase(epoch)[1]
+        return n // b + (n % b >= 2 * world())  # a last batch that cannot give each process two images is dropped
+
+    def __len__(self):
+        return self.batches(0)
+
+    def epoch(self, epoch):
+        from torchvision import transforms as T
+        crop, batch = self.phase(epoch)
+        if crop != self.crop:  # a new phase: new workers, with its transform
+            self.folder.transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.PILToTensor()])
+            self.crop, self.loader = crop, torch.utils.data.DataLoader(
+                _Seeded(self.folder, self.seed), batch_sampler=self.sampler, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        order = self.indices[torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))].tolist()
+        batches = [order[s:s + batch] for s in range(0, self.batches(epoch) * batch, batch)]
+        self.sampler[:] = [[(i, epoch) for i in b[_part(len(b))]] for b in batches]  # what the loader reads
+        progress = Progress(f"train epoch {epoch + 1}", sum(map(len, batches)), self.progress)
+        for x, y, idx in self.loader:
+            x = x.to(self.device, non_blocking=True).float().div_(255)
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x,
+                   y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True))
+            progress.update(len(y) * world())
+
+
+class _Seeded(torch.utils.data.Dataset):
+    """An ImageFolder indexed by (index, epoch): each sample's augmentation seeded by (seed, epoch, index)."""
+
+    def __init__(self, folder, seed):
+        self.folder, self.seed = folder, seed
+
+    def __getitem__(self, item):
+        torch.manual_seed((self.seed * 1_000_003 + item[1]) * 10_000_019 + item[0])
+        return *self.folder[item[0]], item[0]
+
+
 def channels_last(args):
     """The GPU path (channels_last tensors): on CUDA, or wherever a reduced precision is asked for."""
     return torch.device(args.device).type == "cuda" or args.precision in ("bf16", "fp16")
 
 
 def get_data(args):
-    """The dataset in device memory, as a namespace: name, num_classes, shape (C, H, W), mean, std; train and val
-    (DeviceLoaders; val: --val-size training images held out, unaugmented, or None; --val-size None holds out a tenth,
-    at most 5,000); test_x, test_y (uint8 images, labels: the fixed evaluation subset of --eval-samples); train_size
-    (the rows of a per-sample memory); monitor (a fixed random x, y of training images)."""
-    (x, y), (tx, ty), info = load_dataset(args.dataset, args.data_dir, args.workers)
+    """The dataset as a namespace: name, num_classes, shape (C, H, W), mean, std; train (a DeviceLoader, the split in
+    device memory; a StreamLoader for ImageNet and a folder with --image-size), val (--val-size training images held
+    out, unaugmented, or None; --val-size None holds out a tenth, at most 5,000); test_x, test_y (uint8 images and
+    labels: the fixed evaluation subset, --eval-samples); monitor (fixed random x, y of training images); train_size
+    (the rows of a per-sample memory), train_images; eval_batch (the batch of the monitor and the evaluation)."""
+    device, kw = torch.device(args.device), dict(channels_last=channels_last(args), progress=args.progress_every)
+    streamed = args.dataset == "imagenet" or bool(args.image_size)
+    if streamed:  # ImageNet, or a folder with --image-size: read from disk, the evaluation images decoded once
+        train_folder, test_folder = image_folders(args.dataset, args.data_dir)
+        n = len(train_folder)
+        # ImageNet's recipe: Wong et al.'s three phases, their ends and batches in proportion to --epochs and
+        # --batch-size (the first phase's batch), their crops to --image-size (the last phase's crop)
+        scale = args.image_size / args.phases[-1][1] if args.phases and args.image_size else 1
+        phases = [[round(last * args.epochs / args.phases[-1][0]), round(crop * scale), max(2 * world(), round(
+            batch * args.batch_size / args.phases[0][2]))] for last, crop, batch in args.phases] if args.phases \
+            else [[args.epochs, args.image_size, args.batch_size]]
+        size = phases[-1][1]
+        from torchvision import transforms as T  # ImageNet's evaluation transform: 256 → 224, CenterCrop
+        resized = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])
+    else:
+        (x, y), (tx, ty), info = load_dataset(args.dataset, args.data_dir, args.workers)
+        n = len(y)
     if args.val_size is None:
-        args.val_size = min(5000, len(y) // 10)
-    if args.val_size >= len(y) - 1:
-        fail(f"--val-size {args.val_size} leaves too few training images ({len(y)} in the split)")
+        args.val_size = min(5000, n // 10)
+    if args.val_size >= n - 1:
+        fail(f"--val-size {args.val_size} leaves too few training images ({n} in the split)")
     # The validation slice does not depend on --seed: runs with different seeds share it.
-    perm, device = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)), torch.device(args.device)
-    val_idx, train_idx = (perm[len(y) - args.val_size:].sort().values.to(device),
-                          perm[:len(y) - args.val_size].sort().values.to(device))
-    x, y = x.to(device), y.to(device)
-    kw = dict(channels_last=channels_last(args), progress=args.progress_every)
-    train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, shuffle=True, crop=info["crop"],
-                         flip=info["flip"] and not args.no_flip, seed=args.seed, **kw)
-    val = DeviceLoader(x[val_idx], y[val_idx], val_idx, args.batch_size, label="validation", **kw) \
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val_idx, train_idx = perm[n - args.val_size:].sort().values, perm[:n - args.val_size].sort().values
+    if streamed:
+        train = StreamLoader(train_folder, train_idx, phases, args.seed, device, args.workers, **kw)
+        val_images = [t.to(device) for t in _decode(train_folder, args.workers, val_idx, resized)] \
+            if args.val_size else None
+        pick = (val_idx if args.val_size else train_idx)[subset(len(val_idx) or len(train_idx), args.monitor_size, 1)]
+        monitor = _decode(train_folder, args.workers, pick, resized)
+        tx, ty = _decode(test_folder, args.workers, subset(len(test_folder), args.eval_samples), resized)
+        v = monitor[0].transpose(0, 1).flatten(1).float().div_(255)  # a folder's mean and std: its monitor images'
+        info = dict(DATASETS.get(args.dataset, dict(mean=tuple(v.mean(1).tolist()), std=tuple(v.std(1).tolist()))),
+                    classes=len(train_folder.classes), shape=(3, size, size))
+        eval_batch, test = phases[-1][2], slice(None)
+    else:
+        x, y, val_idx, train_idx = x.to(device), y.to(device), val_idx.to(device), train_idx.to(device)
+        train = DeviceLoader(x[train_idx], y[train_idx], train_idx, args.batch_size, shuffle=True, crop=info["crop"],
+                             flip=info["flip"] and not args.no_flip, seed=args.seed, **kw)
+        val_images = (x[val_idx], y[val_idx])
+        # Fixed random subsets, not the first images: an image folder lists its images class by class.
+        source = val_images if args.val_size else (train.images, train.labels)
+        pick = subset(len(source[1]), args.monitor_size, seed=1).to(device)
+        monitor, eval_batch, test = (source[0][pick], source[1][pick]), args.batch_size, subset(len(ty), args.eval_samples)
+    val = DeviceLoader(*val_images, val_idx.to(device), args.batch_size, label="validation", **kw) \
         if args.val_size else None
-    # Fixed random subsets, not the first images: an image folder lists its images class by class.
-    source = val or train
-    pick, test = subset(len(source.labels), args.monitor_size, seed=1).to(device), subset(len(ty), args.eval_samples)
     return SimpleNamespace(name=args.dataset, num_classes=info["classes"], shape=tuple(info["shape"]),
-                           mean=info["mean"], std=info["std"], train=train, val=val, train_size=len(y),
-                           test_x=tx[test].to(device), test_y=ty[test].to(device),
-                           monitor=(source.images[pick].float() / 255, source.labels[pick]))
+                           mean=info["mean"], std=info["std"], train=train, val=val, test_x=tx[test].to(device),
+                           test_y=ty[test].to(device), monitor=(monitor[0].to(device).float() / 255,
+                                                                monitor[1].to(device)),
+                           train_size=n, train_images=len(train_idx), eval_batch=eval_batch)
 
 
 def subset(total, n=None, seed=0):
@@ -264,13 +398,19 @@ def subset(total, n=None, seed=0):
 
 
 class Normalized(nn.Module):
-    def __init__(self, mean, std):
+    """Normalises with per-channel mean and std (buffers: they travel with the weights), then runs `net`."""
+
+    def __init__(self, mean, std, net=None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.net = net
 
     def normalize(self, x):
         return (x - self.mean) / self.std
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
 
 
 class PreActBlock(nn.Module):
@@ -325,26 +465,18 @@ class WideResNet(Normalized):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1))
 
 
-class Sequential(Normalized):
-    """Wong et al.'s MNIST CNN, or pytorch/examples' MNIST LeNet (make_model)."""
-
-    def __init__(self, mean, std, *layers):
-        super().__init__(mean, std)
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(self.normalize(x))
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's, for ImageNet
 
 
 def model_name(text):
-    """argparse type for --model: preact18, wrn-DEPTH-WIDTH (depth = 6n+4), mnist-cnn or lenet."""
+    """argparse type for --model: preact18, wrn-DEPTH-WIDTH (depth = 6n+4), mnist-cnn, lenet, resnet18/34/50/101."""
     name = {"preactresnet18": "preact18", "cnn": "mnist-cnn"}.get(text.lower(), text.lower())
     m = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
-    if name in ("preact18", "mnist-cnn", "lenet") or (m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0
-                                                      and int(m[2]) >= 1):
+    if name in ("preact18", "mnist-cnn", "lenet", *RESNETS) or (m and int(m[1]) >= 10 and (int(m[1]) - 4) % 6 == 0
+                                                                and int(m[2]) >= 1):
         return name
     raise argparse.ArgumentTypeError(f"'{text}' is not a model: use preact18, wrn-DEPTH-WIDTH with depth = 6n+4 "
-                                     f"(wrn-34-10, wrn-28-10, wrn-16-2, ...), mnist-cnn or lenet")
+                                     f"(wrn-34-10, wrn-28-10, wrn-16-2, ...), mnist-cnn, lenet or resnet18/34/50/101")
 
 
 def make_model(name, num_classes, shape, mean, std, dropout=0.0):
@@ -354,18 +486,25 @@ def make_model(name, num_classes, shape, mean, std, dropout=0.0):
         return PreActResNet18(num_classes, c, mean, std)
     if name.startswith("wrn"):
         return WideResNet(*map(int, name.split("-")[1:]), num_classes, c, mean, std, dropout)
+    if name in RESNETS:  # random init
+        import torchvision
+        if c != 3:
+            fail(f"--model {name} takes colour images, not {c}-channel ones")
+        return Normalized(mean, std, getattr(torchvision.models, name)(num_classes=num_classes))
     if name == "mnist-cnn":  # Wong et al.: conv(16,k4,s2,p1)-ReLU-conv(32,k4,s2,p1)-ReLU-FC(100)-ReLU-FC
         if (h, w) != (28, 28):
             fail(f"--model mnist-cnn only fits 28x28 images, not {w}x{h}")
-        return Sequential(mean, std, nn.Conv2d(c, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes))
+        return Normalized(mean, std, nn.Sequential(
+            nn.Conv2d(c, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes)))
     # lenet: pytorch/examples' mnist/main.py from Dec 2018 to Nov 2019 (the PyTorch 1.0 Amata ran): two valid 5×5
     # convs (20, 50), each ReLU + max-pool 2, FC(500)-ReLU-FC, no dropout; logits out (its log_softmax is the CE's)
     if min(h, w) < 16:
         fail(f"--model lenet needs images of at least 16x16, not {w}x{h}")
     h, w = (((s - 4) // 2 - 4) // 2 for s in (h, w))  # 4×4 on 28×28: FC(800)
-    return Sequential(mean, std, nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
-                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes))
+    return Normalized(mean, std, nn.Sequential(
+        nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(50 * h * w, 500), nn.ReLU(), nn.Linear(500, num_classes)))
 
 
 def get_model(args, data, dropout=0.0):
@@ -518,9 +657,12 @@ def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size,
       "CLASS/* (README.md, 'Data layout'), trained with the CIFAR-10 recipe")
     a("--data-dir", default="data", help="where the dataset is (CIFAR, SVHN and MNIST are downloaded there)")
     a("--no-flip", action="store_true", help="no random horizontal flip (where a flip changes the class)")
-    a("--model", type=model_name, default=None, help="preact18, wrn-DEPTH-WIDTH (e.g. wrn-34-10), mnist-cnn, lenet")
+    a("--image-size", type=pos_int, default=None, metavar="N", help="a folder of images of any size: read it from "
+      "disk in every epoch, training on random resized N×N crops (ImageNet: the last phase's crop)")
+    a("--model", type=model_name, default=None, help="preact18, wrn-DEPTH-WIDTH (e.g. wrn-34-10), mnist-cnn, lenet, "
+                                                     "resnet18/34/50/101")
     a("--epochs", type=pos_int, default=None)
-    a("--batch-size", type=batch_size, default=None)
+    a("--batch-size", type=batch_size, default=None, help="the batch of all the processes together")
     a("--lr", type=pos_float, default=None, help=lr_help)
     a("--epsilon", type=epsilon, default=None, help="L∞ radius of training and of the evaluation, /255 units")
     a("--alpha", type=nonneg_float, default=None, help=alpha_help)
@@ -528,14 +670,14 @@ def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size,
         a("--label-smoothing", type=pos_float, default=None, metavar="TRUE_PROB", help=label_smoothing)
     a("--seed", type=int, default=0)
     a("--out-dir", default=None, help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)")
-    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when there is one)")
+    a("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when there is one; under torchrun each "
+                                     "process takes its LOCAL_RANK's GPU)")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="autocast dtype of training. "
       "auto: bf16 on GPUs that compute it natively (Ampere and later), fp16 with loss scaling on older GPUs, fp32 on "
       "the CPU. The evaluation is fp32")
     a("--compile", action="store_true", help="torch.compile the networks for training")
     a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1), help="processes that decode image files")
-    a("--eval-samples", type=pos_int, default=None, help="evaluate on N test images, a fixed random subset (default "
-                                                         "all)")
+    a("--eval-samples", type=pos_int, default=None, help="evaluate on N test images, a fixed random subset")
     a("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
     a("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
     a("--eval-cw-iters", type=nonneg_int, default=20, help="steps of the final PGD on the CW margin (0: none)")
@@ -551,6 +693,12 @@ def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size,
     return p
 
 
+# Every script's recipe on --dataset imagenet, under its own "imagenet" entry: the ImageNet configuration released
+# with Wong et al.'s FGSM-RS (github.com/locuslab/fast_adversarial, ImageNet/configs): ResNet-50, 15 epochs in three
+# phases of crop and batch (last epoch, crop, batch), SGD momentum 0.9, weight decay 1e-4, imagenet_lr() peaking at
+# 0.4, ε = 2/255; evaluated on a fixed random 1,000 of the 50,000 validation images (--eval-samples 50000: all).
+IMAGENET = dict(model="resnet50", epochs=15, batch_size=512, phases=[[6, 128, 512], [12, 224, 224], [15, 288, 128]],
+                lr=0.4, weight_decay=1e-4, epsilon=2, eval_samples=1000)
 # What a resumed run may change: where it runs and how it is evaluated, not what it trains.
 FREE_ON_RESUME = {"resume", "out_dir", "device", "data_dir", "workers", "compile", "progress_every", "eval_samples",
                   "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
@@ -558,11 +706,11 @@ _GIVEN = object()  # marks the flags that were not on the command line
 
 
 def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",)):
-    """Parse, then fill every flag left at None from recipes[dataset] over recipes['default'].
-
-    eps_relative: recipe values that are a ratio of ε (FGSM-RS's α = 1.25ε, ...): with --epsilon alone they keep
-    the ratio (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With --resume the flags come from the
-    run's checkpoint, and a flag given with it that would change the training is refused. Seeds every generator."""
+    """Parse, then fill every flag left at None from recipes[dataset] over (ImageNet: IMAGENET over)
+    recipes['default']. eps_relative: recipe values that are a ratio of ε (FGSM-RS's α = 1.25ε, ...) keep it when
+    only ε is set (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With --resume the flags come from
+    the run's checkpoint, and one given with it that would change the training is refused. Under torchrun, joins the
+    process group. Seeds every generator."""
     for action in parser._actions:  # -h shows each recipe's value
         values = [(k, r[action.dest]) for k, r in recipes.items() if r.get(action.dest) is not None]
         if values and action.default is None:
@@ -576,11 +724,13 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
     if args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
         args = _resumed_args(args.out_dir, given, script)
     else:
-        recipe = {"val_size": 0, "model": "mnist-cnn" if args.dataset == "mnist" else "preact18",
-                  **recipes.get("default", {}), **recipes.get(args.dataset, {})}
-        for key in eps_relative if args.epsilon is not None and recipe.get("epsilon") else ():
-            if getattr(args, key, None) is None and key in recipe:
-                setattr(args, key, recipe[key] * args.epsilon / recipe["epsilon"])
+        recipe = {"val_size": 0, "phases": None, "model": "mnist-cnn" if args.dataset == "mnist" else "preact18",
+                  **recipes.get("default", {})}
+        for layer in (IMAGENET if args.dataset == "imagenet" else {}, recipes.get(args.dataset, {}), {
+                k: v for k, v in vars(args).items() if v is not None and k == "epsilon"}):
+            # a layer's ε moves the ε-relative values it does not set (ImageNet's ε 2: FGSM-RS's α 2.5)
+            ratio = layer.get("epsilon", recipe.get("epsilon", 1)) / recipe.get("epsilon", 1)
+            recipe.update({k: recipe[k] * ratio for k in eps_relative if k in recipe and k not in layer}, **layer)
         for key, value in recipe.items():
             setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
         args.method = script
@@ -596,9 +746,14 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
             import autoattack  # noqa: F401  (now, not after hours of training)
         except ImportError:
             parser.error("--autoattack needs the official package: pip install git+https://github.com/fra31/auto-attack")
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # started by torchrun
+        if device.type == "cuda":  # one GPU per process: its LOCAL_RANK's
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Each process draws its own random starts; the networks start from the first process's weights (DDP).
+    for seed in (torch.manual_seed, np.random.seed, random.seed):
+        seed(args.seed + rank())
     return args
 
 
@@ -619,7 +774,7 @@ def _resumed_args(out, given, script):
         if key not in FREE_ON_RESUME and value != saved.get(key):
             fail(f"--{key.replace('_', '-')} {_show(value)}: this run was started with {_show(saved.get(key))}, and a "
                  f"resumed run keeps its flags; start a new run (another --out-dir) to change it")
-    return argparse.Namespace(**{**saved, "device": None, **{k: given[k] for k in given}, "out_dir": out})
+    return argparse.Namespace(**{**saved, "device": None, **given, "out_dir": out})
 
 
 def label_smoothing(true_prob, num_classes):
@@ -633,13 +788,24 @@ def label_smoothing(true_prob, num_classes):
     return (1 - true_prob) * num_classes / (num_classes - 1)
 
 
+def imagenet_lr(opt, loader, epochs):
+    """Wong et al.'s ImageNet schedule (their ImageNet configs), a LambdaLR stepped every iteration: the lr rises
+    linearly from 0 to the optimiser's lr over the first epoch, then falls linearly to 1/10 of it at 6/15 of the run,
+    to 1/100 at 12/15 and to 1/1000 at the end; iteration i of epoch e is at e + (i + 1)/batches(e), the batches of
+    the loader's phase (they change with the crop)."""
+    counts = np.cumsum([0] + [loader.batches(e) for e in range(epochs)])
+    points = [0, 1, *(np.array([6, 12, 15]) * epochs / 15)], [0, 1, 0.1, 0.01, 0.001]
+
+    def factor(step):
+        e = min(int(np.searchsorted(counts, step, side="right")) - 1, epochs - 1)
+        return float(np.interp(e + (step - counts[e] + 1) / (counts[e + 1] - counts[e]), *points))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def command_line(args):
     """The flags of a parsed run as a command line that reproduces it (recipe values made explicit)."""
-    words = []
-    for key, value in vars(args).items():
-        if key not in ("method", "resume") and value is not None and value is not False:
-            words += [f"--{key.replace('_', '-')}"] + ([] if value is True else _show(value).split(" "))
-    return " ".join(words)
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + _show(v)) for k, v in vars(args).items()
+                    if k not in ("method", "resume", "phases") and v is not None and v is not False)
 
 # ---- A training run: its folder, the per-epoch table, checkpoints, the final evaluation
 
@@ -670,8 +836,9 @@ class InputGradOnly(nn.Module):
 
 class Run:
     """One training run in args.out_dir: log.txt (the table, also on stdout), checkpoint.pt after every epoch, and
-    at the end model_last.pt, model_best.pt, results.json and curves.png. `columns`: the method's own columns, after
-    epoch, seconds (training), cpu_s (the process's CPU time), monitor_s, lr, loss, acc, pgd_monitor."""
+    at the end model_last.pt, model_best.pt, results.json and curves.png (written by the first process under
+    torchrun). `columns`: the method's own per-epoch columns, after epoch, seconds (training), cpu_s (the process's
+    CPU time), monitor_s, lr, loss, acc and pgd_monitor."""
 
     # An epoch whose clean predictions put this share of the monitor images into one class is never "best": a
     # constant predictor can beat a catastrophically overfitted model on robust accuracy.
@@ -691,14 +858,14 @@ class Run:
         if os.path.exists(self.ckpt_path) and not args.resume:
             fail(f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another "
                  f"--out-dir")
-        os.makedirs(args.out_dir, exist_ok=True)
-        _LOG[:] = [open(os.path.join(args.out_dir, "log.txt"), "a" if resumed else "w")]
-        self.rows, self.best, self.best_weights = [], {"score": -math.inf, "epoch": 0}, None
+        if not rank():  # the first process writes every file of the run
+            os.makedirs(args.out_dir, exist_ok=True)
+            _LOG[:] = [open(os.path.join(args.out_dir, "log.txt"), "a" if resumed else "w")]
+        self.rows, self.best, self.best_weights, self.stopped = [], {"score": -math.inf, "epoch": 0}, None, False
         self.train_time = self.save_seconds = 0.0
-        self.stopped = False
         if not resumed:
             log(f"# python {args.method}.py {command_line(args)}")
-            if self.device.type == "cpu" and args.model in ("preact18", "wrn-34-10", "wrn-28-10"):
+            if self.device.type == "cpu" and args.model in ("preact18", "wrn-34-10", "wrn-28-10", *RESNETS):
                 log(f"# training {args.model} on the CPU is slow: see the ETA of the progress lines; a small --model "
                     f"such as wrn-16-2 is many times faster")
             log("  ".join(f"{c:>10}" for c in self.columns))
@@ -707,25 +874,34 @@ class Run:
         """The autocast of the training passes (a no-op in fp32)."""
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
-    def models(self, model):
-        """(attack_model, train_model), both torch.compile'd with --compile and sharing `model`'s parameters: the
-        network the attacks run on (input gradients only: InputGradOnly) and the one the weight step runs through."""
+    def models(self, model, double_backward=False):
+        """(attack_model, train_model), sharing `model`'s parameters: the network the attacks run on (input gradients
+        only: InputGradOnly) and the one the weight step runs through (trainable()). Both are torch.compile'd with
+        --compile, except a train_model whose loss needs a double backward (torch.compile has none)."""
         fast = torch.compile(model) if self.args.compile else model
-        return InputGradOnly(fast), fast
+        if world() == 1 and not double_backward:
+            return InputGradOnly(fast), fast
+        return InputGradOnly(fast), self.trainable(model, compile=not double_backward)
 
-    def trainable(self, net):
-        """A method's own network (SDI's generator, LAS-AT's strategy network) as its training passes run it:
-        torch.compile'd with --compile."""
-        return torch.compile(net) if self.args.compile else net
+    def trainable(self, net, compile=True):
+        """A network as its weight step runs it: under torchrun in DistributedDataParallel (gradients averaged over
+        the processes; attacks run on the plain module, since an input-gradient backward through DDP would leave its
+        reducer waiting), torch.compile'd with --compile. Also a method's own network (SDI's generator, LAS-AT's
+        strategy network)."""
+        if world() > 1:
+            net = nn.parallel.DistributedDataParallel(net, [self.device] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile and compile else net
 
     def resume(self, checkpoint):
         """Restore every object of `checkpoint` from checkpoint.pt (modules, optimisers and schedulers with
         load_state_dict, tensors with copy_, dicts with update) and the run's own state (table, best model, RNG
-        states); returns the epoch to continue from."""
+        states of every process); returns the epoch to continue from."""
         if not os.path.exists(self.ckpt_path):
             log(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
             return 0
         ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        if len(ckpt["rng"]) != world():
+            fail(f"{self.args.out_dir} was trained by {len(ckpt['rng'])} process(es): resume it with as many")
         for key, obj in checkpoint.items():
             saved = ckpt["objects"][key]
             if torch.is_tensor(obj):
@@ -735,24 +911,25 @@ class Run:
                 obj.update(saved)
             else:
                 obj.load_state_dict(saved)
-        self.rows, self.best, self.train_time, self.stopped = ckpt["rows"], ckpt["best"], ckpt["train_time"], \
-            ckpt["stopped"]
-        if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16's loss scale
-            self.scaler.load_state_dict(ckpt["scaler"])
+        self.rows, self.best, self.train_time = ckpt["rows"], ckpt["best"], ckpt["train_time"]
+        self.stopped, done = ckpt["stopped"], ckpt["epoch"]
         if ckpt["best_weights"] is not None:  # kept on the CPU (map_location moved them)
             self.best_weights = {k: v.cpu() for k, v in ckpt["best_weights"].items()}
-        rng = ckpt["rng"]
+        if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16's loss scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"][rank()]  # this process's generators; CUDA: its own device's only
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if rng["cuda"] is not None and self.device.type == "cuda":  # this run's own device only
+        if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
-        done = ckpt["epoch"]
-        with open(os.path.join(self.args.out_dir, "log.txt")) as f:
-            logged = max([int(w[0]) for w in map(str.split, f) if w and w[0].isdigit()], default=0)
-        log(f"# resumed from {self.ckpt_path} after epoch {done}" + (
-            f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded" if logged > done else ""))
-        log("  ".join(f"{c:>10}" for c in self.columns))
+        if not rank():  # rows a skipped checkpoint left in the log (fgsm_mep.py)
+            with open(os.path.join(self.args.out_dir, "log.txt")) as f:
+                logged = max([int(w[0]) for w in map(str.split, f) if w and w[0].isdigit()], default=0)
+            log(f"# resumed from {self.ckpt_path} after epoch {done}" + (
+                f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded" if logged > done
+                else ""))
+            log("  ".join(f"{c:>10}" for c in self.columns))
         return self.args.epochs if self.stopped else done
 
     def start_epoch(self):
@@ -763,22 +940,28 @@ class Run:
     def end_epoch(self, epoch, model, checkpoint, lr, loss, acc, score=None, stop=False, save=True, **extra):
         """Close an epoch: check the loss, run the monitor, keep the best weights, log the row, write the checkpoint.
 
-        loss, acc: the epoch's mean training loss and accuracy (on the inputs the method trains on). score: what
-        "best" maximises (default: the monitor's PGD accuracy). stop: the method ends training after this epoch.
-        save: write checkpoint.pt (the last epoch and a stop always are). extra: the method's own columns."""
+        loss, acc: the epoch's mean training loss and accuracy (on the inputs the method trains on), averaged over
+        the processes here, as the method's float columns (`extra`). score: what "best" maximises (default: the
+        monitor's PGD accuracy). stop: the method ends training after this epoch (every process must say the same).
+        save: write checkpoint.pt (the last epoch and a stop always are)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds, cpu = time.time() - self._start, time.process_time() - self._cpu
         self.train_time += seconds
+        loss, acc = mean_over_ranks(loss), mean_over_ranks(acc)
+        extra = {k: mean_over_ranks(v) if isinstance(v, float) else v for k, v in extra.items()}
         if not math.isfinite(loss):
             log(f"# epoch {epoch + 1}: the training loss is {loss}; stopping. The checkpoint of epoch {epoch} is intact, "
                 f"but a resumed run would repeat this epoch: start a new run with a lower --lr or step size")
             raise NonFiniteLoss()
-        start, (x, y), eps = time.time(), self.data.monitor, self.args.epsilon / 255
-        monitor = pgd_correct(model, x, y, eps, eps / 4, 10, batch_size=self.args.batch_size).float().mean().item()
+        # The monitor: PGD-10 on fixed training images, each process on its part of them.
+        start, (x, y), eps = time.time(), _shard(self.data.monitor), self.args.epsilon / 255
+        correct = pgd_correct(model, x, y, eps, eps / 4, 10, batch_size=self.data.eval_batch)
         with torch.no_grad(), eval_mode(model):
-            top_share = torch.bincount(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-                                       ).max().item() / len(x)
+            counts = torch.bincount(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]),
+                                    minlength=self.data.num_classes)
+        total = _global_sum(torch.cat([counts, correct.sum()[None]]).double())
+        monitor, top_share = total[-1].item() / len(self.data.monitor[1]), (total[:-1].max() / total[:-1].sum()).item()
         row = {"epoch": epoch + 1, "seconds": seconds, "cpu_s": cpu, "monitor_s": time.time() - start, "lr": lr,
                "loss": loss, "acc": acc, "pgd_monitor": monitor, **extra}
         self.rows.append(row)
@@ -792,57 +975,70 @@ class Run:
         log("  ".join(_cell(c, row.get(c)) for c in self.columns))
         self.stopped = stop
         if save or stop or epoch + 1 == self.args.epochs:
-            start = time.time()
-            _atomic_save({"epoch": epoch + 1, "rows": self.rows, "best": self.best, "best_weights": self.best_weights,
-                          "train_time": self.train_time, "stopped": stop, "args": vars(self.args),
-                          "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                          "objects": {k: v if torch.is_tensor(v) or isinstance(v, dict) else v.state_dict()
-                                      for k, v in checkpoint.items()},
-                          "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                  "python": random.getstate(), "cuda": torch.cuda.get_rng_state(self.device)
-                                  if self.device.type == "cuda" else None}}, self.ckpt_path)
+            start, rng = time.time(), [None] * world()  # every process's generators
+            mine = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+            dist.all_gather_object(rng, mine) if world() > 1 else rng.__setitem__(0, mine)
+            if not rank():
+                _atomic_save({"epoch": epoch + 1, "rows": self.rows, "best": self.best, "stopped": stop,
+                              "best_weights": self.best_weights, "train_time": self.train_time, "args": vars(self.args),
+                              "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": rng,
+                              "objects": {k: v if torch.is_tensor(v) or isinstance(v, dict) else v.state_dict()
+                                          for k, v in checkpoint.items()}}, self.ckpt_path)
             self.save_seconds += time.time() - start
 
     def finish(self, model):
         """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the best model
-        on the fixed test subset (evaluate()'s protocol), and write results.json and curves.png."""
+        on the fixed test subset (evaluate()'s protocol; each process its part), write results.json and curves.png."""
         args, out, data, eps = self.args, self.args.out_dir, self.data, self.args.epsilon / 255
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if self.best_weights is None and self.rows:
             log("# no epoch was eligible as the best model (all predicted one class); best = last")
         best = self.best_weights or last
-        _atomic_save(last, os.path.join(out, "model_last.pt"))
-        _atomic_save(best, os.path.join(out, "model_best.pt"))
         results = {
             "method": args.method, "args": vars(args), "epochs": self.rows, "train_time": self.train_time,
             "best_epoch": self.best["epoch"] or len(self.rows), "stopped_early": len(self.rows) < args.epochs,
-            "train_images": len(data.train.labels),
+            "train_images": data.train_images,
             "data": {"classes": data.num_classes, "shape": list(data.shape), "mean": data.mean, "std": data.std},
             "eval": {"images": len(data.test_y), "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step "
                      f"{255 * eval_step(eps, args.eval_iters, args.dataset):.4g}/255", "cw_iters": args.eval_cw_iters,
                      "autoattack": args.autoattack},
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": str(self.amp or torch.float32).replace("torch.", ""), "torch": torch.__version__,
+            "processes": world(), "batch_per_process": args.batch_size / world(),
             "final": None}  # written now too: evaluate.py can load the weights even if this evaluation fails
-        _write_json(results, os.path.join(out, "results.json"))
+        if not rank():
+            _atomic_save(last, os.path.join(out, "model_last.pt"))
+            _atomic_save(best, os.path.join(out, "model_best.pt"))
+            _write_json(results, os.path.join(out, "results.json"))
+        x, y = _shard((data.test_x, data.test_y))
         final = {}
         for name, weights, epoch in (("last", last, len(self.rows)), ("best", best, results["best_epoch"])):
             if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
                 final[name] = final["last"]  # the best weights are the last ones: the same numbers
                 continue
             model.load_state_dict(weights)
-            torch.manual_seed(args.seed)  # the evaluation's random starts do not depend on training
+            torch.manual_seed(args.seed + rank())  # the evaluation's random starts do not depend on training
             log(f"# evaluating the {name} model (epoch {epoch}) on {len(data.test_y)} test images")
-            final[name] = evaluate(model, data.test_x, data.test_y, eps, args.eval_iters, args.eval_restarts,
-                                   args.eval_cw_iters, args.autoattack, data.num_classes, dataset=args.dataset,
-                                   progress=args.progress_every)
+            part = evaluate(model, x, y, eps, args.eval_iters, args.eval_restarts, args.eval_cw_iters, args.autoattack,
+                            data.num_classes, data.eval_batch, dataset=args.dataset, progress=args.progress_every)
+            final[name] = {k: _global_sum(torch.tensor(v * len(y), dtype=torch.float64, device=y.device)).item()
+                           / len(data.test_y) for k, v in part.items()}
             log(f"# {name} model: " + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items()))
         model.load_state_dict(last)
-        _write_json({**results, "final": final}, os.path.join(out, "results.json"))
-        plot_curves(self.rows, os.path.join(out, "curves.png"), f"{args.method} on {args.dataset}")
-        log(f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, model_last.pt, model_best.pt")
-        _LOG.pop().close()
+        if not rank():
+            _write_json({**results, "final": final}, os.path.join(out, "results.json"))
+            plot_curves(self.rows, os.path.join(out, "curves.png"), f"{args.method} on {args.dataset}")
+            log(f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, model_last.pt, "
+                f"model_best.pt")
+            _LOG.pop().close()
         return results
+
+
+def _shard(xy):
+    """This process's contiguous part of (x, y): all of it in one process."""
+    part = _part(len(xy[1]))
+    return xy[0][part], xy[1][part]
 
 
 def _cell(column, v):

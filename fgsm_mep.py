@@ -46,6 +46,9 @@ RECIPES = {
     # triangle peaks at the middle (Wong: at 2/5).
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
                   optimizer="adam", lr_schedule="cyclic"),
+    # ImageNet: the paper runs FGSM-BP there (per-sample memories of 1.28 M images cannot exist) but gives no recipe:
+    # common.IMAGENET, Wong et al.'s, with its lr.
+    "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 MOMENTUM_DEFAULTS = dict(mu=0.3, momentum_form="norm")  # --prior momentum only
 
@@ -72,13 +75,19 @@ def get_args(argv=None):
     p.add_argument("--reset-every", type=common.nonneg_int, default=0,
                    help="the code's trick, off (0) by default: every N epochs (from the first) restart the prior "
                         "memory at random ±min(α, ε) and the momentum at zero (code: 40; CIFAR-100: 10)")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic"], default=None,
+    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
                    help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-                        "cyclic: one triangle 0 → lr → 0 over the run")
+                        "cyclic: one triangle 0 → lr → 0 over the run; imagenet: Wong et al.'s ImageNet schedule")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
     p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
     args = common.parse_args(p, RECIPES, argv, script="fgsm_mep")
+    if common.world() > 1:
+        common.fail("fgsm_mep.py runs in one process: its per-sample memories (and BP's batch slot) would have to "
+                    "follow each sample to the process that gets it next; start it without torchrun")
+    if args.dataset == "imagenet" and args.prior != "batch":
+        p.error(f"--prior {args.prior} keeps two memories of the training set's size (2 × 770 GB on ImageNet); "
+                f"--prior batch (FGSM-BP, what the paper ran on ImageNet) keeps one batch")
     given = [f"--{k.replace('_', '-')}" for k in MOMENTUM_DEFAULTS if getattr(args, k) is not None]
     if args.prior != "momentum" and given:
         p.error(f"{' and '.join(given)}: only --prior momentum (FGSM-MEP) has a momentum memory, not --prior "
@@ -179,7 +188,10 @@ def main(argv=None):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * len(data.train)  # the batches actually yielded
-    if args.lr_schedule == "multistep":
+    if args.lr_schedule == "imagenet":
+        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
+        sched = common.imagenet_lr(opt, data.train, args.epochs)
+    elif args.lr_schedule == "multistep":
         # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
         # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
         # float milestones fire only when they happen to be whole numbers.

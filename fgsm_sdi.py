@@ -38,6 +38,8 @@ RECIPES = {
     # triangle peaks at the middle (Wong: at 2/5).
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
                   optimizer="adam", lr_schedule="cyclic"),
+    # ImageNet: the paper reports ResNet-50 results but gives no recipe: common.IMAGENET, Wong et al.'s, with its lr.
+    "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 
 
@@ -52,9 +54,10 @@ def get_args(argv=None):
                    help="k, the generator-update interval of FGSM-SDI (the code's --att_num): the generator is "
                         "updated on iterations 0, k, 2k, ... of every epoch")
     p.add_argument("--gen-lr", type=common.pos_float, default=1e-3, help="generator Adam learning rate")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic"], default=None,
+    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
                    help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-                        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant)")
+                        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant); imagenet: "
+                        "Wong et al.'s ImageNet schedule (common.imagenet_lr)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="target model optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
     p.add_argument("--weight-decay", type=common.nonneg_float, default=None,
@@ -204,7 +207,10 @@ def main(argv=None):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * len(data.train)  # the batches actually yielded
-    if args.lr_schedule == "multistep":
+    if args.lr_schedule == "imagenet":
+        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
+        sched = common.imagenet_lr(opt, data.train, args.epochs)
+    elif args.lr_schedule == "multistep":
         # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
         # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
         # float milestones fire only when they happen to be whole numbers.

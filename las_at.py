@@ -69,6 +69,8 @@ RECIPES = {
     # ImageNet, and its target PreActResNet18 also reads a 2×2 grid; here the data and the target are common.py's,
     # as for every method.
     "tiny-imagenet": dict(strategy_every=1, clip_grad_norm=10.0, strategy_grid=2),
+    # ImageNet: no recipe in the paper: common.IMAGENET, Wong et al.'s, with its lr; the action sets as on CIFAR.
+    "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
     # Not in the paper (DECISIONS.md, 'Our MNIST recipes'): Wong's MNIST recipe as fgsm_rs.py uses it (CNN, Adam,
     # 10 epochs, one lr triangle), ε = 0.3. Sets: ε ∈ {0.05, 0.10, ..., 0.30}, step ∈ {0.01, ..., 0.05}, the CIFAR
     # iterations. Why not CIFAR's 3/8..15/8 of ε: PGD training from scratch on MNIST sticks at the constant
@@ -128,9 +130,10 @@ def get_args(argv=None):
     p.add_argument("--strategy-lr", type=common.pos_float, default=None, help="strategy SGD lr")
     p.add_argument("--strategy-momentum", type=common.nonneg_float, default=None, help="strategy SGD momentum, < 1")
     p.add_argument("--strategy-weight-decay", type=common.nonneg_float, default=None, help="strategy SGD weight decay")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic"], default=None,
+    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
                    help="multistep: ×0.1 after int(99/110) and int(104/110) of all iterations (the code's; at 110 "
-                        "epochs, epochs 100 and 105 run at the lower rates); cyclic: one triangle 0 → lr → 0")
+                        "epochs, epochs 100 and 105 run at the lower rates); cyclic: one triangle 0 → lr → 0; "
+                        "imagenet: Wong et al.'s ImageNet schedule")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
                    help="target optimiser: sgd (momentum 0.9) or adam; ŵ is one step of a fresh optimiser of the "
                         "same kind")
@@ -353,9 +356,10 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
     dists = {k: torch.distributions.Categorical(logits=v.float(), validate_args=False) for k, v in logits.items()}
     actions = {k: d.sample() for k, d in dists.items()}
     log_prob = sum(d.log_prob(actions[k]) for k, d in dists.items())
-    eps = strategy.eps_values[actions["eps"]] / 255
-    step = strategy.step_values[actions["step"]] / 255
-    iters = strategy.iters_values[actions["iters"]]
+    values = getattr(strategy, "module", strategy)  # a DistributedDataParallel wrapper keeps them on .module
+    eps = values.eps_values[actions["eps"]] / 255
+    step = values.step_values[actions["step"]] / 255
+    iters = values.iters_values[actions["iters"]]
     # x_adv = g(x, a, w): the target in eval mode, every image from U(−start_eps, start_eps) (code).
     model.eval()
     start = torch.empty_like(x).uniform_(-start_eps, start_eps)
@@ -399,7 +403,10 @@ def main(argv=None):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     milestones = [int(steps * 99 / 110), int(steps * 104 / 110)]
-    if args.lr_schedule == "multistep":
+    if args.lr_schedule == "imagenet":
+        # No ImageNet recipe in the paper: Wong et al.'s (common.imagenet_lr).
+        sched = common.imagenet_lr(opt, data.train, args.epochs)
+    elif args.lr_schedule == "multistep":
         # Stepped per iteration at int(99/110) and int(104/110) of all iterations, as the code does; a shorter
         # --epochs scales the milestones with it.
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)

@@ -45,13 +45,16 @@ RECIPES = {
     # another size.
     "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=68.85, eta=76.5, weight_decay=0.0,
                   optimizer="adam"),
+    # ImageNet: no recipe in the supplement: common.IMAGENET, Wong et al.'s, with its lr (common.imagenet_lr).
+    "imagenet": dict(optimizer="sgd"),
 }
 
 # The latent layers whose outputs are perturbed (the input is layer 0): the authors' model/preresnet.py perturbs
 # 'input', 'conv1', 'layer1', model/wide_resnet.py 'input', 'conv1', 'block1'. Wong's MNIST CNN and LeNet (Amata's
 # MNIST net) have no residual stage: their two convs (our choice; DECISIONS.md, 'SLAT perturbations').
 LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "mnist-cnn": ("net.0", "net.2"),
-                 "lenet": ("net.0", "net.3")}
+                 "lenet": ("net.0", "net.3"),
+                 **{f"resnet{d}": ("net.conv1", "net.layer1") for d in (18, 34, 50, 101)}}  # torchvision's (ImageNet)
 # Nets whose perturbed latents go (through a ReLU) straight into a conv or linear layer: under autocast its
 # half-precision input cast would round h_k + δ_k back onto h_k's grid. They are tiny and train in fp32.
 FP32_MODELS = ("mnist-cnn", "lenet")
@@ -195,7 +198,8 @@ def main(argv=None):
     # Supplementary §2 and the authors' solver.py: lr 0 → lr over the first 2/5 of the iterations (12 of 30 epochs),
     # then → 0, stepped every iteration. Their CyclicLR also cycles SGD's momentum 0.9 → 0.8 → 0.9; kept.
     sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=0.4 * steps,
-                                              step_size_down=0.6 * steps, cycle_momentum=args.optimizer == "sgd")
+                                              step_size_down=0.6 * steps, cycle_momentum=args.optimizer == "sgd") \
+        if args.dataset != "imagenet" else common.imagenet_lr(opt, data.train, args.epochs)
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 

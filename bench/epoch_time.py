@@ -4,6 +4,7 @@
         fgsm_rs.py fgsm_sdi.py "las_at.py --strategy-every 1"
     python bench/epoch_time.py --dataset folder --data-dir DIR --device cuda --epochs 3 \\
         fgsm_rs.py "fgsm_rs.py --compile" "fgsm_rs.py --precision fp32"
+    python bench/epoch_time.py --dataset folder --data-dir DIR --nproc 1 2 fgsm_rs.py    # torchrun, 1 and 2 processes
 
 Each spec is a script plus its own flags (--compile, --precision, a method's flags: a spec's own flag wins over
 the shared one given here). Every run trains for --epochs with the shared flags, evaluates on a single test image
@@ -22,6 +23,9 @@ by the counting, a reason more to time with --epochs 2 or more. A step under --c
 counter it would not run compiled): a compiled spec takes the count of the same spec without --compile when the
 table has one, marked so. The count is of one batch: a method whose cost varies from batch to batch (LAS-AT's
 sampled iterations and strategy updates every k batches, Amata's K_t by epoch) is counted as its first batch.
+
+--nproc N... runs every spec under `torchrun --standalone --nproc_per_node N` for each N (1 without torchrun):
+images/s is then of all the processes together (the global batch is --batch-size whatever N is).
 
 On CUDA, with bf16 or fp16 training, the table also gives the fraction of the device's dense tensor-core peak
 (PEAK_BF16; fp16 has the same rate on these GPUs). Other devices and precisions print the FLOP/s only.
@@ -98,7 +102,7 @@ def count_first_step():
     def epoch(loader, e):
         args = seen["args"]
         batches = real_epoch(loader, e)
-        if seen["counted"] or not loader.shuffle or args is None or args.compile:
+        if seen["counted"] or not loader.shuffle or args is None or args.compile or common.rank():
             yield from batches
             return
         first = next(batches, None)
@@ -129,7 +133,8 @@ def child(script, argv):
 # ---- The table
 
 def spec_row(spec, res, flops):
-    """One spec's row from its results.json and its step_flops.json (None: not counted)."""
+    """One spec's row from its results.json and its step_flops.json (None: not counted). Under torchrun a process
+    counts its part of the batch: the FLOPs per image are the same."""
     rows = res["epochs"]
     timed = rows[1:] or rows
     per_epoch = sum(r["seconds"] for r in timed) / len(timed)
@@ -137,6 +142,7 @@ def spec_row(spec, res, flops):
     row = {"spec": spec, "status": "ok", "seconds_per_epoch": per_epoch, "epochs_timed": len(timed),
            "monitor_s_per_epoch": sum(monitor) / len(monitor) if monitor else None,
            "train_images": res["train_images"], "images_per_s": res["train_images"] / per_epoch,
+           "processes": res.get("processes", 1),
            "device": res["device"], "torch": res["torch"], "precision": res.get("precision"),
            "compile": bool(res["args"].get("compile")), "step_flops": flops,
            "flops_per_image": flops["flops"] / flops["batch_size"] if flops else None,
@@ -190,10 +196,13 @@ def table(rows):
     return "\n".join(lines + [""] + notes)
 
 
-def run_spec(spec, shared, out):
-    """Run one spec through the launcher; its row (status "failed: ..." when the run failed)."""
+def run_spec(spec, shared, out, nproc=1):
+    """Run one spec through the launcher (under torchrun with nproc > 1); its row (status "failed: ..." when the run
+    failed)."""
     script, *own = shlex.split(spec)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", script, *shared, *own, "--out-dir", out]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launch, os.path.abspath(__file__), "--child", script, *shared, *own, "--out-dir", out]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [""])[-1]
@@ -218,14 +227,19 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None, help="given to every spec (a spec's own --precision wins)")
+    p.add_argument("--nproc", type=int, nargs="+", default=[1],
+                   help="processes (torchrun --nproc_per_node); several: each spec with each count")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     shared = shared_flags(args, args.epochs) + ["--eval-samples", "1", "--eval-iters", "1", "--eval-restarts", "1",
                                                 "--eval-cw-iters", "0"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k, spec in enumerate(args.specs):
-            rows.append(run_spec(spec, shared, os.path.join(tmp, str(k))))
+        for k, (spec, n) in enumerate((s, n) for s in args.specs for n in args.nproc):
+            label = spec if args.nproc == [1] else f"{spec} [{n} process{'es' if n > 1 else ''}]"
+            rows.append(run_spec(spec, shared, os.path.join(tmp, str(k)), n))
+            rows[-1]["spec"] = label
+            spec = label
             shown = f"{rows[-1]['seconds_per_epoch']:.2f} s/epoch" if rows[-1]["status"] == "ok" else rows[-1]["status"]
             print(f"  {spec}: {shown}", file=sys.stderr, flush=True)
     finish_rows(rows)

@@ -1,7 +1,13 @@
-"""Run a method script as `python tests/_launch.py SCRIPT ARGS...`, with two test-only changes made from outside the
-library: torchvision's checksum test is switched off (it verifies the md5 of the official CIFAR/SVHN files, which tiny
-test-made files cannot match), and FASTAT_TEST_INTERRUPT_AFTER_EPOCH=N makes the run behave as if Ctrl-C arrived right
-after epoch N's checkpoint. Everything else (file parsing, the script itself) is the real code path."""
+"""Run a method script as `python tests/_launch.py SCRIPT ARGS...` (also under torchrun), with test-only changes made
+from outside the library:
+- torchvision's checksum test is switched off (it verifies the md5 of the official CIFAR/SVHN files, which tiny
+  test-made files cannot match);
+- FASTAT_TEST_INTERRUPT_AFTER_EPOCH=N: the run behaves as if Ctrl-C arrived right after epoch N's checkpoint;
+- FASTAT_TEST_WEIGHTS_DIR=DIR: each process writes its final weights to DIR/rank{R}.pt (are they the same?);
+- `python tests/_launch.py --each FILE.json`: runs the scripts listed in FILE.json ([[script, [args]], ...]) one
+  after the other in this process (one torchrun start for all of them) and writes each exit code to FILE.json.out.
+Everything else (file parsing, the scripts) is the real code path."""
+import json
 import os
 import runpy
 import sys
@@ -12,17 +18,45 @@ import torchvision.datasets.svhn
 for module in (torchvision.datasets.cifar, torchvision.datasets.svhn):
     module.check_integrity = lambda path, md5=None: os.path.isfile(path)  # existence only
 
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-interrupt = os.environ.get("FASTAT_TEST_INTERRUPT_AFTER_EPOCH")
-if interrupt:
-    import common
-    end_epoch = common.Run.end_epoch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
 
-    def end_epoch_then_interrupt(run, epoch, *args, **kwargs):
-        end_epoch(run, epoch, *args, **kwargs)
-        if epoch + 1 == int(interrupt):
-            raise KeyboardInterrupt
-    common.Run.end_epoch = end_epoch_then_interrupt
-runpy.run_path(script, run_name="__main__")
+interrupt, weights_dir = os.environ.get("FASTAT_TEST_INTERRUPT_AFTER_EPOCH"), os.environ.get("FASTAT_TEST_WEIGHTS_DIR")
+end_epoch, finish = common.Run.end_epoch, common.Run.finish
+
+
+def end_epoch_then_interrupt(run, epoch, *args, **kwargs):
+    end_epoch(run, epoch, *args, **kwargs)
+    if interrupt and epoch + 1 == int(interrupt):
+        raise KeyboardInterrupt
+
+
+def finish_and_keep_weights(run, model):
+    if weights_dir:
+        import torch
+        torch.save(model.state_dict(), os.path.join(weights_dir, f"rank{common.rank()}.pt"))
+    return finish(run, model)
+
+
+common.Run.end_epoch, common.Run.finish = end_epoch_then_interrupt, finish_and_keep_weights
+
+
+def run(script, args):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else 1
+    return 0
+
+
+if sys.argv[1] == "--each":
+    plan = sys.argv[2]
+    with open(plan) as f:
+        codes = [run(os.path.join(ROOT, script), args) for script, args in json.load(f)]
+    if common.rank() == 0:
+        with open(plan + ".out", "w") as f:
+            json.dump(codes, f)
+else:
+    sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -204,16 +204,38 @@ def check_outputs(out_dir, epochs):
     return res
 
 
-def check_resume(script, data_dir, tmp_path, epochs=2, **extra):
-    """An interrupted run (Ctrl-C right after epoch 1's checkpoint) resumed with --resume ends with
-    exactly the numbers of an uninterrupted run."""
+def check_resume(script, data_dir, tmp_path, epochs=2, in_process=True, **extra):
+    """An interrupted run (Ctrl-C right after epoch 1's checkpoint) resumed with --resume ends with exactly the
+    numbers of an uninterrupted run. in_process: the three runs in this process (faster; common's state is set up
+    by each run); else each in its own process, as a real interruption is (tests/_launch.py)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_script(script, small_args(data_dir, full, epochs, **extra))
-    proc = run_script(script, small_args(data_dir, part, epochs, **extra),
-                      env={"FASTAT_TEST_INTERRUPT_AFTER_EPOCH": "1"}, expect=130)
-    assert "--resume" in proc.stderr
-    assert not os.path.exists(os.path.join(part, "results.json"))
-    run_script(script, small_args(data_dir, part, epochs, resume=True, **extra))
+    if in_process:
+        import importlib
+        from unittest import mock
+
+        import common
+        main = importlib.import_module(script[:-3]).main
+        end_epoch = common.Run.end_epoch
+
+        def interrupted(run, epoch, *args, **kwargs):
+            end_epoch(run, epoch, *args, **kwargs)
+            if epoch == 0:
+                raise KeyboardInterrupt
+        with mock.patch.object(tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)), \
+                mock.patch.object(tvd.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path)):
+            main(small_args(data_dir, full, epochs, **extra))
+            with mock.patch.object(common.Run, "end_epoch", interrupted), pytest.raises(KeyboardInterrupt):
+                main(small_args(data_dir, part, epochs, **extra))
+            common._LOG.clear()  # the interrupted run's log stays open no longer
+            assert not os.path.exists(os.path.join(part, "results.json"))
+            main(small_args(data_dir, part, epochs, resume=True, **extra))
+    else:
+        run_script(script, small_args(data_dir, full, epochs, **extra))
+        proc = run_script(script, small_args(data_dir, part, epochs, **extra),
+                          env={"FASTAT_TEST_INTERRUPT_AFTER_EPOCH": "1"}, expect=130)
+        assert "--resume" in proc.stderr
+        assert not os.path.exists(os.path.join(part, "results.json"))
+        run_script(script, ["--resume", "--out-dir", part])  # the flags come from the checkpoint
     a, b = load_results(full), load_results(part)
     assert comparable(a) == comparable(b)
     return a, b

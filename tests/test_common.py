@@ -56,7 +56,7 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path, name, monkeypatch, 
 def _args(data_dir, dataset="cifar10", batch_size=16, seed=0, monitor_size=8, val_size=0, **kw):
     return SimpleNamespace(dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed, workers=0,
                            monitor_size=monitor_size, val_size=val_size, no_flip=False, eval_samples=None,
-                           device="cpu", precision="fp32", progress_every=0, **kw)
+                           device="cpu", precision="fp32", progress_every=0, image_size=None, **kw)
 
 
 def _find_crop_flip(aug, orig, pad=4):
@@ -472,7 +472,7 @@ def _tiny_data(x=None, y=None):
     x = torch.rand(8, 3, 32, 32) if x is None else x
     y = torch.arange(len(x)) % 10 if y is None else y
     return SimpleNamespace(monitor=(x, y), test_x=(x * 255).to(torch.uint8), test_y=y, num_classes=10,
-                           shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, train=SimpleNamespace(labels=y))
+                           shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, train_images=len(y), eval_batch=4)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -542,7 +542,7 @@ def test_a_one_class_model_is_never_the_best(tmp_path):
 def test_the_monitor_runs_in_ordinary_batches_and_has_its_own_column(tmp_path, monkeypatch):
     sizes, real = [], common.pgd_correct
     monkeypatch.setattr(common, "pgd_correct", lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k))
-    run = common.Run(_run_args(tmp_path, epochs=1, batch_size=4), _tiny_data())
+    run = common.Run(_run_args(tmp_path, epochs=1, batch_size=4), _tiny_data())  # eval_batch 4
     run.start_epoch()
     run.end_epoch(0, _make("wrn-10-1"), {}, lr=0.1, loss=1.0, acc=0.5)
     assert sizes == [4] and run.rows[0]["monitor_s"] > 0

@@ -25,7 +25,8 @@ def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(cifar_dir, tmp_path):
-    check_resume("fgsm_rs.py", cifar_dir, tmp_path)
+    """In three processes, as a real interruption: the resumed run is given nothing but --resume --out-dir."""
+    check_resume("fgsm_rs.py", cifar_dir, tmp_path, in_process=False)
 
 
 def test_resume_with_previous_init_and_early_stop(cifar_dir, tmp_path):

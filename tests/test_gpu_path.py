@@ -14,7 +14,7 @@ SCRIPTS = ["fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "laten
 # Small attacks: bf16 runs slowly on a CPU without bf16 units, and what is tested is the path, not the method.
 OWN_FLAGS = {"atlas": ["--val-size", "32", "--val-iters", "2", "--ramp-epochs", "0"],
              "amata": ["--k-min", "2", "--k-max", "2", "--milestones"], "rmcla": ["--milestones"],
-             "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "2", "--strategy-every", "4"]}
+             "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "2", "--strategy-every", "8"]}
 
 
 @pytest.mark.parametrize("script,precision", [(s, "bf16") for s in SCRIPTS] + [("fgsm_rs", "fp16")])
