@@ -242,10 +242,10 @@ def main(argv=None):
     args = get_args(argv)
     # App. B: the validation images are held out of training before it starts (data.val, never in data.train).
     data = common.get_data(args)
-    batches = len(data.train)
-    if ramp(args.epochs - 1, batches - 1, batches, args.ramp_epochs) < 1:
-        common.fail(f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the {args.epochs * batches} "
-                    f"iterations ({batches} per epoch): ε would never reach its full value; give a shorter "
+    last = data.train.batches(args.epochs - 1)  # the batches of the last epoch (ImageNet's phases change them)
+    if ramp(args.epochs - 1, last - 1, last, args.ramp_epochs) < 1:
+        common.fail(f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the {data.train.steps(args.epochs)} "
+                    f"iterations ({last} in the last epoch): ε would never reach its full value; give a shorter "
                     f"--ramp-epochs or more --epochs")
     model = common.get_model(args, data)
     used = [name for name, weight in (("jac", args.jac_alpha), ("kl", args.kl_beta)) if weight > 0]
@@ -265,7 +265,7 @@ def main(argv=None):
         totals = {name: 0.0 for name in ("loss", "correct", "ce", *used)}
         total_n = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
-            r = ramp(epoch, i, batches, args.ramp_epochs)  # §5.3, per iteration
+            r = ramp(epoch, i, data.train.batches(epoch), args.ramp_epochs)  # §5.3, per iteration
             loss, logits, terms = atlas_loss(train_model, x, y, eps, step, args.jac_alpha, args.kl_beta,
                                              args.attack_iters, r, run.amp, attack_model=attack_model)
             opt.zero_grad(set_to_none=True)
@@ -284,7 +284,7 @@ def main(argv=None):
         lr = opt.param_groups[0]["lr"]  # the lr this epoch trained with, before the scheduler changes it
         # Epochs without a new best count once ε has reached v by the end of the epoch (DECISIONS.md, 'ATLAS
         # patience after the ramp').
-        stop = sched.step(val_acc, count=ramp(epoch + 1, 0, batches, args.ramp_epochs) == 1.0)
+        stop = sched.step(val_acc, count=ramp(epoch + 1, 0, 1, args.ramp_epochs) == 1.0)
         if stop:
             common.log(f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for {args.stop_epochs} "
                        f"epochs at full ε")

@@ -116,6 +116,8 @@ def _torchvision_split(name, data_dir, train):
     cls, kw = {"cifar10": (datasets.CIFAR10, {"train": train}), "cifar100": (datasets.CIFAR100, {"train": train}),
                "svhn": (datasets.SVHN, {"split": "train" if train else "test"}),
                "mnist": (datasets.MNIST, {"train": train})}[name]
+    if rank():  # under torchrun the first process downloads, alone
+        dist.barrier()
     try:
         ds = cls(data_dir, download=False, **kw)
     except RuntimeError:  # missing, or failed its checksum
@@ -126,6 +128,8 @@ def _torchvision_split(name, data_dir, train):
         except Exception as err:  # offline: URLError, socket and HTTP errors, a bad archive ...
             fail(f"dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not be downloaded "
                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); see README.md, 'Data layout'")
+    if world() > 1 and not rank():
+        dist.barrier()
     x = torch.as_tensor(ds.data)
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2) if name.startswith("cifar") else x
     return x.contiguous(), torch.as_tensor(ds.labels if name == "svhn" else ds.targets, dtype=torch.int64)
@@ -166,7 +170,7 @@ def image_folders(name, data_dir):
     return train, test
 
 
-def _decode(folder, workers, indices=None, transform=None):
+def decode_images(folder, workers, indices=None, transform=None):
     """A folder's images (all, or `indices`) as uint8 N×3×H×W and labels, decoded in DataLoader worker processes;
     `transform` (PIL → PIL) before. Without one, every image must have the first one's size: nothing is resized."""
     from torchvision import transforms as T
@@ -194,7 +198,7 @@ def load_dataset(name, data_dir, workers=2):
         (x, y), test = _torchvision_split(name, data_dir, True), _torchvision_split(name, data_dir, False)
         return (x, y), test, dict(DATASETS[name], shape=x.shape[1:])
     train, test = image_folders(name, data_dir)
-    (x, y), (tx, ty) = _decode(train, workers), _decode(test, workers)
+    (x, y), (tx, ty) = decode_images(train, workers), decode_images(test, workers)
     if x.shape[1:] != tx.shape[1:]:
         fail(f"the test images are {tx.shape[3]}x{tx.shape[2]}, the training images {x.shape[3]}x{x.shape[2]}")
     if bool((x == x[:, :1]).all()) and bool((tx == tx[:, :1]).all()):  # every pixel gray: one channel
@@ -236,6 +240,10 @@ class DeviceLoader:
     def batches(self, epoch):
         return len(self)
 
+    def steps(self, epochs):
+        """Iterations in `epochs` epochs: what a per-iteration schedule is planned with."""
+        return epochs * len(self)
+
     def epoch(self, epoch):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         sizes, device, n = self._sizes(), self.labels.device, len(self.labels)
@@ -273,18 +281,23 @@ class StreamLoader:
     """An image folder read from disk in every epoch by torchvision's ImageFolder in DataLoader worker processes
     (pinned memory, persistent workers): for data too large for the device's memory or of mixed image sizes
     (ImageNet). Training transform RandomResizedCrop(crop) and a horizontal flip; `phases`, a list of (last epoch,
-    crop, batch), change crop and batch size by epoch (Wong et al.'s progressive resizing). Yields what DeviceLoader
-    yields, each process its part of every batch. A sample's augmentation is seeded by (seed, epoch, index): a
-    resumed run, any number of workers and any number of processes see the same images."""
+    crop, batch), change crop and batch size by epoch (Wong et al.'s progressive resizing), `folders` (one per
+    phase, the same files: resized copies) where the images are read. Yields what DeviceLoader yields, each process
+    its part of every batch. A sample's augmentation is seeded by (seed, epoch, index): a resumed run, any number of
+    workers and any number of processes see the same images."""
 
-    def __init__(self, folder, indices, phases, seed, device, workers, channels_last=False, progress=0.0):
-        self.folder, self.indices, self.phases, self.seed, self.device = folder, indices, phases, seed, device
+    def __init__(self, folders, indices, phases, seed, device, workers, flip=True, channels_last=False, progress=0.0):
+        self.folders, self.indices, self.phases, self.seed, self.device = folders, indices, phases, seed, device
+        self.flip = flip
         self.workers, self.channels_last, self.progress, self.crop, self.sampler = workers, channels_last, progress, \
             None, []
 
     def phase(self, epoch):
         """(crop, batch size) of an epoch."""
-        return next(((crop, batch) for last, crop, batch in self.phases if epoch < last), self.phases[-1][1:])
+        return tuple(self.phases[self._k(epoch)][1:])
+
+    def _k(self, epoch):
+        return next((k for k, (last, _, _) in enumerate(self.phases) if epoch < last), len(self.phases) - 1)
 
     def batches(self, epoch):
         n, b = len(self.indices), self.phase(epoch)[1]
@@ -293,14 +306,20 @@ class StreamLoader:
     def __len__(self):
         return self.batches(0)
 
+    def steps(self, epochs):
+        return sum(self.batches(e) for e in range(epochs))
+
     def epoch(self, epoch):
         from torchvision import transforms as T
         crop, batch = self.phase(epoch)
-        if crop != self.crop:  # a new phase: new workers, with its transform
-            self.folder.transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.PILToTensor()])
+        if crop != self.crop:  # a new phase: new workers, with its transform and its folder
+            folder = self.folders[self._k(epoch)]
+            folder.transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(0.5 * self.flip),
+                                          T.PILToTensor()])
             self.crop, self.loader = crop, torch.utils.data.DataLoader(
-                _Seeded(self.folder, self.seed), batch_sampler=self.sampler, num_workers=self.workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+                _Seeded(folder, self.seed), batch_sampler=self.sampler, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                generator=torch.Generator().manual_seed(self.seed))  # not the process's generator
         order = self.indices[torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch))].tolist()
         batches = [order[s:s + batch] for s in range(0, self.batches(epoch) * batch, batch)]
@@ -320,8 +339,15 @@ class _Seeded(torch.utils.data.Dataset):
         self.folder, self.seed = folder, seed
 
     def __getitem__(self, item):
-        torch.manual_seed((self.seed * 1_000_003 + item[1]) * 10_000_019 + item[0])
-        return *self.folder[item[0]], item[0]
+        with torch.random.fork_rng(devices=[]):  # the process's own generator is left as it was (--workers 0)
+            torch.manual_seed((self.seed * 1_000_003 + item[1]) * 10_000_019 + item[0])
+            return *self.folder[item[0]], item[0]
+
+
+def eval_transform(size):
+    """ImageNet's evaluation transform for a crop of `size`: Resize(size / 0.875) and CenterCrop (256 → 224)."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])
 
 
 def channels_last(args):
@@ -337,6 +363,9 @@ def get_data(args):
     (the rows of a per-sample memory), train_images; eval_batch (the batch of the monitor and the evaluation)."""
     device, kw = torch.device(args.device), dict(channels_last=channels_last(args), progress=args.progress_every)
     streamed = args.dataset == "imagenet" or bool(args.image_size)
+    if args.image_size and args.dataset not in ("folder", "imagenet") or args.phase_data_dirs and not args.phases:
+        fail("--image-size reads an image folder or ImageNet from disk, --phase-data-dirs ImageNet's phases: not "
+             f"--dataset {args.dataset}")
     if streamed:  # ImageNet, or a folder with --image-size: read from disk, the evaluation images decoded once
         train_folder, test_folder = image_folders(args.dataset, args.data_dir)
         n = len(train_folder)
@@ -347,8 +376,7 @@ def get_data(args):
             batch * args.batch_size / args.phases[0][2]))] for last, crop, batch in args.phases] if args.phases \
             else [[args.epochs, args.image_size, args.batch_size]]
         size = phases[-1][1]
-        from torchvision import transforms as T  # ImageNet's evaluation transform: 256 → 224, CenterCrop
-        resized = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size)])
+        resized = eval_transform(size)
     else:
         (x, y), (tx, ty), info = load_dataset(args.dataset, args.data_dir, args.workers)
         n = len(y)
@@ -360,12 +388,18 @@ def get_data(args):
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     val_idx, train_idx = perm[n - args.val_size:].sort().values, perm[:n - args.val_size].sort().values
     if streamed:
-        train = StreamLoader(train_folder, train_idx, phases, args.seed, device, args.workers, **kw)
-        val_images = [t.to(device) for t in _decode(train_folder, args.workers, val_idx, resized)] \
+        # --phase-data-dirs: each phase's copy of the folder (Wong et al. read 160 and 352 px copies: faster to decode)
+        folders = [image_folders(args.dataset, d)[0] for d in args.phase_data_dirs or [args.data_dir]]
+        if len(folders) not in (1, len(phases)) or any(f.samples != [(p.replace(train_folder.root, f.root, 1), c)
+                                                                      for p, c in train_folder.samples] for f in folders):
+            fail(f"--phase-data-dirs: one folder per phase ({len(phases)}), each with the files of {args.data_dir}")
+        train = StreamLoader(folders * (len(phases) // len(folders)), train_idx, phases, args.seed, device,
+                             args.workers, flip=not args.no_flip, **kw)
+        val_images = [t.to(device) for t in decode_images(train_folder, args.workers, val_idx, resized)] \
             if args.val_size else None
         pick = (val_idx if args.val_size else train_idx)[subset(len(val_idx) or len(train_idx), args.monitor_size, 1)]
-        monitor = _decode(train_folder, args.workers, pick, resized)
-        tx, ty = _decode(test_folder, args.workers, subset(len(test_folder), args.eval_samples), resized)
+        monitor = decode_images(train_folder, args.workers, pick, resized)
+        tx, ty = decode_images(test_folder, args.workers, subset(len(test_folder), args.eval_samples), resized)
         v = monitor[0].transpose(0, 1).flatten(1).float().div_(255)  # a folder's mean and std: its monitor images'
         info = dict(DATASETS.get(args.dataset, dict(mean=tuple(v.mean(1).tolist()), std=tuple(v.std(1).tolist()))),
                     classes=len(train_folder.classes), shape=(3, size, size))
@@ -613,7 +647,8 @@ def evaluate(model, x, y, eps, iters=50, restarts=10, cw_iters=20, autoattack=Fa
         masks[f"cw{cw_iters}"] = pgd_correct(model, x, y, eps, step or eval_step(eps, cw_iters, dataset), cw_iters,
                                              loss="cw", label=f"CW-{cw_iters}", **kw)
     if autoattack:
-        masks["autoattack"], ran = autoattack_correct(model, x, y, eps, num_classes, batch_size)
+        masks["autoattack"], ran = autoattack_correct(model, x, y, eps, num_classes, batch_size) if len(y) else \
+            (masks["clean"], [])  # a process with no image to attack
         log(f"# AutoAttack ran {', '.join(ran)}")
     masks["worst_case"] = torch.stack(list(masks.values())).all(0)
     return {k: m.float().mean().item() if len(m) else 0.0 for k, m in masks.items()}
@@ -659,6 +694,8 @@ def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size,
     a("--no-flip", action="store_true", help="no random horizontal flip (where a flip changes the class)")
     a("--image-size", type=pos_int, default=None, metavar="N", help="a folder of images of any size: read it from "
       "disk in every epoch, training on random resized N×N crops (ImageNet: the last phase's crop)")
+    a("--phase-data-dirs", nargs="+", default=None, metavar="DIR", help="ImageNet: a copy of --data-dir per phase, "
+      "resized for faster decoding (bench/resize_folder.py; Wong et al.: 160 px, 352 px, full size)")
     a("--model", type=model_name, default=None, help="preact18, wrn-DEPTH-WIDTH (e.g. wrn-34-10), mnist-cnn, lenet, "
                                                      "resnet18/34/50/101")
     a("--epochs", type=pos_int, default=None)
@@ -700,8 +737,8 @@ def base_parser(doc, lr_help="peak learning rate", alpha_help="attack step size,
 IMAGENET = dict(model="resnet50", epochs=15, batch_size=512, phases=[[6, 128, 512], [12, 224, 224], [15, 288, 128]],
                 lr=0.4, weight_decay=1e-4, epsilon=2, eval_samples=1000)
 # What a resumed run may change: where it runs and how it is evaluated, not what it trains.
-FREE_ON_RESUME = {"resume", "out_dir", "device", "data_dir", "workers", "compile", "progress_every", "eval_samples",
-                  "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
+FREE_ON_RESUME = {"resume", "out_dir", "device", "data_dir", "phase_data_dirs", "workers", "compile", "progress_every",
+                  "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
 _GIVEN = object()  # marks the flags that were not on the command line
 
 
@@ -751,6 +788,8 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.batch_size < 2 * world():
+        fail(f"--batch-size {args.batch_size} gives {world()} processes fewer than two images each")
     # Each process draws its own random starts; the networks start from the first process's weights (DDP).
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(args.seed + rank())
@@ -790,11 +829,12 @@ def label_smoothing(true_prob, num_classes):
 
 def imagenet_lr(opt, loader, epochs):
     """Wong et al.'s ImageNet schedule (their ImageNet configs), a LambdaLR stepped every iteration: the lr rises
-    linearly from 0 to the optimiser's lr over the first epoch, then falls linearly to 1/10 of it at 6/15 of the run,
+    linearly from 0 to the optimiser's lr over the first epoch (a run under 15 epochs: over its first fifteenth), then
+    falls linearly to 1/10 of it at 6/15 of the run,
     to 1/100 at 12/15 and to 1/1000 at the end; iteration i of epoch e is at e + (i + 1)/batches(e), the batches of
     the loader's phase (they change with the crop)."""
     counts = np.cumsum([0] + [loader.batches(e) for e in range(epochs)])
-    points = [0, 1, *(np.array([6, 12, 15]) * epochs / 15)], [0, 1, 0.1, 0.01, 0.001]
+    points = [0, min(1, epochs / 15), *(np.array([6, 12, 15]) * epochs / 15)], [0, 1, 0.1, 0.01, 0.001]
 
     def factor(step):
         e = min(int(np.searchsorted(counts, step, side="right")) - 1, epochs - 1)
@@ -954,12 +994,13 @@ class Run:
             log(f"# epoch {epoch + 1}: the training loss is {loss}; stopping. The checkpoint of epoch {epoch} is intact, "
                 f"but a resumed run would repeat this epoch: start a new run with a lower --lr or step size")
             raise NonFiniteLoss()
+        _sync_buffers(model)
         # The monitor: PGD-10 on fixed training images, each process on its part of them.
         start, (x, y), eps = time.time(), _shard(self.data.monitor), self.args.epsilon / 255
         correct = pgd_correct(model, x, y, eps, eps / 4, 10, batch_size=self.data.eval_batch)
         with torch.no_grad(), eval_mode(model):
-            counts = torch.bincount(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]),
-                                    minlength=self.data.num_classes)
+            counts = torch.bincount(torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)] + [
+                y[:0]]), minlength=self.data.num_classes)
         total = _global_sum(torch.cat([counts, correct.sum()[None]]).double())
         monitor, top_share = total[-1].item() / len(self.data.monitor[1]), (total[:-1].max() / total[:-1].sum()).item()
         row = {"epoch": epoch + 1, "seconds": seconds, "cpu_s": cpu, "monitor_s": time.time() - start, "lr": lr,
@@ -991,6 +1032,7 @@ class Run:
         """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the best model
         on the fixed test subset (evaluate()'s protocol; each process its part), write results.json and curves.png."""
         args, out, data, eps = self.args, self.args.out_dir, self.data, self.args.epsilon / 255
+        _sync_buffers(model)
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if self.best_weights is None and self.rows:
             log("# no epoch was eligible as the best model (all predicted one class); best = last")
@@ -1002,7 +1044,7 @@ class Run:
             "data": {"classes": data.num_classes, "shape": list(data.shape), "mean": data.mean, "std": data.std},
             "eval": {"images": len(data.test_y), "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step "
                      f"{255 * eval_step(eps, args.eval_iters, args.dataset):.4g}/255", "cw_iters": args.eval_cw_iters,
-                     "autoattack": args.autoattack},
+                     "autoattack": args.autoattack, "batch": data.eval_batch},
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": str(self.amp or torch.float32).replace("torch.", ""), "torch": torch.__version__,
             "processes": world(), "batch_per_process": args.batch_size / world(),
@@ -1033,6 +1075,13 @@ class Run:
                 f"model_best.pt")
             _LOG.pop().close()
         return results
+
+
+def _sync_buffers(model):
+    """Under torchrun, the first process's buffers (BatchNorm's running statistics) in every process: DDP copies them
+    at the start of each forward pass, and each process's forward then moves its own copy."""
+    for b in model.buffers() if world() > 1 else ():
+        dist.broadcast(b, 0)
 
 
 def _shard(xy):

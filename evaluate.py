@@ -5,8 +5,9 @@
 
 The protocol (common.evaluate): clean accuracy; PGD-50-10 on the cross-entropy (random start, a sample counts as
 robust only if it survives every restart); PGD-20 on the Carlini-Wagner margin; with --autoattack, standard L∞
-AutoAttack; and the worst case, per sample, over all of them. The network, dataset, ε and data folder come from the
-results.json beside the weights (a run writes it before its own evaluation starts); the flags override them.
+AutoAttack; and the worst case, per sample, over all of them. The network, dataset, ε, data folder, test subset
+and batch come from the results.json beside the weights (a run writes it before its own evaluation starts), so that
+the defaults repeat the run's evaluation; the flags override them (--eval-samples 50000: all of ImageNet's).
 """
 import argparse
 import json
@@ -37,14 +38,14 @@ def main(argv=None):
     p.add_argument("--data-dir", help="default: the run's")
     p.add_argument("--epsilon", type=common.epsilon, help="/255 units (default: the run's)")
     p.add_argument("--eval-samples", type=common.pos_int, default=None,
-                   help="N test images, the fixed random subset the training runs use (default: all)")
+                   help="N test images, the fixed random subset the training runs use (default: the run's)")
     p.add_argument("--eval-iters", type=common.pos_int, default=50, help="PGD steps")
     p.add_argument("--eval-restarts", type=common.pos_int, default=10, help="PGD restarts")
     p.add_argument("--eval-cw-iters", type=common.nonneg_int, default=20, help="steps of PGD on the CW margin (0: none)")
     p.add_argument("--eval-step", type=common.pos_float, default=None,
                    help="PGD step, /255 units (default: 2/255 at ε = 8/255, MNIST 0.01 at ε = 0.3, in proportion to ε)")
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (github.com/fra31/auto-attack)")
-    p.add_argument("--batch-size", type=common.pos_int, default=500)
+    p.add_argument("--batch-size", type=common.pos_int, default=None, help="default: the run's evaluation batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
@@ -60,14 +61,21 @@ def main(argv=None):
             import autoattack  # noqa: F401
         except ImportError:
             p.error("--autoattack needs the official package: pip install git+https://github.com/fra31/auto-attack")
-    for key in ("dataset", "data_dir", "epsilon"):
+    for key in ("dataset", "data_dir", "epsilon", "eval_samples"):
         setattr(args, key, res["args"][key] if getattr(args, key) is None else getattr(args, key))
-    _, (x, y), info = common.load_dataset(args.dataset, args.data_dir, args.workers)
-    if list(info["shape"]) != res["data"]["shape"]:
-        common.fail(f"{args.dataset} images are {tuple(info['shape'])}; the network was trained on "
-                    f"{tuple(res['data']['shape'])}")
-    pick = common.subset(len(y), args.eval_samples)
-    x, y = x[pick].to(args.device), y[pick].to(args.device)
+    args.batch_size = args.batch_size or res["eval"].get("batch", 500)
+    if args.dataset == "imagenet" or res["args"].get("image_size"):  # read from disk: Resize, CenterCrop, as trained
+        _, test = common.image_folders(args.dataset, args.data_dir)
+        x, y = common.decode_images(test, args.workers, common.subset(len(test), args.eval_samples),
+                                    common.eval_transform(res["data"]["shape"][1]))
+    else:
+        _, (x, y), info = common.load_dataset(args.dataset, args.data_dir, args.workers)
+        if list(info["shape"]) != res["data"]["shape"]:
+            common.fail(f"{args.dataset} images are {tuple(info['shape'])}; the network was trained on "
+                        f"{tuple(res['data']['shape'])}")
+        pick = common.subset(len(y), args.eval_samples)
+        x, y = x[pick], y[pick]
+    x, y = x.to(args.device), y.to(args.device)
     torch.manual_seed(args.seed)
     eps = args.epsilon / 255
     final = common.evaluate(model, x, y, eps, args.eval_iters, args.eval_restarts, args.eval_cw_iters, args.autoattack,

@@ -13,7 +13,8 @@ Paper (ResNet18, CIFAR-10, best epoch, 73 min each): MEP 81.72% clean, 55.18% PG
 58.78 / 31.88 / 31.14 / 28.06 / 25.67. Measured here: see README.md.
 
 Algorithm 3 "FGSM-MEP" of arXiv:2207.08859 (the box with lines 1-19 as on the authors' ECCV poster, FGSM-PGI repo
-Material/Potser_1780.pdf; the box's number in the paper itself is UNVERIFIED), per batch with sample indices i
+Material/Potser_1780.pdf, which we follow: we could not check the box's number against the paper's PDF), per batch
+with sample indices i
 (DECISIONS.md, 'MEP momentum form', 'MEP regulariser' and 'MEP initialisation'):
     δ_pgi = D^δ_i                           (first epoch: U(−ε, ε))                          lines 4, 11
     g_c = ∇_x L(f(x + δ_pgi), y)            (the box takes sign(): see update_memory)        line 12
@@ -187,7 +188,7 @@ def main(argv=None):
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(data.train)  # the batches actually yielded
+    steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.lr_schedule == "imagenet":
         # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
         sched = common.imagenet_lr(opt, data.train, args.epochs)
@@ -206,32 +207,33 @@ def main(argv=None):
     # momentum makes the first epoch's branch of the box (lines 3-9) the general one (lines 11-16). Random crops and
     # flips change a sample's pixels between epochs, so a stored δ no longer sits on the pixels it was computed for;
     # the authors' code has the same property and we keep it (DECISIONS.md, 'MEP initialisation').
+    # A dict in the checkpoint: BP's slot is made anew when ImageNet's next phase changes the crop.
     rows_kept = args.batch_size if args.prior == "batch" else data.train_size
     delta_memory = torch.empty((rows_kept, *data.shape), device=args.device).uniform_(-eps, eps)
-    momentum_memory = torch.zeros_like(delta_memory) if args.prior == "momentum" else None
-    checkpoint = dict(model=model, opt=opt, sched=sched, delta_memory=delta_memory)
-    if momentum_memory is not None:
-        checkpoint["momentum_memory"] = momentum_memory
+    memory = {"delta": delta_memory, "momentum": torch.zeros_like(delta_memory) if args.prior == "momentum" else None}
+    checkpoint = dict(model=model, opt=opt, sched=sched, memory=memory)
     start = run.resume(checkpoint) if args.resume else 0
 
     for epoch in range(start, args.epochs):
         run.start_epoch()
         if args.reset_every and epoch % args.reset_every == 0:
             # The code's reset: clamp(α·sign(U(−ε, ε)), −ε, ε), i.e. random signs times min(α, ε); momentum zero.
-            delta_memory.uniform_(-eps, eps).sign_().mul_(min(alpha, eps))
-            if momentum_memory is not None:
-                momentum_memory.zero_()
+            memory["delta"].uniform_(-eps, eps).sign_().mul_(min(alpha, eps))
+            if memory["momentum"] is not None:
+                memory["momentum"].zero_()
         model.train()
         total_loss = total_correct = total_n = total_reg = 0
         for x, y, idx in data.train.epoch(epoch):
             rows = slice(0, len(y)) if args.prior == "batch" else idx  # the last batch may be smaller
+            if memory["delta"].shape[2:] != x.shape[2:]:  # BP at a new ImageNet phase: the crop changed
+                memory["delta"] = torch.empty_like(x).uniform_(-eps, eps)  # line 4 again
             # Line 11; x + δ_pgi is clamped to [0, 1] (DECISIONS.md, 'Pixel range'; the code feeds it unclamped).
-            delta_pgi = (x + delta_memory[rows]).clamp(0, 1) - x
+            delta_pgi = (x + memory["delta"][rows]).clamp(0, 1) - x
             # Lines 12, 14, 16.
             loss, out, delta_adv, grad = mep_loss(prior_model, x, y, delta_pgi, eps, alpha, args.lam, run.amp,
                                                   smoothing, adv_model=train_model)
             # Lines 13, 15 (EP, BP: δ_adv).
-            update_memory(delta_memory, momentum_memory, rows, x, delta_pgi, delta_adv, grad, eps, alpha, args.mu,
+            update_memory(memory["delta"], memory["momentum"], rows, x, delta_pgi, delta_adv, grad, eps, alpha, args.mu,
                           args.momentum_form)
             # Line 16's weight step, through both forward passes.
             opt.zero_grad(set_to_none=True)

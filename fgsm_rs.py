@@ -84,13 +84,15 @@ def main(argv=None):
     run = common.Run(args, data, columns=["es_acc"] if args.early_stop else [])
     attack_model, train_model = run.models(model)
     eps, alpha = args.epsilon / 255, args.alpha / 255
-    steps = args.epochs * len(data.train)
+    steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.dataset == "imagenet":
-        # Wong's ImageNet code: SGD without weight decay on the parameters whose name holds "bn" (BatchNorm's; not the
-        # BatchNorm of a shortcut, named downsample.1), and the piecewise-linear lr set at every iteration.
-        params = [[p for n, p in model.named_parameters() if ("bn" in n) == bn] for bn in (False, True)]
-        opt = torch.optim.SGD([{"params": params[0]}, {"params": params[1], "weight_decay": 0.0}], lr=args.lr,
-                              momentum=0.9, weight_decay=args.weight_decay)
+        # Wong's ImageNet code (main_fast.py): SGD without weight decay on BatchNorm's parameters, and the
+        # piecewise-linear lr set at every iteration.
+        bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              for p in m.parameters()}
+        opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in bn]},  # in the model's order:
+                               {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}],
+                              lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)  # what a checkpoint relies on
         sched = common.imagenet_lr(opt, data.train, args.epochs)
     elif args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -102,10 +104,11 @@ def main(argv=None):
         # Wong's MNIST schedule 0 → lr at 2/5 of training → 0, set from epoch + (i+1)/len before each step.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: np.interp(
             (it + 1) / len(data.train), [0, args.epochs * 2 // 5, args.epochs], [0, 1, 0]))
-    # --delta-init previous: the last batch's δ starts the next batch's step (from zero, as Wong's code).
-    previous = torch.zeros((args.batch_size, *data.shape), device=args.device)
-    guard = {"robust_acc": 0.0, "weights": None}  # --early-stop: the previous epoch's accuracy and weights
-    checkpoint = dict(model=model, opt=opt, sched=sched, previous=previous, guard=guard)
+    checkpoint = dict(model=model, opt=opt, sched=sched)
+    if args.delta_init == "previous":  # the last batch's δ starts the next batch's step (from zero, as Wong's code)
+        checkpoint["previous"] = previous = torch.zeros((args.batch_size, *data.shape), device=args.device)
+    if args.early_stop:  # the previous epoch's accuracy and weights
+        checkpoint["guard"] = guard = {"robust_acc": 0.0, "weights": None}
     start = run.resume(checkpoint) if args.resume else 0
 
     for epoch in range(start, args.epochs):
@@ -115,7 +118,8 @@ def main(argv=None):
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             if i == 0:
                 first_batch = (x, y)
-            start_delta = {"random": None, "zero": torch.zeros_like(x), "previous": previous[:len(y)]}[args.delta_init]
+            start_delta = None if args.delta_init == "random" else \
+                torch.zeros_like(x) if args.delta_init == "zero" else previous[:len(y)]
             # The FGSM step; the model stays in train mode, as in Wong's code. With α = 0 from a zero start δ stays
             # 0: `--alpha 0 --delta-init zero` is plain training, and the attack's pass is skipped.
             delta = torch.zeros_like(x) if alpha == 0 and args.delta_init == "zero" else \

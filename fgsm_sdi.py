@@ -12,7 +12,8 @@ Paper (ResNet18, CIFAR-10, best epoch): 84.86% clean, 53.73% PGD-10, 52.18% PGD-
 83 min (FGSM-RS: 51 min in the same table). CIFAR-100: 60.67 / 31.5 / 30.6 / 27.15 / 25.23 (AA), 99 min.
 Measured here: see README.md (only numbers from commands shown there).
 
-The FGSM-SDI algorithm (arXiv:2110.05007; the equation numbers (5)-(7) are UNVERIFIED against the paper's PDF; code:
+The FGSM-SDI algorithm (arXiv:2110.05007; its equations (5)-(7) as the authors present them, not checked against the
+paper's PDF; code:
 FGSM_SDI.py and FGSM_SDI_loss.py), per iteration i of an epoch (DECISIONS.md, 'SDI step cap' and 'SDI generator'):
     s_x = sign(∇_x L(f(x), y))                                   signed clean gradient, eq. (5)
     if i mod k == 0: θ ← θ + ∇_θ L(f(x + δ_g(θ)), y)            the generator update (it maximises the loss)
@@ -206,7 +207,7 @@ def main(argv=None):
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(data.train)  # the batches actually yielded
+    steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.lr_schedule == "imagenet":
         # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
         sched = common.imagenet_lr(opt, data.train, args.epochs)

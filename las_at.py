@@ -222,6 +222,7 @@ def per_sample_pgd(model, x, y, start, eps, step, iters, autocast=None):
     autocast: None (fp32) or the torch.autocast dtype; under float16 the loss is multiplied by 2^10 before the input
         gradient (its sign is all that is used).
     Returns δ, detached, N×C×H×W: |δ_i| ≤ ε_i and x + δ in [0, 1]. One host sync: the number of steps."""
+    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
     eps, step = eps.to(x.dtype).view(-1, 1, 1, 1), step.to(x.dtype).view(-1, 1, 1, 1)
     delta = (x + start).clamp(0, 1) - x
     for t in range(int(iters.max())):
@@ -252,6 +253,7 @@ def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_de
         backward and the gradients divided back, and â's loss likewise before its input gradient.
     Returns (R, (R1, R2, R3)), 0-dim fp32 tensors without gradient, R = R1 + R2 + R3."""
     import copy  # the standard library's: ŵ is a deepcopy of the target
+    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
     amp = dict(device_type=x.device.type, dtype=autocast, enabled=autocast is not None)
     scale = 1024.0 if autocast == torch.float16 else 1.0
     was_training = model.training
@@ -350,9 +352,12 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
     strategy_was_training, model_was_training = strategy.training, model.training
     # a ~ p(a|x; θ): one categorical draw per head and image (sampled in both modes, never the argmax).
     strategy.train(update)
-    with torch.set_grad_enabled(update), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-        logits = strategy(x)
-    strategy.train(strategy_was_training)
+    try:
+        with torch.set_grad_enabled(update), torch.autocast(x.device.type, dtype=autocast,
+                                                            enabled=autocast is not None):
+            logits = strategy(x)
+    finally:
+        strategy.train(strategy_was_training)
     dists = {k: torch.distributions.Categorical(logits=v.float(), validate_args=False) for k, v in logits.items()}
     actions = {k: d.sample() for k, d in dists.items()}
     log_prob = sum(d.log_prob(actions[k]) for k, d in dists.items())
@@ -362,9 +367,11 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
     iters = values.iters_values[actions["iters"]]
     # x_adv = g(x, a, w): the target in eval mode, every image from U(−start_eps, start_eps) (code).
     model.eval()
-    start = torch.empty_like(x).uniform_(-start_eps, start_eps)
-    delta = per_sample_pgd(model, x, y, start, eps, step, iters, autocast)
-    model.train(model_was_training)
+    try:
+        start = torch.empty_like(x).uniform_(-start_eps, start_eps)
+        delta = per_sample_pgd(model, x, y, start, eps, step, iters, autocast)
+    finally:
+        model.train(model_was_training)
     return delta, log_prob, (eps, step, iters)
 
 
@@ -376,11 +383,11 @@ def main(argv=None):
     if (args.strategy_model == "mnist-cnn" and data.shape[1:] != (28, 28)) or (args.strategy_model == "lenet"
                                                                                  and size < 16):
         common.fail(f"--strategy-model {args.strategy_model} does not fit {data.shape[2]}x{data.shape[1]} images")
-    steps = args.epochs * len(data.train)
+    steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.strategy_every > steps:
-        common.fail(f"--strategy-every {args.strategy_every}: this run has {steps} iterations ({args.epochs} epochs × "
-                    f"{len(data.train)} batches), so the strategy would never be updated and its attacks would stay "
-                    f"the random initial network's; use --strategy-every {steps} or less")
+        common.fail(f"--strategy-every {args.strategy_every}: this run has {steps} iterations ({args.epochs} epochs), "
+                    f"so the strategy would never be updated and its attacks would stay the random initial "
+                    f"network's; use --strategy-every {steps} or less")
     model = common.get_model(args, data)
     # The strategy's backbone normalises its input with the dataset's mean/std, as every network here does
     # (DECISIONS.md, 'Model I/O contract'); the code's loaders do not normalise, so its strategy sees raw [0, 1]
@@ -431,7 +438,7 @@ def main(argv=None):
         eps_sum = step_sum = iters_sum = reward_sum = 0
         updates = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
-            iteration = epoch * len(data.train) + i + 1  # 1-based over the whole run (the code's curr_step)
+            iteration = data.train.steps(epoch) + i + 1  # 1-based over the whole run (the code's curr_step)
             if iteration % args.strategy_every == 0:
                 # Strategy update: sample in train mode, attack the target, reward, REINFORCE. The examples made
                 # here are not trained on (code).

@@ -56,8 +56,9 @@ LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "m
                  "lenet": ("net.0", "net.3"),
                  **{f"resnet{d}": ("net.conv1", "net.layer1") for d in (18, 34, 50, 101)}}  # torchvision's (ImageNet)
 # Nets whose perturbed latents go (through a ReLU) straight into a conv or linear layer: under autocast its
-# half-precision input cast would round h_k + δ_k back onto h_k's grid. They are tiny and train in fp32.
-FP32_MODELS = ("mnist-cnn", "lenet")
+# half-precision input cast would round h_k + δ_k back onto h_k's grid. They train in fp32: the MNIST nets (tiny),
+# and torchvision's post-activation ResNets, whose layer1 output feeds layer2's first conv and its shortcut's.
+FP32_MODELS = ("mnist-cnn", "lenet", "resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def get_args(argv=None):
@@ -118,7 +119,7 @@ class LatentPerturbation:
                 # In fp32: under bf16 autocast h comes out of its conv in bf16, whose 8 significant bits put the
                 # values next to h 2^(⌊log2|h|⌋−7) apart, so h + η rounded to bf16 is about h + 2η for 8 ≤ |h| < 16
                 # and h itself for |h| ≥ 16 (η = 8/255). The fp32 sum is what the next layer gets: a BatchNorm, which
-                # then runs in fp32, or a residual sum, which stays fp32 (the MNIST CNN and LeNet: FP32_MODELS).
+                # then runs in fp32, or a residual sum, which stays fp32 (the other nets: FP32_MODELS).
                 h = h.float()
                 # The latent analogue of the [0, 1] pixel range: per sample and channel, the range of h_k in this
                 # pass (the authors' HiddenPerturb: amin/amax over the spatial dimensions). Their step of 1.8η is
@@ -190,7 +191,7 @@ def main(argv=None):
         common.log(f"# {args.model} trains in fp32: its latents feed a conv or linear layer, whose half-precision "
                    f"input would round the latent step away")
     eps, alpha = args.epsilon / 255, args.alpha / 255
-    steps = args.epochs * len(data.train)
+    steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:

@@ -92,7 +92,8 @@ def count_first_step():
     OUT_DIR/step_flops.json: {"flops", "batch_size"}. Not under --compile. The library is restored on exit."""
     import common
     from torch.utils.flop_counter import FlopCounterMode
-    real_parse, real_epoch = common.parse_args, common.DeviceLoader.epoch
+    real_parse = common.parse_args
+    real_epochs = {cls: cls.epoch for cls in (common.DeviceLoader, common.StreamLoader)}
     seen = {"args": None, "counted": False}
 
     def parse_args(*a, **kw):
@@ -101,8 +102,9 @@ def count_first_step():
 
     def epoch(loader, e):
         args = seen["args"]
-        batches = real_epoch(loader, e)
-        if seen["counted"] or not loader.shuffle or args is None or args.compile or common.rank():
+        batches = real_epochs[type(loader)](loader, e)
+        training = getattr(loader, "shuffle", True)  # a StreamLoader is always the training split
+        if seen["counted"] or not training or args is None or args.compile or common.rank():
             yield from batches
             return
         first = next(batches, None)
@@ -115,11 +117,15 @@ def count_first_step():
             json.dump({"flops": counter.get_total_flops(), "batch_size": len(first[1])}, f)
         yield from batches
 
-    common.parse_args, common.DeviceLoader.epoch = parse_args, epoch
+    common.parse_args = parse_args
+    for cls in real_epochs:
+        cls.epoch = epoch
     try:
         yield
     finally:
-        common.parse_args, common.DeviceLoader.epoch = real_parse, real_epoch
+        common.parse_args = real_parse
+        for cls, real in real_epochs.items():
+            cls.epoch = real
 
 
 def child(script, argv):
@@ -160,8 +166,8 @@ def finish_rows(rows):
     done = [r for r in rows if r["status"] == "ok"]
     for r in done:
         if r["flops_per_image"] is None and r["compile"]:
-            twin = next((t for t in done if t["flops_source"] == "counted" and t["spec"] == without_compile(
-                r["spec"])), None)
+            twin = next((t for t in done if t["flops_source"] == "counted" and t.get("base", t["spec"]) ==
+                         without_compile(r.get("base", r["spec"])) and t["processes"] == r["processes"]), None)
             if twin:
                 r["flops_per_image"], r["flops_source"] = twin["flops_per_image"], f"from '{twin['spec']}'"
     base = done[0]["seconds_per_epoch"] if done and rows[0]["status"] == "ok" else None
@@ -238,7 +244,7 @@ def main(argv=None):
         for k, (spec, n) in enumerate((s, n) for s in args.specs for n in args.nproc):
             label = spec if args.nproc == [1] else f"{spec} [{n} process{'es' if n > 1 else ''}]"
             rows.append(run_spec(spec, shared, os.path.join(tmp, str(k)), n))
-            rows[-1]["spec"] = label
+            rows[-1].update(spec=label, base=spec)
             spec = label
             shown = f"{rows[-1]['seconds_per_epoch']:.2f} s/epoch" if rows[-1]["status"] == "ok" else rows[-1]["status"]
             print(f"  {spec}: {shown}", file=sys.stderr, flush=True)

@@ -38,8 +38,8 @@ import paper_figures  # noqa: E402  (bench/, this script's own folder)
 
 # Flags that are not part of a recipe: where and how the run was executed, and the evaluation, which the accuracy
 # columns' headers and the "eval images" column name instead. dataset and model have columns of their own.
-NOT_RECIPE = {"method", "dataset", "model", "data_dir", "out_dir", "device", "resume", "workers", "progress_every",
-              "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
+NOT_RECIPE = {"method", "dataset", "model", "data_dir", "phase_data_dirs", "out_dir", "device", "resume", "workers",
+              "progress_every", "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
 # Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
 NEUTRAL = {"seed", "compile", "precision"}
 RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")  # a directory holding one of these is a run

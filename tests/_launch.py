@@ -3,7 +3,7 @@ from outside the library:
 - torchvision's checksum test is switched off (it verifies the md5 of the official CIFAR/SVHN files, which tiny
   test-made files cannot match);
 - FASTAT_TEST_INTERRUPT_AFTER_EPOCH=N: the run behaves as if Ctrl-C arrived right after epoch N's checkpoint;
-- FASTAT_TEST_WEIGHTS_DIR=DIR: each process writes its final weights to DIR/rank{R}.pt (are they the same?);
+- FASTAT_TEST_WEIGHTS_DIR=DIR: each process writes its final weights to DIR/SCRIPT-rank{R}.pt (the same?);
 - `python tests/_launch.py --each FILE.json`: runs the scripts listed in FILE.json ([[script, [args]], ...]) one
   after the other in this process (one torchrun start for all of them) and writes each exit code to FILE.json.out.
 Everything else (file parsing, the scripts) is the real code path."""
@@ -35,7 +35,7 @@ def end_epoch_then_interrupt(run, epoch, *args, **kwargs):
 def finish_and_keep_weights(run, model):
     if weights_dir:
         import torch
-        torch.save(model.state_dict(), os.path.join(weights_dir, f"rank{common.rank()}.pt"))
+        torch.save(model.state_dict(), os.path.join(weights_dir, f"{run.args.method}-rank{common.rank()}.pt"))
     return finish(run, model)
 
 

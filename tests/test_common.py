@@ -56,7 +56,8 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path, name, monkeypatch, 
 def _args(data_dir, dataset="cifar10", batch_size=16, seed=0, monitor_size=8, val_size=0, **kw):
     return SimpleNamespace(dataset=dataset, data_dir=data_dir, batch_size=batch_size, seed=seed, workers=0,
                            monitor_size=monitor_size, val_size=val_size, no_flip=False, eval_samples=None,
-                           device="cpu", precision="fp32", progress_every=0, image_size=None, **kw)
+                           device="cpu", precision="fp32", progress_every=0, image_size=None, phases=None,
+                           phase_data_dirs=None, **kw)
 
 
 def _find_crop_flip(aug, orig, pad=4):

@@ -66,7 +66,7 @@ def mnist_runs(tmp_path_factory):
 
 
 def test_two_processes_keep_identical_weights_and_train_what_one_does(mnist_runs):
-    rank0, rank1 = (torch.load(mnist_runs / "weights" / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(mnist_runs / "weights" / f"fgsm_rs-rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bit-identical across the processes
     one, two = torch.load(mnist_runs / "one" / "model_last.pt"), torch.load(mnist_runs / "two" / "model_last.pt")
     assert all(torch.equal(rank0[k], two[k]) for k in two)  # the first process wrote its own weights
@@ -86,8 +86,8 @@ def test_a_resumed_two_process_run_equals_the_uninterrupted_one(mnist_runs):
 
 
 def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
-    """One torchrun start runs each script for one epoch in turn; fgsm_mep.py refuses (its memories stay in one
-    process)."""
+    """One torchrun start runs each script for one epoch in turn, and both processes end with one model (weights and
+    BatchNorm statistics); fgsm_mep.py refuses (its memories stay in one process)."""
     def flags(name, *own):
         return ["--dataset", "cifar10", "--data-dir", cifar_dir, "--model", "wrn-10-1", "--epochs", "1",
                 "--batch-size", "32", "--eval-samples", "8", "--eval-iters", "2", "--eval-restarts", "1",
@@ -102,7 +102,8 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
             ["fgsm_mep.py", flags("fgsm_mep")]]
     with open(tmp_path / "plan.json", "w") as f:
         json.dump(plan, f)
-    proc = torchrun(["--each", str(tmp_path / "plan.json")])
+    os.makedirs(tmp_path / "weights")
+    proc = torchrun(["--each", str(tmp_path / "plan.json")], env={"FASTAT_TEST_WEIGHTS_DIR": str(tmp_path / "weights")})
     with open(tmp_path / "plan.json.out") as f:
         codes = json.load(f)
     assert codes == [0] * 7 + [2], proc.stderr[-3000:]
@@ -110,3 +111,8 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
     for name, _ in plan[:-1]:
         res = load_results(tmp_path / name[:-3])
         assert res["processes"] == 2 and len(res["epochs"]) == 1 and 0 <= res["final"]["last"]["worst_case"] <= 1
+        # one model in both processes, BatchNorm's running statistics included (each moved its own during the epoch)
+        rank0, rank1 = (torch.load(tmp_path / "weights" / f"{name[:-3]}-rank{r}.pt") for r in (0, 1))
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), name
+        saved = torch.load(tmp_path / name[:-3] / "model_last.pt")
+        assert all(torch.equal(rank0[k], saved[k]) for k in saved), name

@@ -210,10 +210,10 @@ def test_each_prior_runs_and_its_memories_fit_the_dataset(prior, dataset, rows, 
     fgsm_mep.main(small_args(data_dir, out, **extra))
     res = check_outputs(out, epochs=extra["epochs"])
     assert res["args"]["prior"] == prior and "reg" in res["epochs"][0]
-    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]
-    assert tuple(saved["delta_memory"].shape) == (rows,) + shape
-    assert ("momentum_memory" in saved) == (prior == "momentum")
-    assert saved["delta_memory"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]["memory"]
+    assert tuple(saved["delta"].shape) == (rows,) + shape
+    assert (saved["momentum"] is not None) == (prior == "momentum")
+    assert saved["delta"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
     if dataset == "mnist":
         step = min(res["args"]["alpha"], res["args"]["epsilon"]) / 255
         for delta_memory, momentum_memory in (calls[0], calls[len(calls) // 2]):  # each epoch's first batch
@@ -303,13 +303,13 @@ def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mni
     monkeypatch.setattr(fgsm_mep, "update_memory", first_memories)
     fgsm_mep.main(mnist_run(mnist_dir, part, resume=True))
     # the memories are those of epoch 1's checkpoint, exactly, when epoch 2 starts again
-    assert torch.equal(restored[0][0], ckpt["objects"]["delta_memory"])
-    assert torch.equal(restored[0][1], ckpt["objects"]["momentum_memory"])
+    assert torch.equal(restored[0][0], ckpt["objects"]["memory"]["delta"])
+    assert torch.equal(restored[0][1], ckpt["objects"]["memory"]["momentum"])
     assert comparable(load_results(full)) == comparable(load_results(part))
     with open(os.path.join(part, "log.txt")) as f:
         assert "the rows of epochs 2-2 above were not checkpointed: discarded" in f.read()
-    final = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["objects"] for d in (full, part)]
-    for name in ("delta_memory", "momentum_memory"):
+    final = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["objects"]["memory"] for d in (full, part)]
+    for name in ("delta", "momentum"):
         assert torch.equal(final[0][name], final[1][name]), name
 
 
@@ -318,8 +318,8 @@ def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
     check_outputs(str(tmp_path / "full"), epochs=2)
     assert a["method"] == "fgsm_mep" and a["args"]["prior"] == "momentum" and a["args"]["lam"] == 10
     assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(1e-3)  # both milestones passed
-    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]
+    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]["memory"]
                   for d in ("full", "part"))
-    for name in ("delta_memory", "momentum_memory"):
+    for name in ("delta", "momentum"):
         assert full[name].shape[0] == 256 and torch.equal(full[name], part[name]), name
-    assert full["momentum_memory"].abs().sum() > 0
+    assert full["momentum"].abs().sum() > 0

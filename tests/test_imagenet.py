@@ -2,6 +2,7 @@
 ImageFolder in DataLoader workers), ResNet-50, Wong et al.'s three phases of crop, batch and lr, a resume across a
 phase boundary, and what refuses to run at that scale."""
 import os
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -123,3 +124,86 @@ def test_what_cannot_run_at_imagenet_scale_refuses_in_one_line(imagenet_dir, scr
     with pytest.raises(SystemExit) as err:
         importlib.import_module(script).get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, *flags])
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resized_copies_made_with_torchvision_feed_their_phases(imagenet_dir, tmp_path):
+    """bench/resize_folder.py makes Wong et al.'s resized copies (shorter side 16 px here); --phase-data-dirs reads
+    each phase from its copy."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import resize_folder
+    small = str(tmp_path / "small")
+    resize_folder.main([imagenet_dir, small, "--size", "16", "--workers", "1"])
+    names = sorted(os.path.relpath(os.path.join(d, f), small) for d, _, fs in os.walk(small) for f in fs)
+    assert names == sorted(os.path.relpath(os.path.join(d, f), imagenet_dir) for d, _, fs in os.walk(imagenet_dir)
+                           for f in fs)
+    with Image.open(os.path.join(small, names[0])) as img, Image.open(os.path.join(imagenet_dir, names[0])) as big:
+        assert min(img.size) == 16 and abs(img.size[0] / img.size[1] - big.size[0] / big.size[1]) < 0.1
+    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--phase-data-dirs", small, small,
+                             imagenet_dir, "--image-size", "32", "--workers", "0", "--device", "cpu"])
+    loader = common.get_data(args).train
+    assert [f.root for f in loader.folders] == [os.path.join(small, "train")] * 2 + [os.path.join(imagenet_dir, "train")]
+    x, _, _ = next(loader.epoch(0))
+    assert x.shape[-1] == 14  # phase 1's crop, cut from the 16 px copy
+    with pytest.raises(SystemExit):  # copies that do not hold the same files are refused
+        common.get_data(fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--phase-data-dirs",
+                                          str(tmp_path), "--device", "cpu"]))
+
+
+def test_the_streamed_loader_yields_what_it_plans_and_shards_each_batch(imagenet_dir, monkeypatch):
+    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--image-size", "16", "--epochs",
+                             "3", "--batch-size", "10", "--workers", "0", "--device", "cpu"])
+    loader = common.get_data(args).train  # 24 images; phases of batch 10, 4, 2
+    state = torch.get_rng_state()
+    whole = {e: [idx.tolist() for _, _, idx in loader.epoch(e)] for e in range(3)}
+    assert torch.equal(torch.get_rng_state(), state)  # the per-sample seeds leave the process's generator alone
+    assert [len(whole[e]) for e in range(3)] == [loader.batches(e) for e in range(3)] == [3, 6, 12]
+    assert loader.steps(3) == 21 and len(loader) == 3
+    for e in range(3):
+        assert sorted(i for b in whole[e] for i in b) == list(range(24))  # every image once (4 = 24 − 2·10: kept)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(common, "rank", lambda: rank)
+        monkeypatch.setattr(common, "world", lambda: 2)
+        parts.append([idx.tolist() for _, _, idx in loader.epoch(1)])
+    for a, c, b in zip(*parts, whole[1]):
+        assert a + c == b and not set(a) & set(c)  # each process its part of the one-process batch
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 15, 30])
+def test_the_imagenet_lr_rises_then_falls_for_any_length(epochs):
+    loader = SimpleNamespace(batches=lambda e: 4)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    sched = common.imagenet_lr(opt, loader, epochs)
+    lrs = []
+    for _ in range(4 * epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # by hand: the peak after min(1, E/15) epochs, 1/10, 1/100, 1/1000 of it at 6/15, 12/15 and 15/15 of the run
+    times, values = [0, min(1, epochs / 15), 0.4 * epochs, 0.8 * epochs, epochs], [0, 0.4, 0.04, 0.004, 0.0004]
+    assert lrs == pytest.approx([np.interp(e + (i + 1) / 4, times, values) for e in range(epochs) for i in range(4)])
+    peak = lrs.index(max(lrs))
+    assert max(lrs) <= 0.4 and lrs[-1] == pytest.approx(0.0004)
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:],
+                                                                                                   lrs[peak + 1:]))
+
+
+def test_every_script_runs_an_epoch_on_streamed_imagenet(imagenet_dir, tmp_path):
+    """Each script with ImageNet's three phases (in 3 epochs), a small net and crop; FGSM-MEP with its batch prior,
+    whose slot is made anew at each phase's crop. Then evaluate.py repeats a streamed run's evaluation."""
+    import importlib
+
+    import evaluate
+    own = {"atlas": ["--ramp-epochs", "1", "--val-size", "4", "--val-iters", "1"], "fgsm_mep": ["--prior", "batch"],
+           "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "--strategy-every", "5"],
+           "amata": ["--k-min", "1", "--k-max", "1", "--milestones", "2"], "rmcla": ["--milestones", "2"]}
+    for script in ("fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"):
+        out = str(tmp_path / script)
+        importlib.import_module(script).main(_flags(imagenet_dir, out, "--model", "wrn-10-1", "--image-size", "16",
+                                                    "--batch-size", "10", "--workers", "0", *own.get(script, [])))
+        res = load_results(out)
+        assert len(res["epochs"]) == 3 and res["data"]["shape"] == [3, 16, 16], script
+    again = evaluate.main(["--weights", str(tmp_path / "fgsm_rs" / "model_last.pt"), "--eval-iters", "2",
+                           "--eval-restarts", "1", "--eval-cw-iters", "2", "--device", "cpu", "--workers", "0"])
+    assert again == load_results(tmp_path / "fgsm_rs")["final"]["last"]
