@@ -107,7 +107,9 @@ def amata_delta(model, x, y, eps, step, steps, random_start=False, autocast=None
         the mode it is in and left in it: in training here it is in train mode, so BatchNorm normalises with the
         attacked batch's statistics and each of the K_t passes updates its running statistics, as our other scripts'
         attacks do (the paper is silent; DECISIONS.md, 'Amata unstated details'); in eval mode nothing changes them.
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, step: ε and α_t in [0, 1] units (CIFAR-10: 8/255 and τ/K_t = (20/255)/K_t); steps: K_t ≥ 0.
     random_start: start from x⁰ + U(−ε, ε) clamped to [0, 1] (Madry et al.'s PGD-AT) instead of x⁰ (Algorithm 1).
     autocast: None (fp32, default) or the dtype of torch.autocast for the forward passes (torch.bfloat16 or

@@ -194,7 +194,9 @@ def atlas_loss(model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, au
         in training here, and in Wong et al.'s code for the FGSM step) BatchNorm normalises with each pass's own
         batch statistics and its running statistics take the `iters` attack passes and the loss passes, as the
         method's training passes do; in eval mode nothing changes them.
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, step: the full ε (v of §5.3) and the attack's step, [0, 1] units (CIFAR-10 one-step: 8/255 and 1.25ε =
         10/255; multi-step: 0.007).
     jac_alpha, kl_beta: α and β of eq. (14); 0 skips that term (ATLAS-g: α = 0, ATLAS-l: β = 0, App. C).

@@ -136,7 +136,9 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
         backward frees its saved buffers after the first backward.
     adv_model: the module for the forward at x + δ_adv, the same network (default: model), e.g. its
         torch.compile'd view; that pass is backpropagated once.
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     delta_pgi: the prior, N×C×H×W with |δ| ≤ ε and x + δ in [0, 1] (no gradient of it is kept).
     eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both). lam: λ of the regulariser (code: 10;
         0: none, and the forward at x + δ_pgi keeps no graph). smoothing: PyTorch's label_smoothing of both cross

@@ -60,7 +60,9 @@ def fgsm_rs_delta(model, x, y, eps, alpha, delta=None, autocast=None):
 
     model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it is used in
         the mode it is in (train mode in Wong's code, so BatchNorm sees this pass).
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 and 10/255 = 1.25ε).
     delta: the start, N×C×H×W with |δ| ≤ ε (default: uniform in [−ε, ε], FGSM-RS; zeros: plain FGSM).
     autocast: None (fp32, default) or the dtype of torch.autocast for the forward pass (torch.bfloat16 or

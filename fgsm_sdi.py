@@ -102,7 +102,9 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
         gradient: backward(inputs=θ) never forms them, so nothing of this pass leaks into the target's step.
     generator: a Generator; put in train mode for the update (the code's attacker.train()) and handed back in the
         mode it was found in. gen_opt: its optimiser (Adam, lr 1e-3 in the code).
-    x: images N×C×H×W in [0, 1] (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1] (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
     autocast: None (fp32, default) or the torch.autocast dtype (torch.bfloat16 / torch.float16). Under float16 the
         losses are multiplied by 2^10 before each backward so that no gradient underflows; the input gradients are
@@ -158,7 +160,9 @@ def fgsm_sdi_delta(model, generator, x, y, eps, alpha, autocast=None, signed_gra
         mode it is in (train mode in the code, so BatchNorm sees these passes), and only input gradients are taken.
     generator: a module (x, s_x) → N×C×H×W in [−1, 1] (Generator); run without gradients, in the mode it is in
         (eval mode for the target's step, as in the code).
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
     autocast: None (fp32, default) or the torch.autocast dtype of the forward passes (torch.bfloat16 or
         torch.float16; under float16 each loss is multiplied by 2^10 before its input gradient so that the gradient

@@ -342,7 +342,9 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
         update=False (the target step): sampled in eval mode without a graph. update=True (a strategy update): in
         train mode, as the code, so its BN normalises with the batch and moves its running statistics, and the
         returned log-probability keeps its graph for reinforce_step. The strategy is handed back in its mode.
-    x: images N×C×H×W in [0, 1] (checked: RuntimeError otherwise); y: labels N.
+    x: images N×C×H×W in [0, 1] (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N.
     start_eps: radius of the random start U(−start_eps, start_eps) of every image (code: 8/255, whatever its ε).
     autocast: None (fp32) or the torch.autocast dtype of the strategy's and the attack's forward passes.
     Returns (δ, log_prob, (eps, step, iters)): δ detached N×C×H×W with |δ_i| ≤ ε_i and x + δ in [0, 1]; log_prob N,

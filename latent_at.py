@@ -144,7 +144,9 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
         found (train mode in the authors' code: BatchNorm and dropout see both passes).
     attack_model: the same network as pass 1 runs it (default: model); it needs input and latent gradients only
         (the script passes a view whose parameters do not require gradients during its forward).
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, alpha: ε and the input step (0.9ε) in [0, 1] units; η is latent.eta.
     autocast: None (fp32, default) or the dtype of torch.autocast for both passes (torch.bfloat16 or torch.float16;
         under float16 pass 1's loss is scaled by 2^10 before its backward so that the gradients do not underflow,

@@ -133,7 +133,9 @@ def rmcla_loss(model, x, y, eps, alpha, beta, gamma, top_k=None, rule="main", vm
         in, x_adv's batch: the method's one training pass); it is handed back in the mode it was found in.
     attack_model: the same network as the clean pass and the attack run it (default: model); they need input
         gradients only (the script passes a view whose parameters do not require gradients during its forward).
-    x: images N×C×H×W in [0, 1], not normalised (checked: RuntimeError otherwise); y: labels N, int64.
+    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
+        a RuntimeError on the CPU, a device-side assert on CUDA);
+    y: labels N, int64.
     eps, alpha: ε and the size of the targeted step (ε in the code) in [0, 1] units.
     beta, gamma, top_k, rule, vmc_over: the label's parameters (adversarial_label); top_k at most C − 1.
     autocast: None (fp32, default) or the dtype of torch.autocast for the three passes (torch.bfloat16 or
