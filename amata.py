@@ -29,58 +29,105 @@ K_T = K_max "in the last epoch", so --epochs E runs T = E − 1 (DECISIONS.md, '
                     θ ← θ − η·∇_θ ℓ(x^{K_t})                                    (the weight update)
 "Amata+Fast" is not specified precisely enough in the paper to implement and is left out.
 """
+
 import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
 
 RECIPES = {
     # §3.1 and App. A.2, CIFAR-10: τ = 20/255, K 2 → 10, ε = 8/255; SGD lr 0.05, momentum 0.9, wd 5e-4, lr ×0.1
     # at epochs 75 and 90, 100 epochs. The batch size is not in the paper; App. A follows Zhang et al.'s YOPO,
     # whose PGD-10 config with exactly this lr, wd and these milestones (experiments/CIFAR10/pre-res18.pgd10)
     # uses batch 256.
-    "default": dict(epochs=100, batch_size=256, lr=0.05, weight_decay=5e-4, milestones=[75, 90], epsilon=8,
-                    tau=20, k_min=2, k_max=10),
+    "default": dict(
+        epochs=100,
+        batch_size=256,
+        lr=0.05,
+        weight_decay=5e-4,
+        milestones=[75, 90],
+        epsilon=8,
+        tau=20,
+        k_min=2,
+        k_max=10,
+    ),
     # App. A.1 and §2.5, MNIST: LeNet (pytorch/examples' mnist net, --model lenet), ε 0.3, PGD step 0.01, SGD lr
     # 0.1, momentum 0.9, wd 5e-4; Table 1's Amata(5, 40) against PGD-40, so τ = 40·0.01 = 0.4 (= 102/255) and
     # the last epoch runs PGD-40 with step 0.01. Epochs, batch and milestones are not in the paper; they come
     # from the setting it cites (YOPO's experiments/MNIST/pgd40/config.py): 56 epochs, batch 256, lr ×0.1 at
     # epochs 50 and 55. Table 1 evaluates with PGD-40, step 0.01 (--eval-iters 40 --eval-restarts 1).
-    "mnist": dict(model="lenet", epochs=56, batch_size=256, lr=0.1, milestones=[50, 55], epsilon=76.5, tau=102,
-                  k_min=5, k_max=40),
-    # ImageNet (our choice: the paper reports an ImageNet run without its settings): common.IMAGENET's data, network,
+    "mnist": dict(
+        model="lenet",
+        epochs=56,
+        batch_size=256,
+        lr=0.1,
+        milestones=[50, 55],
+        epsilon=76.5,
+        tau=102,
+        k_min=5,
+        k_max=40,
+    ),
+    # ImageNet (our choice: the paper reports an ImageNet run without its settings): imagenet.IMAGENET's data, network,
     # phases and ε, with this paper's own schedule compressed to its 15 epochs (lr 0.05, ×0.1 at 75% and 90%).
     "imagenet": dict(lr=0.05, milestones=[11, 14]),
 }
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="initial learning rate (×0.1 at each milestone)",
-                           alpha_help="refused: Amata's step is α_t = τ/K_t (set --tau, --k-min, --k-max)")
-    p.add_argument("--k-min", type=common.pos_int, default=None, help="K_min: PGD steps in the first epoch")
-    p.add_argument("--k-max", type=common.pos_int, default=None, help="K_max: PGD steps of the last epoch")
-    p.add_argument("--tau", type=common.pos_float, default=None,
-                   help="τ = K_t·α_t, the total step length, /255 units (CIFAR-10: 20 = 2.5ε; MNIST: 102 = 0.4 = "
-                        "1.33ε); follows --epsilon in proportion")
-    p.add_argument("--random-start", action="store_true",
-                   help="start the attack from x⁰ + U(−ε, ε) (Algorithm 1 starts from x⁰; Madry et al.'s "
-                        "PGD-AT baseline, --k-min 10 --k-max 10 --tau 20, starts randomly)")
-    p.add_argument("--milestones", type=common.pos_int, nargs="*", default=None,
-                   help="epochs after which the lr is multiplied by 0.1, each below --epochs (--milestones alone: "
-                        "none)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
+    p = flags.base_parser(
+        __doc__,
+        lr="initial learning rate (×0.1 at each milestone)",
+        alpha="refused: Amata's step is α_t = τ/K_t (set --tau, --k-min, --k-max)",
+    )
+    p.add_argument(
+        "--k-min", type=flags.pos_int, default=None, help="K_min: PGD steps in the first epoch"
+    )
+    p.add_argument(
+        "--k-max", type=flags.pos_int, default=None, help="K_max: PGD steps of the last epoch"
+    )
+    p.add_argument(
+        "--tau",
+        type=flags.pos_float,
+        default=None,
+        help="τ = K_t·α_t, the total step length, /255 units (CIFAR-10: 20 = 2.5ε; MNIST: 102 = 0.4 = "
+        "1.33ε); follows --epsilon in proportion",
+    )
+    p.add_argument(
+        "--random-start",
+        action="store_true",
+        help="start the attack from x⁰ + U(−ε, ε) (Algorithm 1 starts from x⁰; Madry et al.'s "
+        "PGD-AT baseline, --k-min 10 --k-max 10 --tau 20, starts randomly)",
+    )
+    p.add_argument(
+        "--milestones",
+        type=flags.pos_int,
+        nargs="*",
+        default=None,
+        help="epochs after which the lr is multiplied by 0.1, each below --epochs (--milestones alone: "
+        "none)",
+    )
     # τ is ε-relative (2.5ε on CIFAR-10): `--epsilon 16` keeps the ratio unless --tau is given.
-    args = common.parse_args(p, RECIPES, argv, script="amata", eps_relative=("tau",))
+    args = flags.parse_args(p, RECIPES, argv, script="amata", eps_relative=("tau",))
     if args.k_min > args.k_max:
         p.error(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     if args.alpha is not None:
-        p.error("--alpha: Amata's step size is α_t = τ/K_t; set --tau (and --k-min/--k-max) instead")
+        p.error(
+            "--alpha: Amata's step size is α_t = τ/K_t; set --tau (and --k-min/--k-max) instead"
+        )
     late = [m for m in args.milestones if m >= args.epochs]
     if late:  # MultiStepLR is stepped after each epoch: a milestone m lowers the lr from epoch m + 1 (1-based) on
         given = p.parse_known_args(argv)[0].milestones is not None
-        where = "--milestones" if given else f"the recipe's milestones {' '.join(map(str, args.milestones))}"
-        p.error(f"{where}: {late[0]} is not below --epochs {args.epochs}, so the lr would never drop during "
-                f"training; pass --milestones with epochs below {args.epochs} (--milestones alone: no drop)")
+        where = (
+            "--milestones"
+            if given
+            else f"the recipe's milestones {' '.join(map(str, args.milestones))}"
+        )
+        p.error(
+            f"{where}: {late[0]} is not below --epochs {args.epochs}, so the lr would never drop during "
+            f"training; pass --milestones with epochs below {args.epochs} (--milestones alone: no drop)"
+        )
     return args
 
 
@@ -116,7 +163,9 @@ def amata_delta(model, x, y, eps, step, steps, random_start=False, autocast=None
         torch.float16; under float16 the loss is scaled by 2^10 so that the input gradient does not underflow,
         which leaves its sign unchanged).
     Returns δ = x^{K_t} − x⁰, detached, N×C×H×W: |δ| ≤ ε and x + δ in [0, 1]."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     delta = torch.zeros_like(x)
     if random_start:
         delta = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x
@@ -124,34 +173,45 @@ def amata_delta(model, x, y, eps, step, steps, random_start=False, autocast=None
         delta.requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss = F.cross_entropy(model(x + delta), y)
-        grad, = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)  # ∇δ only
-        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)  # the step, clipped to x⁰ ± ε ...
-        delta = (x + delta).clamp(0, 1) - x                              # ... and to the pixel range
+        (grad,) = torch.autograd.grad(
+            loss * (1024.0 if autocast == torch.float16 else 1.0), delta
+        )  # ∇δ only
+        delta = (delta.detach() + step * grad.sign()).clamp(
+            -eps, eps
+        )  # the step, clipped to x⁰ ± ε ...
+        delta = (x + delta).clamp(0, 1) - x  # ... and to the pixel range
     return delta.detach()
 
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     model = common.get_model(args, data)
-    run = common.Run(args, data, columns=["K_t", "alpha_t"])
+    run = harness.Run(args, data, columns=["K_t", "alpha_t"])
     attack_model, train_model = run.models(model)
     eps, tau = args.epsilon / 255, args.tau / 255
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=0.1)  # stepped per epoch
+    opt = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=args.milestones, gamma=0.1
+    )  # stepped per epoch
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 
     for t in range(start, args.epochs):
         run.start_epoch()
-        k_t, alpha_t = annealing(t, args.epochs, args.k_min, args.k_max, tau)  # Algorithm 1: K_t and α_t
+        k_t, alpha_t = annealing(
+            t, args.epochs, args.k_min, args.k_max, tau
+        )  # Algorithm 1: K_t and α_t
         model.train()
         total_loss = total_correct = total_n = 0
         for x, y, _ in data.train.epoch(t):
             # The inner PGD loop; the model stays in train mode while attacking (BN batch statistics), as in the
             # other scripts here; the paper does not say (YOPO's PGD code switches to eval mode).
             delta = amata_delta(attack_model, x, y, eps, alpha_t, k_t, args.random_start, run.amp)
-            with run.autocast():                                                # the weight update at x^{K_t}
+            with run.autocast():  # the weight update at x^{K_t}
                 out = train_model(x + delta)
                 loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
@@ -163,10 +223,18 @@ def main(argv=None):
             total_n += len(y)
         lr = opt.param_groups[0]["lr"]  # the lr this epoch trained with
         sched.step()
-        run.end_epoch(t, model, checkpoint, lr=lr, loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item(), K_t=k_t, alpha_t=alpha_t * 255)  # α_t in /255 units
+        run.end_epoch(
+            t,
+            model,
+            checkpoint,
+            lr=lr,
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+            K_t=k_t,
+            alpha_t=alpha_t * 255,
+        )  # α_t in /255 units
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

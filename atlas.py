@@ -28,6 +28,7 @@ a tenth of the training split, at most 5,000); 2 epochs without a new best → l
 The best-validation model is reported. Epochs without a new best are counted only once ε has reached its full value
 (our choice: DECISIONS.md, 'ATLAS patience after the ramp').
 """
+
 import math
 import sys
 
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
 
 RECIPES = {
     # App. B, CIFAR-10 and CIFAR-100 one-step: SGD lr 0.1, momentum 0.9, wd 2e-4, batch 64, FGSM step
@@ -42,14 +45,34 @@ RECIPES = {
     # images (val_size None: a tenth of the training split, at most 5,000, common.get_data; App. B: 5,000 of CIFAR's
     # 50,000). epochs is only an upper bound: the validation scheduler stops 10 epochs after the best one (the
     # paper's models peaked around epoch 30).
-    "default": dict(epochs=100, batch_size=64, lr=0.1, weight_decay=2e-4, epsilon=8, alpha=10, jac_alpha=2e-4,
-                    kl_beta=5.0, val_size=None, val_iters=10, val_step=1.785, ramp_epochs=15),
+    "default": dict(
+        epochs=100,
+        batch_size=64,
+        lr=0.1,
+        weight_decay=2e-4,
+        epsilon=8,
+        alpha=10,
+        jac_alpha=2e-4,
+        kl_beta=5.0,
+        val_size=None,
+        val_iters=10,
+        val_step=1.785,
+        ramp_epochs=15,
+    ),
     # App. B, MNIST one-step: lr 0.01, batch 128, α = 1e-5, β = 0.3; ε 0.3, FGSM step 1.25ε = 0.375; validation
     # PGD-20 with step 0.01. Momentum and weight decay are not stated for MNIST: the CIFAR values are kept
     # (DECISIONS.md, 'ATLAS unstated details').
-    "mnist": dict(batch_size=128, lr=0.01, epsilon=76.5, alpha=95.625, jac_alpha=1e-5, kl_beta=0.3,
-                  val_iters=20, val_step=2.55),
-    # ImageNet (our choice; no ImageNet run in the paper): common.IMAGENET's data, network, phases and ε, App. B's
+    "mnist": dict(
+        batch_size=128,
+        lr=0.01,
+        epsilon=76.5,
+        alpha=95.625,
+        jac_alpha=1e-5,
+        kl_beta=0.3,
+        val_iters=20,
+        val_step=2.55,
+    ),
+    # ImageNet (our choice; no ImageNet run in the paper): imagenet.IMAGENET's data, network, phases and ε, App. B's
     # lr and validation rule, and the ε ramp over the first third of the 15 epochs (CIFAR: 15 of the ~30 to the best).
     "imagenet": dict(lr=0.1, ramp_epochs=5),
 }
@@ -64,50 +87,90 @@ MULTI_STEP = {
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="starting learning rate (lowered by the validation scheduler)",
-                           alpha_help="step of the attack, /255 units: 1.25ε one-step, the validation step (0.007) "
-                                      "multi-step; keeps its ratio to ε when only --epsilon is given")
-    next(a for a in p._actions if a.dest == "val_size").help = (
-        "training images held out for App. B's validation (None: a tenth of the training split, at most 5,000, as "
-        "the paper's 5,000 of CIFAR's 50,000; 0 is refused)")
-    p.add_argument("--attack-iters", type=common.pos_int, default=1,
-                   help="signed-gradient steps of the attack: 1 = one-step ATLAS (FGSM-RS, step --alpha = 1.25ε), "
-                        "10 = CIFAR's ten-step ATLAS (PGD, step 0.007 = 1.785/255), 20 = MNIST's multi-step "
-                        "ATLAS (--dataset mnist --attack-iters 20: PGD, step 0.01 = 2.55/255). Any value > 1 "
-                        "takes the multi-step recipe's step and loss weights")
-    p.add_argument("--jac-alpha", type=common.nonneg_float, default=None,
-                   help="α of eq. (14), weight of the Jacobian term (0: ATLAS-g); -h --attack-iters 10 shows the "
-                        "multi-step recipes' values")
-    p.add_argument("--kl-beta", type=common.nonneg_float, default=None,
-                   help="β of eq. (14), weight of the KL term (0: ATLAS-l); -h --attack-iters 10 shows the multi-step "
-                        "recipes' values")
-    p.add_argument("--ramp-epochs", type=common.nonneg_float, default=None,
-                   help="ε, α and β grow linearly from 0 over this many epochs (0: no ramp); --epochs must be longer")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
-    p.add_argument("--val-iters", type=common.pos_int, default=None, help="PGD steps of the validation attack")
-    p.add_argument("--val-step", type=common.pos_float, default=None,
-                   help="PGD step of the validation attack, /255 units (1.785 = 0.007; MNIST 2.55 = 0.01); follows "
-                        "--epsilon in proportion")
-    p.add_argument("--plateau-epochs", type=common.pos_int, default=2,
-                   help="epochs without a new best validation accuracy before the lr is divided by 5; counted "
-                        "only once ε has reached its full value (the end of --ramp-epochs)")
-    p.add_argument("--stop-epochs", type=common.pos_int, default=10,
-                   help="epochs without a new best validation accuracy before training stops; counted only once "
-                        "ε has reached its full value (the end of --ramp-epochs)")
+    p = flags.base_parser(
+        __doc__,
+        lr="starting learning rate (lowered by the validation scheduler)",
+        alpha="step of the attack, /255 units: 1.25ε one-step, the validation step (0.007) "
+        "multi-step; keeps its ratio to ε when only --epsilon is given",
+        val_size="training images held out for App. B's validation (None: a tenth of the "
+        "training split, at most 5,000, as the paper's 5,000 of CIFAR's 50,000; 0 is "
+        "refused)",
+    )
+    p.add_argument(
+        "--attack-iters",
+        type=flags.pos_int,
+        default=1,
+        help="signed-gradient steps of the attack: 1 = one-step ATLAS (FGSM-RS, step --alpha = 1.25ε), "
+        "10 = CIFAR's ten-step ATLAS (PGD, step 0.007 = 1.785/255), 20 = MNIST's multi-step "
+        "ATLAS (--dataset mnist --attack-iters 20: PGD, step 0.01 = 2.55/255). Any value > 1 "
+        "takes the multi-step recipe's step and loss weights",
+    )
+    p.add_argument(
+        "--jac-alpha",
+        type=flags.nonneg_float,
+        default=None,
+        help="α of eq. (14), weight of the Jacobian term (0: ATLAS-g); -h --attack-iters 10 shows the "
+        "multi-step recipes' values",
+    )
+    p.add_argument(
+        "--kl-beta",
+        type=flags.nonneg_float,
+        default=None,
+        help="β of eq. (14), weight of the KL term (0: ATLAS-l); -h --attack-iters 10 shows the multi-step "
+        "recipes' values",
+    )
+    p.add_argument(
+        "--ramp-epochs",
+        type=flags.nonneg_float,
+        default=None,
+        help="ε, α and β grow linearly from 0 over this many epochs (0: no ramp); --epochs must be longer",
+    )
+    p.add_argument(
+        "--val-iters", type=flags.pos_int, default=None, help="PGD steps of the validation attack"
+    )
+    p.add_argument(
+        "--val-step",
+        type=flags.pos_float,
+        default=None,
+        help="PGD step of the validation attack, /255 units (1.785 = 0.007; MNIST 2.55 = 0.01); follows "
+        "--epsilon in proportion",
+    )
+    p.add_argument(
+        "--plateau-epochs",
+        type=flags.pos_int,
+        default=2,
+        help="epochs without a new best validation accuracy before the lr is divided by 5; counted "
+        "only once ε has reached its full value (the end of --ramp-epochs)",
+    )
+    p.add_argument(
+        "--stop-epochs",
+        type=flags.pos_int,
+        default=10,
+        help="epochs without a new best validation accuracy before training stops; counted only once "
+        "ε has reached its full value (the end of --ramp-epochs)",
+    )
     # The multi-step variants have their own step and loss weights: pick the recipe table before filling defaults.
     # (-h is left out of this first look, so that the help shows the recipe values parse_args adds to it.)
     words = sys.argv[1:] if argv is None else argv
-    multi_step = p.parse_known_args([w for w in words if w not in ("-h", "--help")])[0].attack_iters > 1
-    recipes = {k: {**RECIPES.get(k, {}), **(MULTI_STEP.get(k, {}) if multi_step else {})}
-               for k in [*RECIPES, *(k for k in MULTI_STEP if k not in RECIPES)]}  # in a fixed order, for -h
+    multi_step = (
+        p.parse_known_args([w for w in words if w not in ("-h", "--help")])[0].attack_iters > 1
+    )
+    recipes = {
+        k: {**RECIPES.get(k, {}), **(MULTI_STEP.get(k, {}) if multi_step else {})}
+        for k in [*RECIPES, *(k for k in MULTI_STEP if k not in RECIPES)]
+    }  # in a fixed order, for -h
     # The attack's step (1.25ε) and the validation PGD's step (0.007 ≈ 0.22ε) follow --epsilon unless given.
-    args = common.parse_args(p, recipes, argv, script="atlas", eps_relative=("alpha", "val_step"))
+    args = flags.parse_args(p, recipes, argv, script="atlas", eps_relative=("alpha", "val_step"))
     if args.val_size == 0:
-        p.error("--val-size 0: App. B's learning-rate rule, its stopping rule and the best model need held-out "
-                "images; leave --val-size out (a tenth of the training images, at most 5,000) or give a number")
+        p.error(
+            "--val-size 0: App. B's learning-rate rule, its stopping rule and the best model need held-out "
+            "images; leave --val-size out (a tenth of the training images, at most 5,000) or give a number"
+        )
     if args.ramp_epochs and args.epochs <= args.ramp_epochs:
-        p.error(f"--epochs {args.epochs} is not longer than --ramp-epochs {args.ramp_epochs:g}: ε would never reach "
-                f"its full value; give a shorter --ramp-epochs (0: no ramp) or more --epochs")
+        p.error(
+            f"--epochs {args.epochs} is not longer than --ramp-epochs {args.ramp_epochs:g}: ε would never reach "
+            f"its full value; give a shorter --ramp-epochs (0: no ramp) or more --epochs"
+        )
     return args
 
 
@@ -136,7 +199,9 @@ def jacobian_estimate(logits, x_adv, scale=1.0):
     n, num_classes = logits.shape
     v = torch.randn(n, num_classes, device=logits.device)
     v = v / v.norm(dim=1, keepdim=True)
-    vJ, = torch.autograd.grad(logits, x_adv, grad_outputs=(scale * v).to(logits.dtype), create_graph=True)
+    (vJ,) = torch.autograd.grad(
+        logits, x_adv, grad_outputs=(scale * v).to(logits.dtype), create_graph=True
+    )
     return num_classes * (vJ.float() / scale).flatten(1).pow(2).sum(1).mean()
 
 
@@ -178,7 +243,9 @@ class ValidationScheduler:
         self.best, self.epochs_since_best = state["best"], state["epochs_since_best"]
 
 
-def atlas_loss(model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, autocast=None, attack_model=None):
+def atlas_loss(
+    model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, autocast=None, attack_model=None
+):
     """ATLAS's loss for one batch (Lu & Kumar, ICLR 2021 submission, OpenReview k9GoaycDeio): a weak attack gives
     x′ (§6: random start, then signed-gradient CE steps), then eq. (14) at x′:
         CE(f(x′), y) + r·α·‖J(x′)‖²_F + r·β·KL(p(x′) ‖ p(x))
@@ -208,7 +275,9 @@ def atlas_loss(model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, au
         unchanged), and the Jacobian estimate's v likewise, its vᵀJ divided back. The KL term is computed in fp32.
     Returns (loss, logits, terms): loss, a scalar with its graph to θ (backpropagate it); logits at x′, N×C, with
     graph; terms: the unweighted batch means, detached: 'ce', and 'jac' and 'kl' when their weight is not 0."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     attack_model = model if attack_model is None else attack_model
     scale = 1024.0 if autocast == torch.float16 else 1.0
     eps, step = ramp * eps, ramp * step  # §5.3: ε_t = r·v; the step keeps its ratio to ε_t
@@ -219,19 +288,21 @@ def atlas_loss(model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, au
         delta.requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             attack_ce = F.cross_entropy(attack_model(x + delta), y)
-        grad, = torch.autograd.grad(attack_ce * scale, delta)  # ∇δ only: x′ is a constant of the loss below
+        (grad,) = torch.autograd.grad(
+            attack_ce * scale, delta
+        )  # ∇δ only: x′ is a constant of the loss below
         delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
     # eq. (14) at x′. x′ needs a gradient only for the Jacobian term (its vᵀJ is a gradient w.r.t. x′).
     x_adv = (x + delta).detach().requires_grad_(jac_alpha > 0)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         logits = model(x_adv)
-        ce = F.cross_entropy(logits, y)                                           # eq. (12), first local term
+        ce = F.cross_entropy(logits, y)  # eq. (12), first local term
         loss, terms = ce, {"ce": ce.detach()}
-        if jac_alpha > 0:                                                         # eq. (12), Jacobian term
+        if jac_alpha > 0:  # eq. (12), Jacobian term
             jac = jacobian_estimate(logits, x_adv, scale)
             loss, terms["jac"] = loss + ramp * jac_alpha * jac, jac.detach()
-        if kl_beta > 0:                                                           # eq. (13), the global term
+        if kl_beta > 0:  # eq. (13), the global term
             # x goes through its own forward pass (not concatenated with x′): BatchNorm normalises each on its own.
             log_p_adv = F.log_softmax(logits.float(), 1)
             log_p_clean = F.log_softmax(model(x).float(), 1)
@@ -242,21 +313,28 @@ def atlas_loss(model, x, y, eps, step, jac_alpha, kl_beta, iters=1, ramp=1.0, au
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     # App. B: the validation images are held out of training before it starts (data.val, never in data.train).
     data = common.get_data(args)
-    last = data.train.batches(args.epochs - 1)  # the batches of the last epoch (ImageNet's phases change them)
+    last = data.train.batches(
+        args.epochs - 1
+    )  # the batches of the last epoch (ImageNet's phases change them)
     if ramp(args.epochs - 1, last - 1, last, args.ramp_epochs) < 1:
-        common.fail(f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the {data.train.steps(args.epochs)} "
-                    f"iterations ({last} in the last epoch): ε would never reach its full value; give a shorter "
-                    f"--ramp-epochs or more --epochs")
+        raise common.FastatError(
+            f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the {data.train.steps(args.epochs)} "
+            f"iterations ({last} in the last epoch): ε would never reach its full value; give a shorter "
+            f"--ramp-epochs or more --epochs"
+        )
     model = common.get_model(args, data)
     used = [name for name, weight in (("jac", args.jac_alpha), ("kl", args.kl_beta)) if weight > 0]
-    run = common.Run(args, data, columns=["eps", "val_acc", "ce", *used])
+    run = harness.Run(args, data, columns=["eps", "val_acc", "ce", *used])
     # torch.compile has no double backward: with the Jacobian term the loss passes run eagerly (through DDP under
     # torchrun) and --compile only speeds up the attack.
     attack_model, train_model = run.models(model, double_backward=args.jac_alpha > 0)
     eps, step, val_step = args.epsilon / 255, args.alpha / 255, args.val_step / 255
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+    )
     sched = ValidationScheduler(opt, args.plateau_epochs, args.stop_epochs)
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
@@ -268,8 +346,19 @@ def main(argv=None):
         total_n = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             r = ramp(epoch, i, data.train.batches(epoch), args.ramp_epochs)  # §5.3, per iteration
-            loss, logits, terms = atlas_loss(train_model, x, y, eps, step, args.jac_alpha, args.kl_beta,
-                                             args.attack_iters, r, run.amp, attack_model=attack_model)
+            loss, logits, terms = atlas_loss(
+                train_model,
+                x,
+                y,
+                eps,
+                step,
+                args.jac_alpha,
+                args.kl_beta,
+                args.attack_iters,
+                r,
+                run.amp,
+                attack_model=attack_model,
+            )
             opt.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(opt)
@@ -281,22 +370,43 @@ def main(argv=None):
 
         # App. B: PGD on the held-out images (full ε, fp32, eval mode: BN statistics untouched) drives the lr, the
         # stop and "best".
-        val_acc = common.mean_over_ranks(common.pgd_correct(model, data.val.images, data.val.labels, eps, val_step,
-                                                            args.val_iters).float().mean().item())
-        lr = opt.param_groups[0]["lr"]  # the lr this epoch trained with, before the scheduler changes it
+        val_acc = harness.mean_over_ranks(
+            common.pgd_correct(
+                model, data.val.images, data.val.labels, eps, val_step, args.val_iters
+            )
+            .float()
+            .mean()
+            .item()
+        )
+        lr = opt.param_groups[0][
+            "lr"
+        ]  # the lr this epoch trained with, before the scheduler changes it
         # Epochs without a new best count once ε has reached v by the end of the epoch (DECISIONS.md, 'ATLAS
         # patience after the ramp').
         stop = sched.step(val_acc, count=ramp(epoch + 1, 0, 1, args.ramp_epochs) == 1.0)
         if stop:
-            common.log(f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for {args.stop_epochs} "
-                       f"epochs at full ε")
+            common.log(
+                f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for {args.stop_epochs} "
+                f"epochs at full ε"
+            )
         means = {name: (totals[name] / total_n).item() for name in totals}
-        run.end_epoch(epoch, model, checkpoint, lr=lr, loss=means.pop("loss"), acc=means.pop("correct"),
-                      score=val_acc, stop=stop, eps=r * args.epsilon, val_acc=val_acc, **means)
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=lr,
+            loss=means.pop("loss"),
+            acc=means.pop("correct"),
+            score=val_acc,
+            stop=stop,
+            eps=r * args.epsilon,
+            val_acc=val_acc,
+            **means,
+        )
         if stop:
             break
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

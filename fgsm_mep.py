@@ -33,73 +33,132 @@ The memories (2 × 614 MB on CIFAR-10) are part of checkpoint.pt; a checkpoint i
 than 5% of the training time, so an interrupted run resumes, exactly, from the last checkpoint written, which can be
 a few epochs back.
 """
+
+import os
+
 import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
+import imagenet
 
 RECIPES = {
     # Authors' code: SGD lr 0.1, ×0.1 at epochs 100 and 105 of 110, α = ε = 8/255, λ = 10, μ = 0.3.
-    "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=8, weight_decay=5e-4, optimizer="sgd",
-                    lr_schedule="multistep"),
+    "default": dict(
+        epochs=110,
+        batch_size=128,
+        lr=0.1,
+        epsilon=8,
+        alpha=8,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        lr_schedule="multistep",
+    ),
     # Not in the paper (our choice): Wong et al.'s MNIST recipe as fgsm_rs.py uses it (ε = 0.3, α = 0.375 as in
     # Wong's MNIST/train_mnist.py, Adam, 10 epochs; DECISIONS.md, 'Our MNIST recipes'), except that the lr
     # triangle peaks at the middle (Wong: at 2/5).
-    "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
-                  optimizer="adam", lr_schedule="cyclic"),
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=5e-3,
+        epsilon=76.5,
+        alpha=95.625,
+        weight_decay=0.0,
+        optimizer="adam",
+        lr_schedule="cyclic",
+    ),
     # ImageNet: the paper runs FGSM-BP there (per-sample memories of 1.28 M images cannot exist) but gives no recipe:
-    # common.IMAGENET, Wong et al.'s, with its lr.
+    # imagenet.IMAGENET, Wong et al.'s, with its lr.
     "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 MOMENTUM_DEFAULTS = dict(mu=0.3, momentum_form="norm")  # --prior momentum only
 
 
 def get_args(argv=None):
-    p = common.base_parser(
-        __doc__, lr_help="initial learning rate (multistep) or peak (cyclic)",
+    p = flags.base_parser(
+        __doc__,
+        lr="initial learning rate (multistep) or peak (cyclic)",
         label_smoothing="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
-                        "the rest spread evenly, on the attack's and the training loss (code: 0.6). Between 1/C (C "
-                        "classes: uniform labels) and 1 (hard labels)")
-    p.add_argument("--prior", choices=["batch", "epoch", "momentum"], default="momentum",
-                   help="where δ_pgi comes from: the previous batch's δ_adv (FGSM-BP), the sample's δ_adv of the "
-                        "previous epoch (FGSM-EP), or the sample's momentum prior (FGSM-MEP)")
-    p.add_argument("--lam", type=common.nonneg_float, default=10.0,
-                   help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes, used by "
-                        "every --prior (0: off). For BP and EP that is our assumption: the sources show it with "
-                        "MEP only")
-    p.add_argument("--mu", type=common.nonneg_float, default=None,
-                   help=f"μ, decay of the momentum memory (--prior momentum only; default {MOMENTUM_DEFAULTS['mu']})")
-    p.add_argument("--momentum-form", choices=["norm", "sign"], default=None,
-                   help="what the momentum accumulates (--prior momentum only): norm = ∇/‖∇‖₁ with one L1 norm over "
-                        "the batch (the code; default); sign = sign(∇) (the algorithm box's formula, which makes MEP "
-                        "equal to EP for μ < 1/2)")
-    p.add_argument("--reset-every", type=common.nonneg_int, default=0,
-                   help="the code's trick, off (0) by default: every N epochs (from the first) restart the prior "
-                        "memory at random ±min(α, ε) and the momentum at zero (code: 40; CIFAR-100: 10)")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
-                   help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-                        "cyclic: one triangle 0 → lr → 0 over the run; imagenet: Wong et al.'s ImageNet schedule")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
-    args = common.parse_args(p, RECIPES, argv, script="fgsm_mep")
-    if common.world() > 1:
-        common.fail("fgsm_mep.py runs in one process: its per-sample memories (and BP's batch slot) would have to "
-                    "follow each sample to the process that gets it next; start it without torchrun")
+        "the rest spread evenly, on the attack's and the training loss (code: 0.6). Between 1/C (C "
+        "classes: uniform labels) and 1 (hard labels)",
+    )
+    p.add_argument(
+        "--prior",
+        choices=["batch", "epoch", "momentum"],
+        default="momentum",
+        help="where δ_pgi comes from: the previous batch's δ_adv (FGSM-BP), the sample's δ_adv of the "
+        "previous epoch (FGSM-EP), or the sample's momentum prior (FGSM-MEP)",
+    )
+    p.add_argument(
+        "--lam",
+        type=flags.nonneg_float,
+        default=10.0,
+        help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes, used by "
+        "every --prior (0: off). For BP and EP that is our assumption: the sources show it with "
+        "MEP only",
+    )
+    p.add_argument(
+        "--mu",
+        type=flags.nonneg_float,
+        default=None,
+        help=f"μ, decay of the momentum memory (--prior momentum only; default {MOMENTUM_DEFAULTS['mu']})",
+    )
+    p.add_argument(
+        "--momentum-form",
+        choices=["norm", "sign"],
+        default=None,
+        help="what the momentum accumulates (--prior momentum only): norm = ∇/‖∇‖₁ with one L1 norm over "
+        "the batch (the code; default); sign = sign(∇) (the algorithm box's formula, which makes MEP "
+        "equal to EP for μ < 1/2)",
+    )
+    p.add_argument(
+        "--reset-every",
+        type=flags.nonneg_int,
+        default=0,
+        help="the code's trick, off (0) by default: every N epochs (from the first) restart the prior "
+        "memory at random ±min(α, ε) and the momentum at zero (code: 40; CIFAR-100: 10)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["multistep", "cyclic", "imagenet"],
+        default=None,
+        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
+        "cyclic: one triangle 0 → lr → 0 over the run; imagenet: Wong et al.'s ImageNet schedule",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help="sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)",
+    )
+    args = flags.parse_args(p, RECIPES, argv, script="fgsm_mep")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun
+        p.error(
+            "fgsm_mep.py runs in one process: its per-sample memories (and BP's batch slot) would have to "
+            "follow each sample to the process that gets it next; start it without torchrun"
+        )
     if args.dataset == "imagenet" and args.prior != "batch":
-        p.error(f"--prior {args.prior} keeps two memories of the training set's size (2 × 770 GB on ImageNet); "
-                f"--prior batch (FGSM-BP, what the paper ran on ImageNet) keeps one batch")
+        p.error(
+            f"--prior {args.prior} keeps two memories of the training set's size (2 × 770 GB on ImageNet); "
+            f"--prior batch (FGSM-BP, what the paper ran on ImageNet) keeps one batch"
+        )
     given = [f"--{k.replace('_', '-')}" for k in MOMENTUM_DEFAULTS if getattr(args, k) is not None]
     if args.prior != "momentum" and given:
-        p.error(f"{' and '.join(given)}: only --prior momentum (FGSM-MEP) has a momentum memory, not --prior "
-                f"{args.prior}")
+        p.error(
+            f"{' and '.join(given)}: only --prior momentum (FGSM-MEP) has a momentum memory, not --prior "
+            f"{args.prior}"
+        )
     if args.prior == "momentum":
         for key, value in MOMENTUM_DEFAULTS.items():
             setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     return args
 
 
-def update_memory(delta_memory, momentum_memory, rows, x, delta_pgi, delta_adv, grad, eps, alpha, mu, form="norm"):
+def update_memory(
+    delta_memory, momentum_memory, rows, x, delta_pgi, delta_adv, grad, eps, alpha, mu, form="norm"
+):
     """The next prior of a batch's samples, written in place into their rows of the memories: Alg. 3 lines 13 and 15
     (FGSM-MEP), or δ_adv itself (FGSM-EP, FGSM-BP) when momentum_memory is None.
 
@@ -119,9 +178,9 @@ def update_memory(delta_memory, momentum_memory, rows, x, delta_pgi, delta_adv, 
         delta_memory[rows] = delta_adv  # EP: the next epoch's prior; BP: the next batch's
         return
     direction = grad.sign() if form == "sign" else grad / grad.abs().sum().clamp_min(1e-30)
-    momentum = mu * momentum_memory[rows] + direction                       # line 13
+    momentum = mu * momentum_memory[rows] + direction  # line 13
     momentum_memory[rows] = momentum
-    delta_next = (delta_pgi + alpha * momentum.sign()).clamp(-eps, eps)     # line 15
+    delta_next = (delta_pgi + alpha * momentum.sign()).clamp(-eps, eps)  # line 15
     delta_memory[rows] = (x + delta_next).clamp(0, 1) - x
 
 
@@ -151,14 +210,16 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
     classes of (f(x + δ_adv) − f(x + δ_pgi))² (the code's MSELoss, in fp32), with its graph through both forward
     passes (call loss.backward() for the weight step); the logits f(x + δ_adv), N×classes; δ_adv of line 14,
     detached, |δ_adv| ≤ ε and x + δ_adv in [0, 1]; grad = ∇_δ L(f(x + δ_pgi), y) (line 12), N×C×H×W, detached."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     scale = 1024.0 if autocast == torch.float16 else 1.0
     delta_pgi = delta_pgi.detach().requires_grad_(True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         logits_pgi = model(x + delta_pgi)
         loss_pgi = F.cross_entropy(logits_pgi, y, label_smoothing=smoothing)
     # Line 12: g_c. The graph stays for line 16's regulariser, which backpropagates through f(x + δ_pgi) too.
-    grad, = torch.autograd.grad(loss_pgi * scale, delta_pgi, retain_graph=lam > 0)
+    (grad,) = torch.autograd.grad(loss_pgi * scale, delta_pgi, retain_graph=lam > 0)
     # Line 14: one FGSM step from the prior, projected onto the ε-ball and the pixel range.
     delta_adv = (delta_pgi.detach() + alpha * grad.sign()).clamp(-eps, eps)
     delta_adv = (x + delta_adv).clamp(0, 1) - x
@@ -173,11 +234,12 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     # The code's soft labels (true class TRUE_PROB, the others (1 − TRUE_PROB)/(C − 1)) as PyTorch's label_smoothing.
-    smoothing = common.label_smoothing(args.label_smoothing, data.num_classes)
+    smoothing = flags.label_smoothing(args.label_smoothing, data.num_classes)
     model = common.get_model(args, data)
-    run = common.Run(args, data, columns=["reg"])
+    run = harness.Run(args, data, columns=["reg"])
     attack_model, train_model = run.models(model)
     # The forward at x + δ_pgi keeps its graph for the regulariser's backward (line 16), a second backward that a
     # torch.compile'd module cannot run (its first backward frees the saved buffers): with --compile it runs on the
@@ -187,22 +249,32 @@ def main(argv=None):
     eps, alpha = args.epsilon / 255, args.alpha / 255
 
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.lr_schedule == "imagenet":
-        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
-        sched = common.imagenet_lr(opt, data.train, args.epochs)
+        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (imagenet.imagenet_lr).
+        sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
         # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
         # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
         # float milestones fire only when they happen to be whole numbers.
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1)
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1
+        )
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).
-        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2,
-                                                  step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt,
+            base_lr=0.0,
+            max_lr=args.lr,
+            step_size_up=steps / 2,
+            step_size_down=steps / 2,
+            cycle_momentum=args.optimizer == "sgd",
+        )
 
     # The memories: D^δ and D^m, one row per image of the training split (indexed by the loader's sample indices;
     # 2 × 614 MB in fp32 on CIFAR-10), or, for BP, one batch slot. Alg. 3 line 4: the first prior is U(−ε, ε); zero
@@ -212,7 +284,10 @@ def main(argv=None):
     # A dict in the checkpoint: BP's slot is made anew when ImageNet's next phase changes the crop.
     rows_kept = args.batch_size if args.prior == "batch" else data.train_size
     delta_memory = torch.empty((rows_kept, *data.shape), device=args.device).uniform_(-eps, eps)
-    memory = {"delta": delta_memory, "momentum": torch.zeros_like(delta_memory) if args.prior == "momentum" else None}
+    memory = {
+        "delta": delta_memory,
+        "momentum": torch.zeros_like(delta_memory) if args.prior == "momentum" else None,
+    }
     checkpoint = dict(model=model, opt=opt, sched=sched, memory=memory)
     start = run.resume(checkpoint) if args.resume else 0
 
@@ -226,17 +301,42 @@ def main(argv=None):
         model.train()
         total_loss = total_correct = total_n = total_reg = 0
         for x, y, idx in data.train.epoch(epoch):
-            rows = slice(0, len(y)) if args.prior == "batch" else idx  # the last batch may be smaller
-            if memory["delta"].shape[2:] != x.shape[2:]:  # BP at a new ImageNet phase: the crop changed
+            rows = (
+                slice(0, len(y)) if args.prior == "batch" else idx
+            )  # the last batch may be smaller
+            if (
+                memory["delta"].shape[2:] != x.shape[2:]
+            ):  # BP at a new ImageNet phase: the crop changed
                 memory["delta"] = torch.empty_like(x).uniform_(-eps, eps)  # line 4 again
             # Line 11; x + δ_pgi is clamped to [0, 1] (DECISIONS.md, 'Pixel range'; the code feeds it unclamped).
             delta_pgi = (x + memory["delta"][rows]).clamp(0, 1) - x
             # Lines 12, 14, 16.
-            loss, out, delta_adv, grad = mep_loss(prior_model, x, y, delta_pgi, eps, alpha, args.lam, run.amp,
-                                                  smoothing, adv_model=train_model)
+            loss, out, delta_adv, grad = mep_loss(
+                prior_model,
+                x,
+                y,
+                delta_pgi,
+                eps,
+                alpha,
+                args.lam,
+                run.amp,
+                smoothing,
+                adv_model=train_model,
+            )
             # Lines 13, 15 (EP, BP: δ_adv).
-            update_memory(memory["delta"], memory["momentum"], rows, x, delta_pgi, delta_adv, grad, eps, alpha, args.mu,
-                          args.momentum_form)
+            update_memory(
+                memory["delta"],
+                memory["momentum"],
+                rows,
+                x,
+                delta_pgi,
+                delta_adv,
+                grad,
+                eps,
+                alpha,
+                args.mu,
+                args.momentum_form,
+            )
             # Line 16's weight step, through both forward passes.
             opt.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
@@ -254,10 +354,18 @@ def main(argv=None):
         # epoch: it is skipped while the saves have cost more than 5% of the training time. common always saves the
         # last epoch and a stop; an interrupted run resumes exactly from the last checkpoint written.
         save = run.save_seconds <= 0.05 * run.train_time
-        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item(), save=save, reg=(total_reg / total_n).item())
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=opt.param_groups[0]["lr"],
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+            save=save,
+            reg=(total_reg / total_n).item(),
+        )
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

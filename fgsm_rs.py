@@ -22,33 +22,57 @@ Each iteration (the paper's FGSM-RS; the authors' CIFAR10/train_fgsm.py):
 With CIFAR-10 settings on CIFAR-100, FGSM-RS is known to overfit catastrophically (robust accuracy collapses within
 an epoch): watch the pgd_monitor column, lower --alpha, or use --early-stop.
 """
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
+import imagenet
 
 RECIPES = {
     # Wong's CIFAR-10 train_fgsm.py: α = 1.25ε, one cyclic lr triangle 0 → 0.2 → 0, SGD.
-    "default": dict(epochs=15, batch_size=128, lr=0.2, epsilon=8, alpha=10, weight_decay=5e-4, optimizer="sgd"),
+    "default": dict(
+        epochs=15, batch_size=128, lr=0.2, epsilon=8, alpha=10, weight_decay=5e-4, optimizer="sgd"
+    ),
     # Wong's MNIST train_mnist.py: ε = 0.3, α = 0.375 (×255 here), Adam, lr 0 → 5e-3 (epoch 4) → 0.
-    "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0, optimizer="adam"),
-    # ImageNet: common.IMAGENET, the configuration released with the paper (α = 1.25ε = 2.5/255 at ε = 2/255; their
-    # 4/255 runs: --epsilon 4, α 5/255), with the lr of common.imagenet_lr.
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=5e-3,
+        epsilon=76.5,
+        alpha=95.625,
+        weight_decay=0.0,
+        optimizer="adam",
+    ),
+    # ImageNet: imagenet.IMAGENET, the configuration released with the paper (α = 1.25ε = 2.5/255 at ε = 2/255; their
+    # 4/255 runs: --epsilon 4, α 5/255), with the lr of imagenet.imagenet_lr.
 }
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="peak learning rate of the lr schedule")
-    p.add_argument("--delta-init", default="random", choices=["zero", "random", "previous"],
-                   help="start of the FGSM step: zero, U(−ε, ε) (FGSM-RS), or the previous batch's δ")
-    p.add_argument("--early-stop", action="store_true",
-                   help="Wong's catastrophic-overfitting guard: after each epoch, PGD-5 (step ε/4) on that epoch's "
-                        "first batch; if its accuracy drops by more than 0.2, stop and keep the previous epoch's weights")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="sgd with one cyclic lr triangle (CIFAR recipe) or adam with a piecewise-linear lr (MNIST)")
-    args = common.parse_args(p, RECIPES, argv, script="fgsm_rs")
+    p = flags.base_parser(__doc__, lr="peak learning rate of the lr schedule")
+    p.add_argument(
+        "--delta-init",
+        default="random",
+        choices=["zero", "random", "previous"],
+        help="start of the FGSM step: zero, U(−ε, ε) (FGSM-RS), or the previous batch's δ",
+    )
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="Wong's catastrophic-overfitting guard: after each epoch, PGD-5 (step ε/4) on that epoch's "
+        "first batch; if its accuracy drops by more than 0.2, stop and keep the previous epoch's weights",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help="sgd with one cyclic lr triangle (CIFAR recipe) or adam with a piecewise-linear lr (MNIST)",
+    )
+    args = flags.parse_args(p, RECIPES, argv, script="fgsm_rs")
     if args.delta_init == "previous" and args.dataset == "imagenet":
         p.error("--delta-init previous needs one image size; ImageNet's phases change the crop")
     return args
@@ -69,46 +93,72 @@ def fgsm_rs_delta(model, x, y, eps, alpha, delta=None, autocast=None):
         torch.float16; under float16 the loss is scaled by 2^10 so that the input gradient does not underflow,
         which leaves its sign unchanged).
     Returns δ, detached, N×C×H×W: |δ| ≤ ε and x + δ in [0, 1]."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     delta = torch.empty_like(x).uniform_(-eps, eps) if delta is None else delta
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         loss = F.cross_entropy(model(x + delta), y)
-    grad, = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
+    (grad,) = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
     return (x + delta).clamp(0, 1) - x
 
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     model = common.get_model(args, data)
-    run = common.Run(args, data, columns=["es_acc"] if args.early_stop else [])
+    run = harness.Run(args, data, columns=["es_acc"] if args.early_stop else [])
     attack_model, train_model = run.models(model)
     eps, alpha = args.epsilon / 255, args.alpha / 255
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.dataset == "imagenet":
         # Wong's ImageNet code (main_fast.py): SGD without weight decay on BatchNorm's parameters, and the
         # piecewise-linear lr set at every iteration.
-        bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-              for p in m.parameters()}
-        opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in bn]},  # in the model's order:
-                               {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0}],
-                              lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)  # what a checkpoint relies on
-        sched = common.imagenet_lr(opt, data.train, args.epochs)
+        bn = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters()
+        }
+        opt = torch.optim.SGD(
+            [
+                {
+                    "params": [p for p in model.parameters() if id(p) not in bn]
+                },  # in the model's order:
+                {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0},
+            ],
+            lr=args.lr,
+            momentum=0.9,
+            weight_decay=args.weight_decay,
+        )  # what a checkpoint relies on
+        sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
         # Wong's schedule, and his code's CyclicLR defaults: momentum cycles 0.9 → 0.8 → 0.9 against the lr.
-        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2,
-                                                  step_size_down=steps / 2)
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2, step_size_down=steps / 2
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # Wong's MNIST schedule 0 → lr at 2/5 of training → 0, set from epoch + (i+1)/len before each step.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: np.interp(
-            (it + 1) / len(data.train), [0, args.epochs * 2 // 5, args.epochs], [0, 1, 0]))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda it: np.interp(
+                (it + 1) / len(data.train), [0, args.epochs * 2 // 5, args.epochs], [0, 1, 0]
+            ),
+        )
     checkpoint = dict(model=model, opt=opt, sched=sched)
-    if args.delta_init == "previous":  # the last batch's δ starts the next batch's step (from zero, as Wong's code)
-        checkpoint["previous"] = previous = torch.zeros((args.batch_size, *data.shape), device=args.device)
+    if (
+        args.delta_init == "previous"
+    ):  # the last batch's δ starts the next batch's step (from zero, as Wong's code)
+        checkpoint["previous"] = previous = torch.zeros(
+            (args.batch_size, *data.shape), device=args.device
+        )
     if args.early_stop:  # the previous epoch's accuracy and weights
         checkpoint["guard"] = guard = {"robust_acc": 0.0, "weights": None}
     start = run.resume(checkpoint) if args.resume else 0
@@ -120,14 +170,22 @@ def main(argv=None):
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             if i == 0:
                 first_batch = (x, y)
-            start_delta = None if args.delta_init == "random" else \
-                torch.zeros_like(x) if args.delta_init == "zero" else previous[:len(y)]
+            start_delta = (
+                None
+                if args.delta_init == "random"
+                else torch.zeros_like(x)
+                if args.delta_init == "zero"
+                else previous[: len(y)]
+            )
             # The FGSM step; the model stays in train mode, as in Wong's code. With α = 0 from a zero start δ stays
             # 0: `--alpha 0 --delta-init zero` is plain training, and the attack's pass is skipped.
-            delta = torch.zeros_like(x) if alpha == 0 and args.delta_init == "zero" else \
-                fgsm_rs_delta(attack_model, x, y, eps, alpha, start_delta, run.amp)
+            delta = (
+                torch.zeros_like(x)
+                if alpha == 0 and args.delta_init == "zero"
+                else fgsm_rs_delta(attack_model, x, y, eps, alpha, start_delta, run.amp)
+            )
             if args.delta_init == "previous":
-                previous[:len(y)] = delta
+                previous[: len(y)] = delta
             # The weight step on the mean CE at x+δ.
             with run.autocast():
                 out = train_model(x + delta)
@@ -146,22 +204,36 @@ def main(argv=None):
             # Wong's guard: PGD-5 on this epoch's first batch, step ε/4 (his 2/255 at ε = 8/255: a fixed step would
             # not reach the ball's surface at a larger ε, and the guard would miss the overfitting). Eval mode, so
             # that BN's statistics are left alone (Wong's code ran it in train mode).
-            robust_acc = common.mean_over_ranks(common.pgd_correct(model, *first_batch, eps, eps / 4, 5).float().mean()
-                                                .item())  # under torchrun: over every process's part of the batch
+            robust_acc = harness.mean_over_ranks(
+                common.pgd_correct(model, *first_batch, eps, eps / 4, 5).float().mean().item()
+            )  # under torchrun: over every process's part of the batch
             extra["es_acc"] = robust_acc
             if robust_acc - guard["robust_acc"] < -0.2:
                 model.load_state_dict(guard["weights"])
-                common.log(f"# early stop: PGD-5 accuracy fell from {100 * guard['robust_acc']:.1f}% to "
-                           f"{100 * robust_acc:.1f}%; keeping the weights of epoch {epoch}")
+                common.log(
+                    f"# early stop: PGD-5 accuracy fell from {100 * guard['robust_acc']:.1f}% to "
+                    f"{100 * robust_acc:.1f}%; keeping the weights of epoch {epoch}"
+                )
                 stop = True
             else:
-                guard.update(robust_acc=robust_acc, weights={k: v.clone() for k, v in model.state_dict().items()})
-        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item(), stop=stop, **extra)
+                guard.update(
+                    robust_acc=robust_acc,
+                    weights={k: v.clone() for k, v in model.state_dict().items()},
+                )
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=opt.param_groups[0]["lr"],
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+            stop=stop,
+            **extra,
+        )
         if stop:
             break
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

@@ -23,48 +23,83 @@ FGSM_SDI.py and FGSM_SDI_loss.py), per iteration i of an epoch (DECISIONS.md, 'S
     w ← w − ∇_w L(f(x + δ_g), y)                                 the target's weight step
 Copyable pieces: Generator (g), generator_step (the generator update), fgsm_sdi_delta (s_x, η_g, δ_g).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
+import imagenet
 
 RECIPES = {
     # Authors' code: SGD lr 0.1, ×0.1 at epochs 100 and 105 of 110, α = ε = 8/255; generator Adam 1e-3, k = 20,
     # with the target's weight decay.
-    "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=8, weight_decay=5e-4, optimizer="sgd",
-                    lr_schedule="multistep"),
+    "default": dict(
+        epochs=110,
+        batch_size=128,
+        lr=0.1,
+        epsilon=8,
+        alpha=8,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        lr_schedule="multistep",
+    ),
     # Not in the paper (our choice): Wong et al.'s MNIST recipe as fgsm_rs.py uses it (ε = 0.3, α = 0.375 as in
     # Wong's MNIST/train_mnist.py, Adam, 10 epochs; DECISIONS.md, 'Our MNIST recipes'), except that the lr
     # triangle peaks at the middle (Wong: at 2/5).
-    "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=95.625, weight_decay=0.0,
-                  optimizer="adam", lr_schedule="cyclic"),
-    # ImageNet: the paper reports ResNet-50 results but gives no recipe: common.IMAGENET, Wong et al.'s, with its lr.
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=5e-3,
+        epsilon=76.5,
+        alpha=95.625,
+        weight_decay=0.0,
+        optimizer="adam",
+        lr_schedule="cyclic",
+    ),
+    # ImageNet: the paper reports ResNet-50 results but gives no recipe: imagenet.IMAGENET, Wong et al.'s, with its lr.
     "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 
 
 def get_args(argv=None):
-    p = common.base_parser(
-        __doc__, lr_help="initial learning rate (multistep) or peak (cyclic)",
+    p = flags.base_parser(
+        __doc__,
+        lr="initial learning rate (multistep) or peak (cyclic)",
+        weight_decay="L2 weight decay of the target's and the generator's optimiser (one value for both, as in "
+        "the code)",
         label_smoothing="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
-                        "the rest spread evenly, on the final loss of the generator's and the target's update. The "
-                        "code's default was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today "
-                        "(since August 2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)")
-    p.add_argument("--gen-interval", type=common.pos_int, default=20,
-                   help="k, the generator-update interval of FGSM-SDI (the code's --att_num): the generator is "
-                        "updated on iterations 0, k, 2k, ... of every epoch")
-    p.add_argument("--gen-lr", type=common.pos_float, default=1e-3, help="generator Adam learning rate")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
-                   help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-                        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant); imagenet: "
-                        "Wong et al.'s ImageNet schedule (common.imagenet_lr)")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="target model optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None,
-                   help="L2 weight decay of the target's and the generator's optimiser (one value for both, as in "
-                        "the code)")
-    return common.parse_args(p, RECIPES, argv, script="fgsm_sdi")
+        "the rest spread evenly, on the final loss of the generator's and the target's update. The "
+        "code's default was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today "
+        "(since August 2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)",
+    )
+    p.add_argument(
+        "--gen-interval",
+        type=flags.pos_int,
+        default=20,
+        help="k, the generator-update interval of FGSM-SDI (the code's --att_num): the generator is "
+        "updated on iterations 0, k, 2k, ... of every epoch",
+    )
+    p.add_argument(
+        "--gen-lr", type=flags.pos_float, default=1e-3, help="generator Adam learning rate"
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["multistep", "cyclic", "imagenet"],
+        default=None,
+        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
+        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant); imagenet: "
+        "Wong et al.'s ImageNet schedule (imagenet.imagenet_lr)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help="target model optimiser: sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)",
+    )
+    return flags.parse_args(p, RECIPES, argv, script="fgsm_sdi")
 
 
 class Generator(nn.Module):
@@ -77,14 +112,25 @@ class Generator(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(2 * channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64, eps=1e-3),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(2 * channels, 64, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(64, eps=1e-3),
+            nn.ReLU(),
+        )
         # The code's GenBlock: BN without affine parameters, PReLU, xavier-initialised convs.
-        self.block = nn.Sequential(nn.BatchNorm2d(64, affine=False), nn.PReLU(), nn.Conv2d(64, 64, 3, 1, 1),
-                                   nn.BatchNorm2d(64, affine=False), nn.PReLU(), nn.Conv2d(64, 64, 3, 1, 1))
+        self.block = nn.Sequential(
+            nn.BatchNorm2d(64, affine=False),
+            nn.PReLU(),
+            nn.Conv2d(64, 64, 3, 1, 1),
+            nn.BatchNorm2d(64, affine=False),
+            nn.PReLU(),
+            nn.Conv2d(64, 64, 3, 1, 1),
+        )
         for conv in (self.block[2], self.block[5]):
-            nn.init.xavier_uniform_(conv.weight, gain=2 ** 0.5)
-        self.head = nn.Sequential(nn.BatchNorm2d(64, affine=False), nn.Conv2d(64, channels, 3, 1, 1))
+            nn.init.xavier_uniform_(conv.weight, gain=2**0.5)
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(64, affine=False), nn.Conv2d(64, channels, 3, 1, 1)
+        )
 
     def forward(self, x, signed_grad):
         h = self.stem(torch.cat([x, signed_grad], 1))
@@ -112,7 +158,9 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
     smoothing: PyTorch's label_smoothing of the final loss (the code's soft labels; 0: hard labels).
     Returns (L, s_x): the loss before the step (detached scalar) and s_x = sign(∇_x L(f(x), y)) (N×C×H×W), which
     fgsm_sdi_delta can reuse in the same iteration (the code computes it once per iteration)."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     scale = 1024.0 if autocast == torch.float16 else 1.0
     was_training = generator.training
     generator.train()
@@ -121,7 +169,7 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
         x_clean = x.clone().requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss_clean = F.cross_entropy(model(x_clean), y)
-        grad, = torch.autograd.grad(loss_clean * scale, x_clean)
+        (grad,) = torch.autograd.grad(loss_clean * scale, x_clean)
         signed_grad = grad.sign()
         # η_g, eq. (6), keeping its graph to θ; x + η_g clamped to [0, 1] (the code does not; DECISIONS.md,
         # 'Pixel range').
@@ -133,7 +181,7 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
         x_init = (x + eta).detach().requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss_init = F.cross_entropy(model(x_init), y)
-        grad, = torch.autograd.grad(loss_init * scale, x_init)
+        (grad,) = torch.autograd.grad(loss_init * scale, x_init)
         delta = (eta + (alpha * grad.sign()).clamp(-eps, eps)).clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
@@ -170,64 +218,84 @@ def fgsm_sdi_delta(model, generator, x, y, eps, alpha, autocast=None, signed_gra
     signed_grad: s_x of eq. (5) if it was computed already this iteration (generator_step returns it); None
         computes it here.
     Returns δ_g, detached, N×C×H×W: |δ_g| ≤ ε and x + δ_g in [0, 1]."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     scale = 1024.0 if autocast == torch.float16 else 1.0
     if signed_grad is None:
         # s_x, eq. (5): the signed gradient of the plain CE at the clean image.
         x_clean = x.clone().requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss_clean = F.cross_entropy(model(x_clean), y)
-        grad, = torch.autograd.grad(loss_clean * scale, x_clean)
+        (grad,) = torch.autograd.grad(loss_clean * scale, x_clean)
         signed_grad = grad.sign()
     # η_g, eq. (6): no graph to θ is needed for the target's step. x + η_g clamped to [0, 1] (the code does not;
     # DECISIONS.md, 'Pixel range').
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+    with (
+        torch.no_grad(),
+        torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
+    ):
         eta = eps * generator(x, signed_grad)
     eta = (x + eta).clamp(0, 1) - x
     # δ_g, eq. (7): one FGSM step from x + η_g, capped at ε before it is added (the code), projected.
     x_init = (x + eta).requires_grad_(True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         loss_init = F.cross_entropy(model(x_init), y)
-    grad, = torch.autograd.grad(loss_init * scale, x_init)
+    (grad,) = torch.autograd.grad(loss_init * scale, x_init)
     delta = (eta + (alpha * grad.sign()).clamp(-eps, eps)).clamp(-eps, eps)
     return (x + delta).clamp(0, 1) - x
 
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     # The code's soft labels (true class TRUE_PROB, the others (1 − TRUE_PROB)/(C − 1)) as PyTorch's label_smoothing.
-    smoothing = common.label_smoothing(args.label_smoothing, data.num_classes)
+    smoothing = flags.label_smoothing(args.label_smoothing, data.num_classes)
     model = common.get_model(args, data)
-    run = common.Run(args, data, columns=["gen_loss"])
+    run = harness.Run(args, data, columns=["gen_loss"])
     attack_model, train_model = run.models(model)
-    generator = Generator(data.shape[0]).to(args.device).eval()  # eval mode except while it is updated
-    if common.channels_last(args):
+    generator = (
+        Generator(data.shape[0]).to(args.device).eval()
+    )  # eval mode except while it is updated
+    if common.uses_channels_last(args):
         generator = generator.to(memory_format=torch.channels_last)
-    gen_net = run.trainable(generator)
+    gen_net = run.wrap_for_training(generator)
     eps, alpha = args.epsilon / 255, args.alpha / 255
 
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.lr_schedule == "imagenet":
-        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (common.imagenet_lr).
-        sched = common.imagenet_lr(opt, data.train, args.epochs)
+        # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (imagenet.imagenet_lr).
+        sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
         # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
         # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
         # float milestones fire only when they happen to be whole numbers.
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1)
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1
+        )
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).
-        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2,
-                                                  step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt,
+            base_lr=0.0,
+            max_lr=args.lr,
+            step_size_up=steps / 2,
+            step_size_down=steps / 2,
+            cycle_momentum=args.optimizer == "sgd",
+        )
     # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its milestones
     # (counted in target iterations) are never reached: a constant lr is the same thing. The generator's Adam gets
     # the target's --weight-decay (5e-4 in the CIFAR recipe), as in the code.
-    gen_opt = torch.optim.Adam(generator.parameters(), lr=args.gen_lr, weight_decay=args.weight_decay)
+    gen_opt = torch.optim.Adam(
+        generator.parameters(), lr=args.gen_lr, weight_decay=args.weight_decay
+    )
     checkpoint = dict(model=model, opt=opt, sched=sched, generator=generator, gen_opt=gen_opt)
     start = run.resume(checkpoint) if args.resume else 0
 
@@ -242,8 +310,9 @@ def main(argv=None):
                 # The generator update on iterations 0, k, 2k, ... of the epoch (the code's batch_idx % att_num),
                 # before this iteration's δ_g. Its passes need input gradients only (attack_model); it hands back
                 # s_x, which δ_g reuses: one clean pass per iteration, as in the code.
-                loss_g, signed_grad = generator_step(attack_model, gen_net, gen_opt, x, y, eps, alpha, run.amp,
-                                                     smoothing)
+                loss_g, signed_grad = generator_step(
+                    attack_model, gen_net, gen_opt, x, y, eps, alpha, run.amp, smoothing
+                )
                 gen_loss += loss_g
                 gen_steps += 1
             # s_x, η_g, δ_g (eqs. (5)-(7)), the generator in eval mode, the target in train mode (as the code).
@@ -261,10 +330,17 @@ def main(argv=None):
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
 
-        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item(), gen_loss=(gen_loss / gen_steps).item())
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=opt.param_groups[0]["lr"],
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+            gen_loss=(gen_loss / gen_steps).item(),
+        )
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

@@ -38,6 +38,7 @@ each image's own ε-ball after every step. --epsilon / --alpha are not the train
 Copyable pieces (torch only): StrategyNet, per_sample_pgd (g), compute_reward (R), reinforce_step, and the core
 las_at_delta (sample a, then g), which needs per_sample_pgd.
 """
+
 import argparse
 
 import torch
@@ -45,6 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
+import imagenet
 
 RECIPES = {
     # Authors' code and README commands (jiaxiaojunQAQ/LAS-AT README.md, 'Train for LAS-PGD-AT'; DECISIONS.md,
@@ -53,13 +57,30 @@ RECIPES = {
     # gradient clipping on the target step, the strategy's features pooled to 1×1. The code's strategy is a
     # ResNet18 for every target (also WRN-34-10): preact18 here, whatever --model. Tiny ImageNet uses these sets too
     # (code README); SVHN gets them as our default.
-    "default": dict(epochs=110, batch_size=128, lr=0.1, epsilon=8, alpha=2, weight_decay=5e-4, optimizer="sgd",
-                    lr_schedule="multistep", eps_set=list(range(3, 16)), step_set=list(range(1, 6)),
-                    iters_set=list(range(3, 15)), strategy_model="preact18", strategy_lr=1e-4,
-                    strategy_momentum=0.0, strategy_weight_decay=0.0, strategy_every=20, clip_grad_norm=0.0,
-                    strategy_grid=1),
+    "default": dict(
+        epochs=110,
+        batch_size=128,
+        lr=0.1,
+        epsilon=8,
+        alpha=2,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        lr_schedule="multistep",
+        eps_set=list(range(3, 16)),
+        step_set=list(range(1, 6)),
+        iters_set=list(range(3, 15)),
+        strategy_model="preact18",
+        strategy_lr=1e-4,
+        strategy_momentum=0.0,
+        strategy_weight_decay=0.0,
+        strategy_every=20,
+        clip_grad_norm=0.0,
+        strategy_grid=1,
+    ),
     # CIFAR-100 (code README and LAS_AT_train_cifar100.py): iterations ∈ {3..12}, strategy SGD momentum 0.9, wd 5e-4.
-    "cifar100": dict(iters_set=list(range(3, 13)), strategy_momentum=0.9, strategy_weight_decay=5e-4),
+    "cifar100": dict(
+        iters_set=list(range(3, 13)), strategy_momentum=0.9, strategy_weight_decay=5e-4
+    ),
     # Tiny ImageNet (code: LAS_AT_train_TinyImageNet.py): the strategy is updated on every iteration (k = 1), the
     # target's gradient is clipped to norm 10 before each weight step, and the strategy's heads read its last
     # feature map (8×8 on 64×64 images) average-pooled to 2×2, i.e. 4 × 512 = 2048 features (CIFAR: 1×1, 512).
@@ -69,87 +90,176 @@ RECIPES = {
     # ImageNet, and its target PreActResNet18 also reads a 2×2 grid; here the data and the target are common.py's,
     # as for every method.
     "tiny-imagenet": dict(strategy_every=1, clip_grad_norm=10.0, strategy_grid=2),
-    # ImageNet: no recipe in the paper: common.IMAGENET, Wong et al.'s, with its lr; the action sets as on CIFAR.
+    # ImageNet: no recipe in the paper: imagenet.IMAGENET, Wong et al.'s, with its lr; the action sets as on CIFAR.
     "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
     # Not in the paper (DECISIONS.md, 'Our MNIST recipes'): Wong's MNIST recipe as fgsm_rs.py uses it (CNN, Adam,
     # 10 epochs, one lr triangle), ε = 0.3. Sets: ε ∈ {0.05, 0.10, ..., 0.30}, step ∈ {0.01, ..., 0.05}, the CIFAR
     # iterations. Why not CIFAR's 3/8..15/8 of ε: PGD training from scratch on MNIST sticks at the constant
     # prediction (loss ln 10) when its attacks are that strong; with {0.10..0.40} a 10-epoch run on a small MNIST
     # subset never left it. ŵ's PGD-10 step is ε/4 (2/255 = 8/255 / 4 on CIFAR). /255 units here.
-    "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=19.125, weight_decay=0.0,
-                  optimizer="adam", lr_schedule="cyclic", eps_set=[round(12.75 * i, 4) for i in range(1, 7)],
-                  step_set=[round(2.55 * i, 4) for i in range(1, 6)], strategy_model="mnist-cnn"),
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=5e-3,
+        epsilon=76.5,
+        alpha=19.125,
+        weight_decay=0.0,
+        optimizer="adam",
+        lr_schedule="cyclic",
+        eps_set=[round(12.75 * i, 4) for i in range(1, 7)],
+        step_set=[round(2.55 * i, 4) for i in range(1, 6)],
+        strategy_model="mnist-cnn",
+    ),
 }
-REWARD_PGD_ITERS, REWARD_PGD_RESTARTS = 10, 2  # the fixed attack â on ŵ (code: attack_pgd(..., 10, 2))
-STRATEGY_CLIP = 1.0                             # code: clip_grad_norm_(strategy, 1.0) before each step
-LABEL_SMOOTHING_HELP = ("authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
-                        "the rest spread evenly, in the target's and ŵ's training loss (code: 0.7 on CIFAR-10, 0.6 on "
-                        "CIFAR-100, 0.8 on Tiny ImageNet); between 1/C and 1 for C classes")
+REWARD_PGD_ITERS, REWARD_PGD_RESTARTS = (
+    10,
+    2,
+)  # the fixed attack â on ŵ (code: attack_pgd(..., 10, 2))
+STRATEGY_CLIP = 1.0  # code: clip_grad_norm_(strategy, 1.0) before each step
+LABEL_SMOOTHING_HELP = (
+    "authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
+    "the rest spread evenly, in the target's and ŵ's training loss (code: 0.7 on CIFAR-10, 0.6 on "
+    "CIFAR-100, 0.8 on Tiny ImageNet); between 1/C and 1 for C classes"
+)
 
 
 def action_value(text):
     """argparse type for the ε and step sets (/255 units): under 1/255 is a [0, 1]-unit value written by mistake."""
-    v = common.pos_float(text)
+    v = flags.pos_float(text)
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} is in /255 units, i.e. {v:g}/255; for {text} in [0, 1] units "
-                                         f"write {255 * v:g}")
+        raise argparse.ArgumentTypeError(
+            f"{text} is in /255 units, i.e. {v:g}/255; for {text} in [0, 1] units write {255 * v:g}"
+        )
     return v
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="initial learning rate (multistep) or peak (cyclic)",
-                           alpha_help="step of the fixed PGD-10 that measures ŵ in the reward, /255 units (keeps its "
-                                      "ratio ε/4 to --epsilon; the training attacks' ε, step and iterations are drawn "
-                                      "from the absolute sets --eps-set, --step-set, --iters-set, which do not "
-                                      "follow --epsilon)",
-                           label_smoothing=LABEL_SMOOTHING_HELP)
-    p.add_argument("--strategy-every", type=common.pos_int, default=None,
-                   help="k: the strategy network is updated on iterations k, 2k, ... counted over the whole run "
-                        "(the code's interval_num; the paper's ablation on k tries 1, 10, 20, 40, 60); at most the "
-                        "run's number of iterations")
-    p.add_argument("--reward", choices=["accuracy", "loss"], default="accuracy",
-                   help="accuracy (the authors' code; default): R2, R3 = robust / clean accuracy of ŵ; loss (the "
-                        "paper's L2, L3): −CE of ŵ on the PGD-10 and the clean images")
-    p.add_argument("--reward-alpha", type=common.nonneg_float, default=None,
-                   help="α, weight of the ŵ-robustness term (default 4 for --reward accuracy, the code's R2_param; "
-                        "1 for --reward loss, not stated in the paper: our choice)")
-    p.add_argument("--reward-beta", type=common.nonneg_float, default=None,
-                   help="β, weight of the ŵ-clean term (default 2 for --reward accuracy, the code's R3_param; 1 for "
-                        "--reward loss, our choice)")
-    p.add_argument("--eps-set", type=action_value, nargs="+", default=None, help="the ε actions, /255 units")
-    p.add_argument("--step-set", type=action_value, nargs="+", default=None, help="the step-size actions, /255 units")
-    p.add_argument("--iters-set", type=common.pos_int, nargs="+", default=None, help="the iteration-count actions")
-    p.add_argument("--strategy-model", type=common.model_name, default=None,
-                   help="backbone of the strategy network: any --model name, its last Linear layer removed. It does "
-                        "not follow --model: the authors' code uses a ResNet18 strategy for every target (also "
-                        "WRN-34-10); the log says so when the two differ")
-    p.add_argument("--strategy-grid", type=common.pos_int, default=None,
-                   help="G: the backbone's last feature map is average-pooled to G×G and flattened for the heads "
-                        "(code: 1 on CIFAR, 512 features; 2 on Tiny ImageNet, 2048); G > 1 needs a backbone that "
-                        "ends in BatchNorm (preact18, wrn-D-W)")
-    p.add_argument("--strategy-lr", type=common.pos_float, default=None, help="strategy SGD lr")
-    p.add_argument("--strategy-momentum", type=common.nonneg_float, default=None, help="strategy SGD momentum, < 1")
-    p.add_argument("--strategy-weight-decay", type=common.nonneg_float, default=None, help="strategy SGD weight decay")
-    p.add_argument("--lr-schedule", choices=["multistep", "cyclic", "imagenet"], default=None,
-                   help="multistep: ×0.1 after int(99/110) and int(104/110) of all iterations (the code's; at 110 "
-                        "epochs, epochs 100 and 105 run at the lower rates); cyclic: one triangle 0 → lr → 0; "
-                        "imagenet: Wong et al.'s ImageNet schedule")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="target optimiser: sgd (momentum 0.9) or adam; ŵ is one step of a fresh optimiser of the "
-                        "same kind")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None, help="of the target and of ŵ's step")
-    p.add_argument("--clip-grad-norm", type=common.nonneg_float, default=None,
-                   help="clip the target's gradient to this L2 norm before each weight step, 0 = off (ŵ's step is "
-                        "never clipped, as in the code)")
-    args = common.parse_args(p, RECIPES, argv, script="las_at")
+    p = flags.base_parser(
+        __doc__,
+        lr="initial learning rate (multistep) or peak (cyclic)",
+        alpha="step of the fixed PGD-10 that measures ŵ in the reward, /255 units (keeps its "
+        "ratio ε/4 to --epsilon; the training attacks' ε, step and iterations are drawn "
+        "from the absolute sets --eps-set, --step-set, --iters-set, which do not "
+        "follow --epsilon)",
+        label_smoothing=LABEL_SMOOTHING_HELP,
+        weight_decay="L2 weight decay of the target and of ŵ's step",
+    )
+    p.add_argument(
+        "--strategy-every",
+        type=flags.pos_int,
+        default=None,
+        help="k: the strategy network is updated on iterations k, 2k, ... counted over the whole run "
+        "(the code's interval_num; the paper's ablation on k tries 1, 10, 20, 40, 60); at most the "
+        "run's number of iterations",
+    )
+    p.add_argument(
+        "--reward",
+        choices=["accuracy", "loss"],
+        default="accuracy",
+        help="accuracy (the authors' code; default): R2, R3 = robust / clean accuracy of ŵ; loss (the "
+        "paper's L2, L3): −CE of ŵ on the PGD-10 and the clean images",
+    )
+    p.add_argument(
+        "--reward-alpha",
+        type=flags.nonneg_float,
+        default=None,
+        help="α, weight of the ŵ-robustness term (default 4 for --reward accuracy, the code's R2_param; "
+        "1 for --reward loss, not stated in the paper: our choice)",
+    )
+    p.add_argument(
+        "--reward-beta",
+        type=flags.nonneg_float,
+        default=None,
+        help="β, weight of the ŵ-clean term (default 2 for --reward accuracy, the code's R3_param; 1 for "
+        "--reward loss, our choice)",
+    )
+    p.add_argument(
+        "--eps-set", type=action_value, nargs="+", default=None, help="the ε actions, /255 units"
+    )
+    p.add_argument(
+        "--step-set",
+        type=action_value,
+        nargs="+",
+        default=None,
+        help="the step-size actions, /255 units",
+    )
+    p.add_argument(
+        "--iters-set",
+        type=flags.pos_int,
+        nargs="+",
+        default=None,
+        help="the iteration-count actions",
+    )
+    p.add_argument(
+        "--strategy-model",
+        type=flags.model_name,
+        default=None,
+        help="backbone of the strategy network: any --model name, its last Linear layer removed. It does "
+        "not follow --model: the authors' code uses a ResNet18 strategy for every target (also "
+        "WRN-34-10); the log says so when the two differ",
+    )
+    p.add_argument(
+        "--strategy-grid",
+        type=flags.pos_int,
+        default=None,
+        help="G: the backbone's last feature map is average-pooled to G×G and flattened for the heads "
+        "(code: 1 on CIFAR, 512 features; 2 on Tiny ImageNet, 2048); G > 1 needs a backbone that "
+        "ends in BatchNorm (preact18, wrn-D-W)",
+    )
+    p.add_argument("--strategy-lr", type=flags.pos_float, default=None, help="strategy SGD lr")
+    p.add_argument(
+        "--strategy-momentum",
+        type=flags.nonneg_float,
+        default=None,
+        help="strategy SGD momentum, < 1",
+    )
+    p.add_argument(
+        "--strategy-weight-decay",
+        type=flags.nonneg_float,
+        default=None,
+        help="strategy SGD weight decay",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["multistep", "cyclic", "imagenet"],
+        default=None,
+        help="multistep: ×0.1 after int(99/110) and int(104/110) of all iterations (the code's; at 110 "
+        "epochs, epochs 100 and 105 run at the lower rates); cyclic: one triangle 0 → lr → 0; "
+        "imagenet: Wong et al.'s ImageNet schedule",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help="target optimiser: sgd (momentum 0.9) or adam; ŵ is one step of a fresh optimiser of the "
+        "same kind",
+    )
+    p.add_argument(
+        "--clip-grad-norm",
+        type=flags.nonneg_float,
+        default=None,
+        help="clip the target's gradient to this L2 norm before each weight step, 0 = off (ŵ's step is "
+        "never clipped, as in the code)",
+    )
+    args = flags.parse_args(p, RECIPES, argv, script="las_at")
     if args.strategy_grid > 1 and args.strategy_model in ("mnist-cnn", "lenet"):
-        p.error(f"--strategy-grid {args.strategy_grid} needs a backbone that ends in BatchNorm (preact18, wrn-D-W), "
-                f"not --strategy-model {args.strategy_model}")
-    for flag, values in (("--eps-set", args.eps_set), ("--step-set", args.step_set), ("--iters-set", args.iters_set)):
-        if len(set(values)) < len(values):  # a repeated action would silently get twice the prior probability
+        p.error(
+            f"--strategy-grid {args.strategy_grid} needs a backbone that ends in BatchNorm (preact18, wrn-D-W), "
+            f"not --strategy-model {args.strategy_model}"
+        )
+    for flag, values in (
+        ("--eps-set", args.eps_set),
+        ("--step-set", args.step_set),
+        ("--iters-set", args.iters_set),
+    ):
+        if len(set(values)) < len(
+            values
+        ):  # a repeated action would silently get twice the prior probability
             p.error(f"{flag} {' '.join(f'{v:g}' for v in values)}: each value once")
     if args.strategy_momentum >= 1:
-        p.error(f"--strategy-momentum {args.strategy_momentum}: SGD momentum must be below 1 (code: 0 or 0.9)")
+        p.error(
+            f"--strategy-momentum {args.strategy_momentum}: SGD momentum must be below 1 (code: 0 or 0.9)"
+        )
     if args.reward_alpha is None:
         args.reward_alpha = 4.0 if args.reward == "accuracy" else 1.0
     if args.reward_beta is None:
@@ -190,8 +300,12 @@ class StrategyNet(nn.Module):
         self.register_buffer("eps_values", torch.tensor(eps_set, dtype=torch.float))
         self.register_buffer("step_values", torch.tensor(step_set, dtype=torch.float))
         self.register_buffer("iters_values", torch.tensor(iters_set, dtype=torch.long))
-        self.heads = nn.ModuleDict({k: nn.Linear(classifier.in_features * grid ** 2, len(v))
-                                    for k, v in (("eps", eps_set), ("step", step_set), ("iters", iters_set))})
+        self.heads = nn.ModuleDict(
+            {
+                k: nn.Linear(classifier.in_features * grid**2, len(v))
+                for k, v in (("eps", eps_set), ("step", step_set), ("iters", iters_set))
+            }
+        )
 
     def _keep_feature_map(self, module, inputs, output):
         self._feature_map = output
@@ -222,22 +336,42 @@ def per_sample_pgd(model, x, y, start, eps, step, iters, autocast=None):
     autocast: None (fp32) or the torch.autocast dtype; under float16 the loss is multiplied by 2^10 before the input
         gradient (its sign is all that is used).
     Returns δ, detached, N×C×H×W: |δ_i| ≤ ε_i and x + δ in [0, 1]. One host sync: the number of steps."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     eps, step = eps.to(x.dtype).view(-1, 1, 1, 1), step.to(x.dtype).view(-1, 1, 1, 1)
     delta = (x + start).clamp(0, 1) - x
     for t in range(int(iters.max())):
         delta.requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            loss = F.cross_entropy(model(x + delta).float(), y)  # the code's mean: the same sign per image
-        grad, = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
+            loss = F.cross_entropy(
+                model(x + delta).float(), y
+            )  # the code's mean: the same sign per image
+        (grad,) = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
         active = (iters > t).view(-1, 1, 1, 1)
         delta = (delta.detach() + active * step * grad.sign()).clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
     return delta.detach()
 
 
-def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_decay=5e-4, reward="accuracy",
-                   reward_alpha=4.0, reward_beta=2.0, smoothing=0.0, iters=10, restarts=2, autocast=None):
+def compute_reward(
+    model,
+    x,
+    y,
+    x_adv,
+    lr,
+    eps,
+    step,
+    optimizer="sgd",
+    weight_decay=5e-4,
+    reward="accuracy",
+    reward_alpha=4.0,
+    reward_beta=2.0,
+    smoothing=0.0,
+    iters=10,
+    restarts=2,
+    autocast=None,
+):
     """The strategy's reward R for one batch of its attacks (DECISIONS.md, 'LAS-AT reward'; the code's Get_reward).
 
     model: the target f_w (images in [0, 1], logits out). It is only read: one eval-mode forward and a deepcopy ŵ;
@@ -253,7 +387,10 @@ def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_de
         backward and the gradients divided back, and â's loss likewise before its input gradient.
     Returns (R, (R1, R2, R3)), 0-dim fp32 tensors without gradient, R = R1 + R2 + R3."""
     import copy  # the standard library's: ŵ is a deepcopy of the target
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     amp = dict(device_type=x.device.type, dtype=autocast, enabled=autocast is not None)
     scale = 1024.0 if autocast == torch.float16 else 1.0
     was_training = model.training
@@ -266,7 +403,9 @@ def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_de
     shadow = copy.deepcopy(model).train()
     model.train(was_training)
     if optimizer == "sgd":
-        shadow_opt = torch.optim.SGD(shadow.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        shadow_opt = torch.optim.SGD(
+            shadow.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay
+        )
     else:
         shadow_opt = torch.optim.Adam(shadow.parameters(), lr=lr, weight_decay=weight_decay)
     shadow_opt.zero_grad(set_to_none=True)
@@ -290,7 +429,7 @@ def compute_reward(model, x, y, x_adv, lr, eps, step, optimizer="sgd", weight_de
             delta.requires_grad_(True)
             with torch.autocast(**amp):
                 logits = shadow(x + delta).float()
-            grad, = torch.autograd.grad(F.cross_entropy(logits, y) * scale, delta)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y) * scale, delta)
             correct = (logits.argmax(1) == y).view(-1, 1, 1, 1)
             moved = (x + (delta.detach() + step * grad.sign()).clamp(-eps, eps)).clamp(0, 1) - x
             delta = torch.where(correct, moved, delta.detach())
@@ -350,20 +489,29 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
     Returns (δ, log_prob, (eps, step, iters)): δ detached N×C×H×W with |δ_i| ≤ ε_i and x + δ in [0, 1]; log_prob N,
     Σ over the heads of log p(a_n|x_n; θ); the sampled attack per image: ε and step in [0, 1] units, iteration
     counts (int64)."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     strategy_was_training, model_was_training = strategy.training, model.training
     # a ~ p(a|x; θ): one categorical draw per head and image (sampled in both modes, never the argmax).
     strategy.train(update)
     try:
-        with torch.set_grad_enabled(update), torch.autocast(x.device.type, dtype=autocast,
-                                                            enabled=autocast is not None):
+        with (
+            torch.set_grad_enabled(update),
+            torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
+        ):
             logits = strategy(x)
     finally:
         strategy.train(strategy_was_training)
-    dists = {k: torch.distributions.Categorical(logits=v.float(), validate_args=False) for k, v in logits.items()}
+    dists = {
+        k: torch.distributions.Categorical(logits=v.float(), validate_args=False)
+        for k, v in logits.items()
+    }
     actions = {k: d.sample() for k, d in dists.items()}
     log_prob = sum(d.log_prob(actions[k]) for k, d in dists.items())
-    values = getattr(strategy, "module", strategy)  # a DistributedDataParallel wrapper keeps them on .module
+    values = getattr(
+        strategy, "module", strategy
+    )  # a DistributedDataParallel wrapper keeps them on .module
     eps = values.eps_values[actions["eps"]] / 255
     step = values.step_values[actions["step"]] / 255
     iters = values.iters_values[actions["iters"]]
@@ -379,58 +527,96 @@ def las_at_delta(model, strategy, x, y, start_eps, update=False, autocast=None):
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
-    smoothing = common.label_smoothing(args.label_smoothing, data.num_classes)
+    smoothing = flags.label_smoothing(args.label_smoothing, data.num_classes)
     size = min(data.shape[1:])
-    if (args.strategy_model == "mnist-cnn" and data.shape[1:] != (28, 28)) or (args.strategy_model == "lenet"
-                                                                                 and size < 16):
-        common.fail(f"--strategy-model {args.strategy_model} does not fit {data.shape[2]}x{data.shape[1]} images")
+    if (args.strategy_model == "mnist-cnn" and data.shape[1:] != (28, 28)) or (
+        args.strategy_model == "lenet" and size < 16
+    ):
+        raise common.FastatError(
+            f"--strategy-model {args.strategy_model} does not fit {data.shape[2]}x{data.shape[1]} images"
+        )
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.strategy_every > steps:
-        common.fail(f"--strategy-every {args.strategy_every}: this run has {steps} iterations ({args.epochs} epochs), "
-                    f"so the strategy would never be updated and its attacks would stay the random initial "
-                    f"network's; use --strategy-every {steps} or less")
+        raise common.FastatError(
+            f"--strategy-every {args.strategy_every}: this run has {steps} iterations ({args.epochs} epochs), "
+            f"so the strategy would never be updated and its attacks would stay the random initial "
+            f"network's; use --strategy-every {steps} or less"
+        )
     model = common.get_model(args, data)
     # The strategy's backbone normalises its input with the dataset's mean/std, as every network here does
     # (DECISIONS.md, 'Model I/O contract'); the code's loaders do not normalise, so its strategy sees raw [0, 1]
     # pixels. A fixed per-channel affine map of the input only reparametrises the first convolution.
-    backbone = common.make_model(args.strategy_model, data.num_classes, data.shape, data.mean, data.std)
-    strategy = StrategyNet(backbone, args.eps_set, args.step_set, args.iters_set, args.strategy_grid)
-    strategy = strategy.to(args.device, memory_format=torch.channels_last if common.channels_last(args)
-                           else torch.preserve_format)
-    run = common.Run(args, data, columns=["eps_mean", "step_mean", "iters_mean", "reward", "updates"])
+    backbone = common.make_model(
+        args.strategy_model, data.num_classes, data.shape, data.mean, data.std
+    )
+    strategy = StrategyNet(
+        backbone, args.eps_set, args.step_set, args.iters_set, args.strategy_grid
+    )
+    strategy = strategy.to(
+        args.device,
+        memory_format=torch.channels_last
+        if common.uses_channels_last(args)
+        else torch.preserve_format,
+    )
+    run = harness.Run(
+        args, data, columns=["eps_mean", "step_mean", "iters_mean", "reward", "updates"]
+    )
     if args.strategy_model != args.model:
-        common.log(f"# strategy network: {args.strategy_model}, target: {args.model} (the authors' code uses a "
-                   f"ResNet18 strategy for every target; --strategy-model {args.model} gives a matching one)")
+        common.log(
+            f"# strategy network: {args.strategy_model}, target: {args.model} (the authors' code uses a "
+            f"ResNet18 strategy for every target; --strategy-model {args.model} gives a matching one)"
+        )
     attack_model, train_model = run.models(model)
-    train_strategy = run.trainable(strategy)
-    start_eps = args.epsilon / 255  # code: every attack starts from U(−8/255, 8/255), whatever its sampled ε
+    train_strategy = run.wrap_for_training(strategy)
+    start_eps = (
+        args.epsilon / 255
+    )  # code: every attack starts from U(−8/255, 8/255), whatever its sampled ε
     eps, alpha = args.epsilon / 255, args.alpha / 255  # the fixed PGD-10 â on ŵ
 
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     milestones = [int(steps * 99 / 110), int(steps * 104 / 110)]
     if args.lr_schedule == "imagenet":
-        # No ImageNet recipe in the paper: Wong et al.'s (common.imagenet_lr).
-        sched = common.imagenet_lr(opt, data.train, args.epochs)
+        # No ImageNet recipe in the paper: Wong et al.'s (imagenet.imagenet_lr).
+        sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
         # Stepped per iteration at int(99/110) and int(104/110) of all iterations, as the code does; a shorter
         # --epochs scales the milestones with it.
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # With SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (PyTorch's default, Wong's code).
-        sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2,
-                                                  step_size_down=steps / 2, cycle_momentum=args.optimizer == "sgd")
-    strategy_opt = torch.optim.SGD(strategy.parameters(), lr=args.strategy_lr, momentum=args.strategy_momentum,
-                                   weight_decay=args.strategy_weight_decay)
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt,
+            base_lr=0.0,
+            max_lr=args.lr,
+            step_size_up=steps / 2,
+            step_size_down=steps / 2,
+            cycle_momentum=args.optimizer == "sgd",
+        )
+    strategy_opt = torch.optim.SGD(
+        strategy.parameters(),
+        lr=args.strategy_lr,
+        momentum=args.strategy_momentum,
+        weight_decay=args.strategy_weight_decay,
+    )
     # As in the code: the strategy's lr has the target's milestones (counted in target iterations) but is stepped
     # once per strategy update, so for k ≥ 2 they are never reached (a constant lr), while with k = 1 (the Tiny
     # ImageNet recipe) the strategy's lr drops ×0.1 together with the target's.
     strategy_sched = torch.optim.lr_scheduler.MultiStepLR(strategy_opt, milestones, 0.1)
-    checkpoint = dict(model=model, opt=opt, sched=sched, strategy=strategy, strategy_opt=strategy_opt,
-                      strategy_sched=strategy_sched)
+    checkpoint = dict(
+        model=model,
+        opt=opt,
+        sched=sched,
+        strategy=strategy,
+        strategy_opt=strategy_opt,
+        strategy_sched=strategy_sched,
+    )
     start = run.resume(checkpoint) if args.resume else 0
 
     for epoch in range(start, args.epochs):
@@ -440,24 +626,42 @@ def main(argv=None):
         eps_sum = step_sum = iters_sum = reward_sum = 0
         updates = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
-            iteration = data.train.steps(epoch) + i + 1  # 1-based over the whole run (the code's curr_step)
+            iteration = (
+                data.train.steps(epoch) + i + 1
+            )  # 1-based over the whole run (the code's curr_step)
             if iteration % args.strategy_every == 0:
                 # Strategy update: sample in train mode, attack the target, reward, REINFORCE. The examples made
                 # here are not trained on (code).
-                delta, log_prob, _ = las_at_delta(attack_model, train_strategy, x, y, start_eps, update=True,
-                                                  autocast=run.amp)
-                reward, _ = compute_reward(model, x, y, x + delta, opt.param_groups[0]["lr"], eps, alpha,
-                                           args.optimizer, args.weight_decay, args.reward, args.reward_alpha,
-                                           args.reward_beta, smoothing, REWARD_PGD_ITERS, REWARD_PGD_RESTARTS,
-                                           autocast=run.amp)
+                delta, log_prob, _ = las_at_delta(
+                    attack_model, train_strategy, x, y, start_eps, update=True, autocast=run.amp
+                )
+                reward, _ = compute_reward(
+                    model,
+                    x,
+                    y,
+                    x + delta,
+                    opt.param_groups[0]["lr"],
+                    eps,
+                    alpha,
+                    args.optimizer,
+                    args.weight_decay,
+                    args.reward,
+                    args.reward_alpha,
+                    args.reward_beta,
+                    smoothing,
+                    REWARD_PGD_ITERS,
+                    REWARD_PGD_RESTARTS,
+                    autocast=run.amp,
+                )
                 reinforce_step(strategy, strategy_opt, log_prob, reward, STRATEGY_CLIP, run.scaler)
                 strategy_sched.step()
                 reward_sum += reward
                 updates += 1
             # Target step: a fresh sample (strategy in eval mode, still sampled), its attack on the target in eval
             # mode, then one weight step on x_adv in train mode.
-            delta, _, (eps_i, step_i, iters_i) = las_at_delta(attack_model, train_strategy, x, y, start_eps,
-                                                              autocast=run.amp)
+            delta, _, (eps_i, step_i, iters_i) = las_at_delta(
+                attack_model, train_strategy, x, y, start_eps, autocast=run.amp
+            )
             with run.autocast():
                 out = train_model(x + delta)
                 loss = F.cross_entropy(out, y, label_smoothing=smoothing)
@@ -465,7 +669,9 @@ def main(argv=None):
             run.scaler.scale(loss).backward()
             if args.clip_grad_norm:
                 run.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)  # code: Tiny ImageNet, 10
+                nn.utils.clip_grad_norm_(
+                    model.parameters(), args.clip_grad_norm
+                )  # code: Tiny ImageNet, 10
             run.scaler.step(opt)
             run.scaler.update()
             sched.step()  # per iteration
@@ -476,12 +682,21 @@ def main(argv=None):
             eps_sum += eps_i.sum() * 255
             step_sum += step_i.sum() * 255
             iters_sum += iters_i.sum()
-        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item(), eps_mean=(eps_sum / total_n).item(),
-                      step_mean=(step_sum / total_n).item(), iters_mean=(iters_sum / total_n).item(),
-                      reward=(reward_sum / updates).item() if updates else None, updates=updates)
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=opt.param_groups[0]["lr"],
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+            eps_mean=(eps_sum / total_n).item(),
+            step_mean=(step_sum / total_n).item(),
+            iters_mean=(iters_sum / total_n).item(),
+            reward=(reward_sum / updates).item() if updates else None,
+            updates=updates,
+        )
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

@@ -25,16 +25,28 @@ The authors' code trains WRN-28-10 with dropout 0.3 in every block (their WideRe
 script does the same (`--dropout`, default 0.3; `--dropout 0` is the WRN of the other scripts). Dropout draws a
 fresh mask in each of the two passes, as in the code (both in train mode).
 """
+
 import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
+import imagenet
 
 RECIPES = {
     # Supplementary §2 and the authors' config.yaml: SGD momentum 0.9, wd 5e-4, lr 0 → 0.2 over 12 epochs, → 0 over
     # 18; δ₀ = 0.9ε (advGNI alpha 0.9: α = 7.2/255), η = ε (one `eta` sets both).
-    "default": dict(epochs=30, batch_size=128, lr=0.2, epsilon=8, alpha=7.2, eta=8, weight_decay=5e-4,
-                    optimizer="sgd"),
+    "default": dict(
+        epochs=30,
+        batch_size=128,
+        lr=0.2,
+        epsilon=8,
+        alpha=7.2,
+        eta=8,
+        weight_decay=5e-4,
+        optimizer="sgd",
+    ),
     "tiny-imagenet": dict(batch_size=64),  # supplementary §2: 64 "to reduce the memory consumption"
     # No MNIST recipe in the sources (DECISIONS.md, 'Our MNIST recipes'): Wong's MNIST optimiser as in fgsm_rs.py
     # (Adam, peak 5e-3, 10 epochs, batch 100, ε = 0.3), α = 0.9ε. Its lr peaks at 2/5 of training, the same triangle
@@ -43,18 +55,30 @@ RECIPES = {
     # subset; 1.3 at initialisation) and a quarter of their per-sample, per-channel range, where 8/255 is 0.06 of
     # PreActResNet18's conv1 std at initialisation. The clamp to that range keeps h_k + δ_k inside it; `--eta` sets
     # another size.
-    "mnist": dict(epochs=10, batch_size=100, lr=5e-3, epsilon=76.5, alpha=68.85, eta=76.5, weight_decay=0.0,
-                  optimizer="adam"),
-    # ImageNet: no recipe in the supplement: common.IMAGENET, Wong et al.'s, with its lr (common.imagenet_lr).
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=5e-3,
+        epsilon=76.5,
+        alpha=68.85,
+        eta=76.5,
+        weight_decay=0.0,
+        optimizer="adam",
+    ),
+    # ImageNet: no recipe in the supplement: imagenet.IMAGENET, Wong et al.'s, with its lr (imagenet.imagenet_lr).
     "imagenet": dict(optimizer="sgd"),
 }
 
 # The latent layers whose outputs are perturbed (the input is layer 0): the authors' model/preresnet.py perturbs
 # 'input', 'conv1', 'layer1', model/wide_resnet.py 'input', 'conv1', 'block1'. Wong's MNIST CNN and LeNet (Amata's
 # MNIST net) have no residual stage: their two convs (our choice; DECISIONS.md, 'SLAT perturbations').
-LATENT_LAYERS = {"preact18": ("conv1", "layer1"), "wrn": ("conv1", "block1"), "mnist-cnn": ("net.0", "net.2"),
-                 "lenet": ("net.0", "net.3"),
-                 **{f"resnet{d}": ("net.conv1", "net.layer1") for d in (18, 34, 50, 101)}}  # torchvision's (ImageNet)
+LATENT_LAYERS = {
+    "preact18": ("conv1", "layer1"),
+    "wrn": ("conv1", "block1"),
+    "mnist-cnn": ("net.0", "net.2"),
+    "lenet": ("net.0", "net.3"),
+    **{f"resnet{d}": ("net.conv1", "net.layer1") for d in (18, 34, 50, 101)},
+}  # torchvision's (ImageNet)
 # Nets whose perturbed latents go (through a ReLU) straight into a conv or linear layer: under autocast its
 # half-precision input cast would round h_k + δ_k back onto h_k's grid. They train in fp32: the MNIST nets (tiny),
 # and torchvision's post-activation ResNets, whose layer1 output feeds layer2's first conv and its shortcut's.
@@ -62,21 +86,35 @@ FP32_MODELS = ("mnist-cnn", "lenet", "resnet18", "resnet34", "resnet50", "resnet
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="peak learning rate of the lr triangle",
-                           alpha_help="input step of δ₀, /255 units (0.9ε; keeps its ratio to ε when only --epsilon "
-                                      "is given)")
-    p.add_argument("--eta", type=common.nonneg_float, default=None,
-                   help="η, the size of every latent δ_k: a plain number in the latent's own units, written in /255 "
-                        "like ε (= ε, MNIST included: the authors' code sets both from one value; keeps its ratio to "
-                        "ε when only --epsilon is given)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help="sgd (cycles its momentum 0.9 ↔ 0.8 against the lr, as the authors' CyclicLR) or adam")
-    p.add_argument("--dropout", type=common.nonneg_float, default=None,
-                   help="WRN only: fraction of activations dropped between the two convs of every block, in training "
-                        "(default 0.3 with --model wrn-*, the authors' WideResNet; 0: no dropout, the WRN of the "
-                        "other scripts)")
-    args = common.parse_args(p, RECIPES, argv, script="latent_at", eps_relative=("alpha", "eta"))
+    p = flags.base_parser(
+        __doc__,
+        lr="peak learning rate of the lr triangle",
+        alpha="input step of δ₀, /255 units (0.9ε; keeps its ratio to ε when only --epsilon "
+        "is given)",
+    )
+    p.add_argument(
+        "--eta",
+        type=flags.nonneg_float,
+        default=None,
+        help="η, the size of every latent δ_k: a plain number in the latent's own units, written in /255 "
+        "like ε (= ε, MNIST included: the authors' code sets both from one value; keeps its ratio to "
+        "ε when only --epsilon is given)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help="sgd (cycles its momentum 0.9 ↔ 0.8 against the lr, as the authors' CyclicLR) or adam",
+    )
+    p.add_argument(
+        "--dropout",
+        type=flags.nonneg_float,
+        default=None,
+        help="WRN only: fraction of activations dropped between the two convs of every block, in training "
+        "(default 0.3 with --model wrn-*, the authors' WideResNet; 0: no dropout, the WRN of the "
+        "other scripts)",
+    )
+    args = flags.parse_args(p, RECIPES, argv, script="latent_at", eps_relative=("alpha", "eta"))
     wrn = args.model.startswith("wrn")
     if args.dropout is None:
         args.dropout = 0.3 if wrn else 0.0
@@ -101,7 +139,7 @@ class LatentPerturbation:
     def __init__(self, model, layer_names, eta):
         self.eta = eta
         self.latents = [None] * len(layer_names)  # h_k of the recording pass
-        self.signs = None                         # sign(∇h_k L) while perturbing
+        self.signs = None  # sign(∇h_k L) while perturbing
         self.recording = False
         modules = dict(model.named_modules())
         for k, name in enumerate(layer_names):
@@ -131,6 +169,7 @@ class LatentPerturbation:
                 # a constant (detached), so ∂(h_k + δ_k)/∂h_k = I in the weight step.
                 return h + delta
             return None
+
         return hook
 
 
@@ -153,7 +192,9 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
         which leaves their signs, all that is used, unchanged). h_k + δ_k is formed in fp32 either way.
     Returns (loss, logits) of pass 2: the mean CE at the perturbed pass, in the autograd graph of the weights (its
     backward is the weight step); logits N×classes. No weight gradient is accumulated by pass 1."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     attack_model = model if attack_model is None else attack_model
     # Pass 1, clean (δ₀ starts at zero: no random start; the authors' HiddenPerturb starts adv_noise at zero).
     delta = torch.zeros_like(x, requires_grad=True)
@@ -164,8 +205,9 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
     finally:
         latent.recording = False
     # One backward gives ∇x and every ∇h_k at once (FGSM cost); autograd.grad leaves the weights' .grad alone.
-    grad_x, *grad_latents = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0),
-                                                [delta, *latent.latents])
+    grad_x, *grad_latents = torch.autograd.grad(
+        loss * (1024.0 if autocast == torch.float16 else 1.0), [delta, *latent.latents]
+    )
     latent.latents = [None] * len(latent.latents)  # drop the clean graph's tensors
     # δ₀ = 0.9ε·sign(∇x); the ε clamp binds only when alpha > ε (the code has it), then the pixel range.
     delta = (alpha * grad_x.sign()).clamp(-eps, eps)
@@ -183,26 +225,40 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     model = common.get_model(args, data, dropout=args.dropout)
     latent = LatentPerturbation(model, latent_layers(args.model), args.eta / 255)
-    run = common.Run(args, data)
+    run = harness.Run(args, data)
     attack_model, train_model = run.models(model)
     amp = None if args.model in FP32_MODELS else run.amp
     if run.amp is not None and amp is None:
-        common.log(f"# {args.model} trains in fp32: its latents feed a conv or linear layer, whose half-precision "
-                   f"input would round the latent step away")
+        common.log(
+            f"# {args.model} trains in fp32: its latents feed a conv or linear layer, whose half-precision "
+            f"input would round the latent step away"
+        )
     eps, alpha = args.epsilon / 255, args.alpha / 255
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # Supplementary §2 and the authors' solver.py: lr 0 → lr over the first 2/5 of the iterations (12 of 30 epochs),
     # then → 0, stepped every iteration. Their CyclicLR also cycles SGD's momentum 0.9 → 0.8 → 0.9; kept.
-    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.0, max_lr=args.lr, step_size_up=0.4 * steps,
-                                              step_size_down=0.6 * steps, cycle_momentum=args.optimizer == "sgd") \
-        if args.dataset != "imagenet" else common.imagenet_lr(opt, data.train, args.epochs)
+    sched = (
+        torch.optim.lr_scheduler.CyclicLR(
+            opt,
+            base_lr=0.0,
+            max_lr=args.lr,
+            step_size_up=0.4 * steps,
+            step_size_down=0.6 * steps,
+            cycle_momentum=args.optimizer == "sgd",
+        )
+        if args.dataset != "imagenet"
+        else imagenet.imagenet_lr(opt, data.train, args.epochs)
+    )
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 
@@ -220,10 +276,16 @@ def main(argv=None):
             total_loss += loss.detach() * len(y)
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
-        run.end_epoch(epoch, model, checkpoint, lr=opt.param_groups[0]["lr"], loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item())
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=opt.param_groups[0]["lr"],
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+        )
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

@@ -25,66 +25,123 @@ with c the true class and p the clean softmax:
     θ ← θ − lr·∇θ Σ_k −y′_k log softmax(f(x_adv))_k   (train mode; no clean term)
 Two forward/backward passes and one clean forward per batch.
 """
+
 import torch
 import torch.nn.functional as F
 
 import common
+import flags
+import harness
 
 RECIPES = {
     # Authors' train.py: 200 epochs, batch 128, SGD lr 0.1 momentum 0.9, wd 2e-4, ×0.1 at epochs 100 and 150; the
     # one step is ε (α = ε here; the code's `step_size`).
-    "default": dict(epochs=200, batch_size=128, lr=0.1, epsilon=8, alpha=8, weight_decay=2e-4, optimizer="sgd",
-                    milestones=[100, 150], beta=9.0),
+    "default": dict(
+        epochs=200,
+        batch_size=128,
+        lr=0.1,
+        epsilon=8,
+        alpha=8,
+        weight_decay=2e-4,
+        optimizer="sgd",
+        milestones=[100, 150],
+        beta=9.0,
+    ),
     "cifar100": dict(beta=11.0),
     # β for SVHN / Tiny ImageNet is not stated: they keep 9. No MNIST recipe in the sources (DECISIONS.md, 'Our MNIST
     # recipes'; untested at full length): ε = 0.3, Wong's MNIST CNN, batch 100, 10 epochs and Adam as in fgsm_rs.py,
     # but from Adam's usual 1e-3 (this schedule has no warm-up) with ×0.1 at 1/2 and about 3/4 of training.
-    "mnist": dict(epochs=10, batch_size=100, lr=1e-3, epsilon=76.5, alpha=76.5, weight_decay=0.0, optimizer="adam",
-                  milestones=[5, 8]),
-    # ImageNet (our choice; no ImageNet run in the paper): common.IMAGENET's data, network, phases and ε, with this
+    "mnist": dict(
+        epochs=10,
+        batch_size=100,
+        lr=1e-3,
+        epsilon=76.5,
+        alpha=76.5,
+        weight_decay=0.0,
+        optimizer="adam",
+        milestones=[5, 8],
+    ),
+    # ImageNet (our choice; no ImageNet run in the paper): imagenet.IMAGENET's data, network, phases and ε, with this
     # paper's own schedule compressed to its 15 epochs (lr 0.1, ×0.1 at 50% and 75%).
     "imagenet": dict(lr=0.1, milestones=[8, 11], optimizer="sgd"),
 }
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__, lr_help="initial learning rate",
-                           alpha_help="size of the one targeted step, /255 units (ε, as the code; keeps its ratio to "
-                                      "ε when only --epsilon is given)")
-    p.add_argument("--beta", type=common.pos_float, default=None,
-                   help="β in y′_c = β·max_{k≠c} y′_k: the true class's mass over the largest other one")
-    p.add_argument("--gamma", type=common.pos_float, default=0.01,
-                   help="γ, the small share kept for the most confusing class in the adversarial label")
-    p.add_argument("--top-k", type=common.pos_int, default=None,
-                   help="spread ε_y over the K non-true classes with the largest v_k only (9: R-MC-LA9); at most "
-                        "the number of classes − 1; default: over all of them")
-    p.add_argument("--vmc-over", choices=["top-k", "all"], default="top-k",
-                   help="with --top-k and --label-rule main, where v_MC of y′_k ∝ v_k − v_MC + γ is the minimum: "
-                        "top-k (default) over the K classes, i.e. the formula restricted to them: the K-th class gets "
-                        "only γ/D, so ε_y goes to K−1 classes; all: over every non-true class (the most confusing "
-                        "one, outside the K): all K classes share, and ε_y is larger, about twice on CIFAR-100 (it "
-                        "tends to 1/(1 + β/K) as the K shares even out). The supplement does not say which; the "
-                        "authors' code has no R-MC-LA9")
-    p.add_argument("--label-rule", choices=["main", "sup"], default="main",
-                   help="main: y′_k ∝ v_k − v_MC + γ (paper); sup: y′_k ∝ v_k (supplement eq. (2))")
-    p.add_argument("--milestones", type=common.pos_int, nargs="*", default=None,
-                   help="epochs after which the lr is multiplied by 0.1, each under --epochs (none: a constant lr)")
-    p.add_argument("--weight-decay", type=common.nonneg_float, default=None)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="sgd with momentum 0.9, or adam")
-    args = common.parse_args(p, RECIPES, argv, script="rmcla", eps_relative=("alpha",))
+    p = flags.base_parser(
+        __doc__,
+        lr="initial learning rate",
+        alpha="size of the one targeted step, /255 units (ε, as the code; keeps its ratio to "
+        "ε when only --epsilon is given)",
+    )
+    p.add_argument(
+        "--beta",
+        type=flags.pos_float,
+        default=None,
+        help="β in y′_c = β·max_{k≠c} y′_k: the true class's mass over the largest other one",
+    )
+    p.add_argument(
+        "--gamma",
+        type=flags.pos_float,
+        default=0.01,
+        help="γ, the small share kept for the most confusing class in the adversarial label",
+    )
+    p.add_argument(
+        "--top-k",
+        type=flags.pos_int,
+        default=None,
+        help="spread ε_y over the K non-true classes with the largest v_k only (9: R-MC-LA9); at most "
+        "the number of classes − 1; default: over all of them",
+    )
+    p.add_argument(
+        "--vmc-over",
+        choices=["top-k", "all"],
+        default="top-k",
+        help="with --top-k and --label-rule main, where v_MC of y′_k ∝ v_k − v_MC + γ is the minimum: "
+        "top-k (default) over the K classes, i.e. the formula restricted to them: the K-th class gets "
+        "only γ/D, so ε_y goes to K−1 classes; all: over every non-true class (the most confusing "
+        "one, outside the K): all K classes share, and ε_y is larger, about twice on CIFAR-100 (it "
+        "tends to 1/(1 + β/K) as the K shares even out). The supplement does not say which; the "
+        "authors' code has no R-MC-LA9",
+    )
+    p.add_argument(
+        "--label-rule",
+        choices=["main", "sup"],
+        default="main",
+        help="main: y′_k ∝ v_k − v_MC + γ (paper); sup: y′_k ∝ v_k (supplement eq. (2))",
+    )
+    p.add_argument(
+        "--milestones",
+        type=flags.pos_int,
+        nargs="*",
+        default=None,
+        help="epochs after which the lr is multiplied by 0.1, each under --epochs (none: a constant lr)",
+    )
+    p.add_argument(
+        "--optimizer", choices=["sgd", "adam"], default=None, help="sgd with momentum 0.9, or adam"
+    )
+    args = flags.parse_args(p, RECIPES, argv, script="rmcla", eps_relative=("alpha",))
     late = [m for m in args.milestones if m >= args.epochs]
     if late:
         # MultiStepLR steps once per epoch: a milestone m ≥ --epochs would act after the last epoch, i.e. never.
         if p.parse_args(argv).milestones is None:  # the recipe's, for its own number of epochs
-            fit = sorted({m for m in (args.epochs // 2, 3 * args.epochs // 4) if 0 < m < args.epochs})
-            p.error(f"--epochs {args.epochs}: the recipe's --milestones {' '.join(map(str, args.milestones))} are at "
-                    f"or past it and would never take effect; pass --milestones for this run, in epochs (" +
-                    (f"e.g. --milestones {' '.join(map(str, fit))}; " if fit else "") +
-                    "--milestones alone: a constant lr)")
-        p.error(f"--milestones {' '.join(map(str, late))}: at or past --epochs {args.epochs}, never takes effect "
-                f"(milestones are epochs after which the lr is multiplied by 0.1)")
+            fit = sorted(
+                {m for m in (args.epochs // 2, 3 * args.epochs // 4) if 0 < m < args.epochs}
+            )
+            p.error(
+                f"--epochs {args.epochs}: the recipe's --milestones {' '.join(map(str, args.milestones))} are at "
+                f"or past it and would never take effect; pass --milestones for this run, in epochs ("
+                + (f"e.g. --milestones {' '.join(map(str, fit))}; " if fit else "")
+                + "--milestones alone: a constant lr)"
+            )
+        p.error(
+            f"--milestones {' '.join(map(str, late))}: at or past --epochs {args.epochs}, never takes effect "
+            f"(milestones are epochs after which the lr is multiplied by 0.1)"
+        )
     if args.vmc_over == "all" and (args.top_k is None or args.label_rule != "main"):
-        p.error("--vmc-over all: only with --top-k and --label-rule main (elsewhere the label is the same either way)")
+        p.error(
+            "--vmc-over all: only with --top-k and --label-rule main (elsewhere the label is the same either way)"
+        )
     return args
 
 
@@ -104,14 +161,18 @@ def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main", vmc_over=
     v_MC of the most confusing class over all non-true classes (the supplement calls the subtracted minimum the MC
     class's), which lies outside the set, so all K classes get a share, w is flatter and ε_y larger (about twice on
     CIFAR-100). Same v_LL, and D = Σ_set v_k − K(v_MC − γ), in both."""
-    v = -F.log_softmax(logits.float(), 1)  # exact −log p (the code adds 1e-8 inside the log instead)
+    v = -F.log_softmax(
+        logits.float(), 1
+    )  # exact −log p (the code adds 1e-8 inside the log instead)
     true = F.one_hot(y, logits.shape[1]).bool()
     share = ~true
     if top_k is not None:
         top = v.masked_fill(true, float("-inf")).topk(top_k, 1).indices
         share = torch.zeros_like(true).scatter_(1, top, True)
     if rule == "main":
-        pool = share if vmc_over == "top-k" else ~true  # where v_MC is the minimum (see vmc_over above)
+        pool = (
+            share if vmc_over == "top-k" else ~true
+        )  # where v_MC is the minimum (see vmc_over above)
         v_mc = v.masked_fill(~pool, float("inf")).amin(1, keepdim=True)
         w = (v - v_mc + gamma) * share
     else:
@@ -121,8 +182,20 @@ def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main", vmc_over=
     return eps_y * w / w_sum + (1 - eps_y) * true
 
 
-def rmcla_loss(model, x, y, eps, alpha, beta, gamma, top_k=None, rule="main", vmc_over="top-k", autocast=None,
-               attack_model=None):
+def rmcla_loss(
+    model,
+    x,
+    y,
+    eps,
+    alpha,
+    beta,
+    gamma,
+    top_k=None,
+    rule="main",
+    vmc_over="top-k",
+    autocast=None,
+    attack_model=None,
+):
     """R-MC-LA's training loss for one batch (Wang & Zhang, ICCV 2019; the authors' train.py): the clean pass in
     eval mode gives the most confusing class y_MC and the adversarial label y′ (adversarial_label, above: copy it
     along); a random start and one step towards y_MC give x_adv; the loss is the soft-label CE of f(x_adv) against y′.
@@ -143,13 +216,18 @@ def rmcla_loss(model, x, y, eps, alpha, beta, gamma, top_k=None, rule="main", vm
         not underflow, which leaves its sign unchanged). The label and the loss are computed in fp32.
     Returns (loss, logits): the scalar soft-label CE at x_adv in the autograd graph of the weights (its backward is
     the weight step), and f(x_adv), N×C."""
-    torch._assert_async((x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model")
+    torch._assert_async(
+        (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
+    )
     attack_model = model if attack_model is None else attack_model
     was_training = model.training
     try:
         model.eval()
         # MC: the clean logits with BN in eval mode; y_MC = argmax_{k≠c} z_k, the wrong class x is closest to.
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
+        ):
             clean = attack_model(x).float()
         y_mc = clean.masked_fill(F.one_hot(y, clean.shape[1]).bool(), float("-inf")).argmax(1)
         # LA: the soft label, from the same clean logits.
@@ -161,7 +239,7 @@ def rmcla_loss(model, x, y, eps, alpha, beta, gamma, top_k=None, rule="main", vm
         # MC: one targeted step, *down* the CE of y_MC, then projected onto the ε-ball and [0, 1].
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss = F.cross_entropy(attack_model(x + delta), y_mc)
-        grad, = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
+        (grad,) = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
         delta = (delta.detach() - alpha * grad.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0, 1)
         # The weight step's loss: soft-label CE at x_adv only (no clean term), BN in train mode.
@@ -176,20 +254,27 @@ def rmcla_loss(model, x, y, eps, alpha, beta, gamma, top_k=None, rule="main", vm
 
 def main(argv=None):
     args = get_args(argv)
+    harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
     if args.top_k is not None and args.top_k > data.num_classes - 1:
-        common.fail(f"--top-k {args.top_k}: {args.dataset} has {data.num_classes} classes, so at most "
-                    f"{data.num_classes - 1} non-true ones")
+        raise common.FastatError(
+            f"--top-k {args.top_k}: {args.dataset} has {data.num_classes} classes, so at most "
+            f"{data.num_classes - 1} non-true ones"
+        )
     model = common.get_model(args, data)
-    run = common.Run(args, data)
+    run = harness.Run(args, data)
     attack_model, train_model = run.models(model)
     eps, alpha = args.epsilon / 255, args.alpha / 255
     if args.optimizer == "sgd":
         # The code's wd is a loss term on conv/fc weights only; SGD's weight_decay also reaches BN and biases.
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)  # milestones in epochs, as the code's
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, args.milestones, 0.1
+    )  # milestones in epochs, as the code's
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 
@@ -198,8 +283,20 @@ def main(argv=None):
         model.train()
         total_loss = total_correct = total_n = 0
         for x, y, _ in data.train.epoch(epoch):
-            loss, out = rmcla_loss(train_model, x, y, eps, alpha, args.beta, args.gamma, args.top_k, args.label_rule,
-                                   args.vmc_over, run.amp, attack_model)
+            loss, out = rmcla_loss(
+                train_model,
+                x,
+                y,
+                eps,
+                alpha,
+                args.beta,
+                args.gamma,
+                args.top_k,
+                args.label_rule,
+                args.vmc_over,
+                run.amp,
+                attack_model,
+            )
             opt.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(opt)
@@ -209,10 +306,16 @@ def main(argv=None):
             total_n += len(y)
         lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
         sched.step()  # per epoch
-        run.end_epoch(epoch, model, checkpoint, lr=lr, loss=(total_loss / total_n).item(),
-                      acc=(total_correct / total_n).item())
+        run.end_epoch(
+            epoch,
+            model,
+            checkpoint,
+            lr=lr,
+            loss=(total_loss / total_n).item(),
+            acc=(total_correct / total_n).item(),
+        )
     run.finish(model)
 
 
 if __name__ == "__main__":
-    common.main_guard(main)
+    harness.main_guard(main)

@@ -20,6 +20,7 @@ On CUDA the profiler also records the GPU's kernels, and a range marked on the h
 copy of the same name: the timeline summarised here keeps host events only (the events' device type is CPU),
 so that no GPU time is mixed into the host's shares.
 """
+
 import argparse
 import json
 import os
@@ -36,8 +37,15 @@ BACKWARD = "autograd::engine::evaluate_function"
 OPTIMIZER = "Optimizer.step"
 # Operators that, on CUDA, make the host wait for the GPU: a scalar read (.item(), float(t), `if t:`), a boolean
 # mask (its size is data-dependent), unique. On the CPU they cost nothing, so a CPU profile counts them instead.
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique",
-         "aten::_unique2", "aten::is_nonzero")
+SYNCS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::is_nonzero",
+)
 # Checks that read a scalar on the CPU only: one_hot checks its classes' range except on CUDA (where scatter's
 # device assert does it), and multinomial's argument check is an _assert_async, asynchronous on CUDA.
 CPU_ONLY_CHECKS = ("aten::one_hot", "aten::_assert_async")
@@ -60,6 +68,7 @@ def host_events(events):
     """The host (CPU) side of a profile: on CUDA, kernels, memory copies and the GPU-side copies of the marked
     ranges are events too, on the GPU's own clock; they are not part of the host's timeline."""
     from torch.autograd import DeviceType
+
     return [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
 
 
@@ -85,16 +94,30 @@ def summarize(events, window):
     events = host_events(events)
     lo, hi = window
     span = hi - lo
-    fwd = _clip([(e.time_range.start, e.time_range.end) for e in events if e.name == FORWARD], lo, hi)
-    bwd = _clip([(e.time_range.start, e.time_range.end) for e in events if e.name.startswith(BACKWARD)], lo, hi)
+    fwd = _clip(
+        [(e.time_range.start, e.time_range.end) for e in events if e.name == FORWARD], lo, hi
+    )
+    bwd = _clip(
+        [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith(BACKWARD)],
+        lo,
+        hi,
+    )
     model = fwd + bwd
     inside = _union(model)
-    opt = _clip([(e.time_range.start, e.time_range.end) for e in events if e.name.startswith(OPTIMIZER)], lo, hi)
+    opt = _clip(
+        [(e.time_range.start, e.time_range.end) for e in events if e.name.startswith(OPTIMIZER)],
+        lo,
+        hi,
+    )
     # Top-level operators (no parent range) that lie outside the model's passes and the optimiser step.
     model_and_opt = sorted(model + opt)
     outside_ops, by_name = [], defaultdict(float)
     for e in events:
-        if e.cpu_parent is not None or e.name == FORWARD or e.name.startswith((BACKWARD, OPTIMIZER)):
+        if (
+            e.cpu_parent is not None
+            or e.name == FORWARD
+            or e.name.startswith((BACKWARD, OPTIMIZER))
+        ):
             continue
         s, t = max(e.time_range.start, lo), min(e.time_range.end, hi)
         if t <= s:
@@ -103,18 +126,35 @@ def summarize(events, window):
         if covered < t - s:
             outside_ops.append((s, t))
             by_name[e.name] += (t - s) - covered
-    opt_time = _union(model_and_opt) - inside  # the optimiser step, less any part inside the model's ranges
-    ops = _union(outside_ops + model_and_opt) - _union(model_and_opt)  # outside operators, less the same
+    opt_time = (
+        _union(model_and_opt) - inside
+    )  # the optimiser step, less any part inside the model's ranges
+    ops = _union(outside_ops + model_and_opt) - _union(
+        model_and_opt
+    )  # outside operators, less the same
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     syncs = defaultdict(int)
     for e in events:
         # one per sync: not again inside another (is_nonzero reads its scalar through _local_scalar_dense)
-        if e.name in SYNCS and lo <= e.time_range.start < hi and not _under(e, CPU_ONLY_CHECKS + SYNCS):
+        if (
+            e.name in SYNCS
+            and lo <= e.time_range.start < hi
+            and not _under(e, CPU_ONLY_CHECKS + SYNCS)
+        ):
             syncs[e.name] += 1
-    return {"window_s": span / 1e6, "forward": _union(fwd) / span, "backward": _union(bwd) / span,
-            "inside": inside / span, "outside": 1 - inside / span, "optimizer": opt_time / span,
-            "other_ops": ops / span, "python": 1 - (inside + opt_time + ops) / span,
-            "forward_calls": len(fwd), "syncs": dict(syncs), "top_outside": [(name, t / span) for name, t in top]}
+    return {
+        "window_s": span / 1e6,
+        "forward": _union(fwd) / span,
+        "backward": _union(bwd) / span,
+        "inside": inside / span,
+        "outside": 1 - inside / span,
+        "optimizer": opt_time / span,
+        "other_ops": ops / span,
+        "python": 1 - (inside + opt_time + ops) / span,
+        "forward_calls": len(fwd),
+        "syncs": dict(syncs),
+        "top_outside": [(name, t / span) for name, t in top],
+    }
 
 
 def child(script, argv, skip, batches, out):
@@ -122,6 +162,7 @@ def child(script, argv, skip, batches, out):
     sys.path.insert(0, ROOT)
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
+
     import common
 
     # A range around every outermost module call: the classifier's forward, and the method's own networks
@@ -142,7 +183,10 @@ def child(script, argv, skip, batches, out):
     torch.nn.modules.module.register_module_forward_pre_hook(pre)
     torch.nn.modules.module.register_module_forward_hook(post)
 
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+    prof = profile(
+        activities=[ProfilerActivity.CPU]
+        + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    )
     epoch_fn = common.DeviceLoader.epoch
     profiled = [0]
 
@@ -162,7 +206,9 @@ def child(script, argv, skip, batches, out):
                 profiled[0] += 1
             yield item
         if not profiled[0]:
-            raise SystemExit(f"fastat: --skip {skip} leaves no batch to profile ({len(loader)} in an epoch)")
+            raise SystemExit(
+                f"fastat: --skip {skip} leaves no batch to profile ({len(loader)} in an epoch)"
+            )
         # the consumer has finished the last step: it asked for the next batch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -178,7 +224,9 @@ def child(script, argv, skip, batches, out):
     except _Done:
         pass
     else:
-        raise SystemExit(f"{script}: the profiled window was never reached (fewer than --skip batches?)")
+        raise SystemExit(
+            f"{script}: the profiled window was never reached (fewer than --skip batches?)"
+        )
     events = host_events(prof.events())
     start = min(e.time_range.start for e in events if e.name == "fastat::window_start")
     end = max(e.time_range.end for e in events if e.name == "fastat::window_end")
@@ -192,30 +240,44 @@ def print_table(rows):
     """ms/batch out: the host time per batch outside the networks' passes (a GPU cannot hide more than that
     behind its kernels); syncs: scalar reads and boolean masks per batch (each makes the host wait for a GPU)."""
     width = max(len(r["spec"]) for r in rows)
-    print(f"{'spec':<{width}} {'s/batch':>8} {'forward':>8} {'backward':>8} {'outside':>8} {'ms/batch out':>12} "
-          f"{'optim':>7} {'ops':>7} {'python':>7} {'syncs':>6}  largest outside")
+    print(
+        f"{'spec':<{width}} {'s/batch':>8} {'forward':>8} {'backward':>8} {'outside':>8} {'ms/batch out':>12} "
+        f"{'optim':>7} {'ops':>7} {'python':>7} {'syncs':>6}  largest outside"
+    )
     for r in rows:
         n = r["batches"]
         top = ", ".join(f"{name} {100 * share:.1f}%" for name, share in r["top_outside"][:3])
-        print(f"{r['spec']:<{width}} {r['window_s'] / n:>8.3f} {100 * r['forward']:>7.1f}% "
-              f"{100 * r['backward']:>7.1f}% {100 * r['outside']:>7.1f}% {1e3 * r['outside'] * r['window_s'] / n:>12.1f} "
-              f"{100 * r['optimizer']:>6.1f}% {100 * r['other_ops']:>6.1f}% {100 * r['python']:>6.1f}% "
-              f"{sum(r['syncs'].values()) / n:>6.1f}  {top}")
+        print(
+            f"{r['spec']:<{width}} {r['window_s'] / n:>8.3f} {100 * r['forward']:>7.1f}% "
+            f"{100 * r['backward']:>7.1f}% {100 * r['outside']:>7.1f}% {1e3 * r['outside'] * r['window_s'] / n:>12.1f} "
+            f"{100 * r['optimizer']:>6.1f}% {100 * r['other_ops']:>6.1f}% {100 * r['python']:>6.1f}% "
+            f"{sum(r['syncs'].values()) / n:>6.1f}  {top}"
+        )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="*", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"')
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "specs", nargs="*", help='a script and its flags, e.g. fgsm_rs.py or "amata.py --k-max 4"'
+    )
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None, help="given to every spec (a spec's own --precision wins)")
+    p.add_argument(
+        "--precision", default=None, help="given to every spec (a spec's own --precision wins)"
+    )
     p.add_argument("--skip", type=int, default=3, help="warm-up batches before the profiled ones")
-    p.add_argument("--batches", type=int, default=10, help="batches profiled (0: the rest of the first epoch)")
+    p.add_argument(
+        "--batches", type=int, default=10, help="batches profiled (0: the rest of the first epoch)"
+    )
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--table", metavar="JSON", help="print the table of an earlier --out file, run nothing")
+    p.add_argument(
+        "--table", metavar="JSON", help="print the table of an earlier --out file, run nothing"
+    )
     args = p.parse_args()
     if args.table:
         with open(args.table) as f:
@@ -223,22 +285,38 @@ def main():
     if not args.specs:
         p.error("give at least one script to profile (or --table JSON)")
     from epoch_time import shared_flags  # bench/, beside this script
+
     shared = shared_flags(args, 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, spec in enumerate(args.specs):
             script, *own = shlex.split(spec)
             out = os.path.join(tmp, f"{k}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", str(args.skip), str(args.batches), out,
-                   script, *shared, *own, "--out-dir", os.path.join(tmp, str(k))]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                str(args.skip),
+                str(args.batches),
+                out,
+                script,
+                *shared,
+                *own,
+                "--out-dir",
+                os.path.join(tmp, str(k)),
+            ]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             with open(out) as f:
                 rows.append({"spec": spec, **json.load(f)})
-            print(f"  {spec}: {100 * rows[-1]['outside']:.1f}% outside", file=sys.stderr, flush=True)
-    print(f"{args.dataset}, model {args.model or 'recipe default'}, {args.batches or 'all'} batches after "
-          f"{args.skip}; shares of the profiled steps' host time")
+            print(
+                f"  {spec}: {100 * rows[-1]['outside']:.1f}% outside", file=sys.stderr, flush=True
+            )
+    print(
+        f"{args.dataset}, model {args.model or 'recipe default'}, {args.batches or 'all'} batches after "
+        f"{args.skip}; shares of the profiled steps' host time"
+    )
     print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
@@ -246,7 +324,9 @@ def main():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:  # one spec, in its own process: --child SKIP BATCHES OUT SCRIPT ARGS...
+    if sys.argv[1:2] == [
+        "--child"
+    ]:  # one spec, in its own process: --child SKIP BATCHES OUT SCRIPT ARGS...
         skip, batches, out, script, *argv = sys.argv[2:]
         child(script, argv, int(skip), int(batches), out)
     else:

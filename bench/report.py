@@ -21,6 +21,7 @@ with its training figures; `python SCRIPT.py --resume --out-dir RUN` runs its ev
 Runs made by `bench/reproduce.py --quick` (a RUN/reproduce.json says so) are marked as quick runs, with the
 evaluation they ran, and get no paper figure: they did not run the recipe.
 """
+
 import argparse
 import contextlib
 import importlib
@@ -38,11 +39,30 @@ import paper_figures  # noqa: E402  (bench/, this script's own folder)
 
 # Flags that are not part of a recipe: where and how the run was executed, and the evaluation, which the accuracy
 # columns' headers and the "eval images" column name instead. dataset and model have columns of their own.
-NOT_RECIPE = {"method", "dataset", "model", "data_dir", "phase_data_dirs", "out_dir", "device", "resume", "workers",
-              "progress_every", "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack"}
+NOT_RECIPE = {
+    "method",
+    "dataset",
+    "model",
+    "data_dir",
+    "phase_data_dirs",
+    "out_dir",
+    "device",
+    "resume",
+    "workers",
+    "progress_every",
+    "eval_samples",
+    "eval_iters",
+    "eval_restarts",
+    "eval_cw_iters",
+    "autoattack",
+}
 # Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
 NEUTRAL = {"seed", "compile", "precision"}
-RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")  # a directory holding one of these is a run
+RUN_FILES = (
+    "results.json",
+    "checkpoint.pt",
+    "log.txt",
+)  # a directory holding one of these is a run
 
 
 def warn(message):
@@ -52,6 +72,7 @@ def warn(message):
 # ----------------------------------------------------------------------------------------------
 # Finding and reading runs
 # ----------------------------------------------------------------------------------------------
+
 
 def find_runs(paths):
     """Run directories at or below the given paths (a path may also be a results.json), in a stable order."""
@@ -83,7 +104,9 @@ def load_results(run_dir):
         with open(path) as f:
             res = json.load(f)
     except (OSError, ValueError) as err:
-        warn(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}), skipped")
+        warn(
+            f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}), skipped"
+        )
         return None
     problem = None
     if not isinstance(res, dict):
@@ -93,9 +116,15 @@ def load_results(run_dir):
         final = res.get("final")
         if missing:
             problem = f"no {', '.join(missing)}"
-        elif not ((final is None or isinstance(final, dict) and all(isinstance(final.get(k), dict)
-                                                                   for k in ("last", "best")))
-                  and isinstance(res["epochs"], list) and isinstance(res["args"], dict)):
+        elif not (
+            (
+                final is None
+                or isinstance(final, dict)
+                and all(isinstance(final.get(k), dict) for k in ("last", "best"))
+            )
+            and isinstance(res["epochs"], list)
+            and isinstance(res["args"], dict)
+        ):
             problem = "final.last / final.best, epochs or args are not what a run writes"
     if problem:
         warn(f"{path}: malformed ({problem}), skipped")
@@ -125,7 +154,10 @@ def stop_reason(run_dir, res):
     if not isinstance(planned, int) or ran >= planned:
         return None
     reason = None
-    with contextlib.suppress(OSError), open(os.path.join(run_dir, "log.txt"), errors="replace") as f:
+    with (
+        contextlib.suppress(OSError),
+        open(os.path.join(run_dir, "log.txt"), errors="replace") as f,
+    ):
         for line in f:
             if re.match(r"# (early )?stop\b", line):
                 reason = line[2:].strip()
@@ -135,6 +167,7 @@ def stop_reason(run_dir, res):
 # ----------------------------------------------------------------------------------------------
 # The flags that differ from the recipe: ask the script's own get_args()
 # ----------------------------------------------------------------------------------------------
+
 
 class RecipeUnknown(Exception):
     pass
@@ -157,18 +190,26 @@ def get_args(method, argv):
 
 
 def _get_args(method, argv):
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(os.path.join(ROOT, f"{method}.py")):
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(
+        os.path.join(ROOT, f"{method}.py")
+    ):
         raise RecipeUnknown(f"no script {method}.py")
     try:
-        module = importlib.import_module(method)  # imports only: every script keeps its work in main()
+        module = importlib.import_module(
+            method
+        )  # imports only: every script keeps its work in main()
     except Exception as exc:
         raise RecipeUnknown(f"{method}.py does not import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, "get_args") or not all(isinstance(w, str) for w in argv):
-        raise RecipeUnknown(f"{method}.py has no get_args(), or the run's dataset or model is missing")
+        raise RecipeUnknown(
+            f"{method}.py has no get_args(), or the run's dataset or model is missing"
+        )
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return vars(module.get_args(list(argv)))  # parsing reads no data: the dataset need not be there
+            return vars(
+                module.get_args(list(argv))
+            )  # parsing reads no data: the dataset need not be there
     except SystemExit:
         lines = err.getvalue().strip().splitlines()
         raise RecipeUnknown(lines[-1] if lines else "get_args refused the flags") from None
@@ -244,8 +285,12 @@ def recipe_diff(method, dataset, model, args, train_images=None):
         if isinstance(train_images, int) and isinstance(value, int):
             return value == DERIVED[key](train_images, value)
         return True  # not computable without the run's image count: taken as derived
-    diff = {k: v for k, v in args.items() if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k]))
-            and not derived(k, v)}
+
+    diff = {
+        k: v
+        for k, v in args.items()
+        if k not in NOT_RECIPE and not (k in recipe and same(v, recipe[k])) and not derived(k, v)
+    }
     for key in sorted(diff, key=lambda k: list(args).index(k)):
         trial = {k: v for k, v in diff.items() if k != key and k in recipe}
         with contextlib.suppress(RecipeUnknown):
@@ -256,8 +301,20 @@ def recipe_diff(method, dataset, model, args, train_images=None):
 
 def variant_diff(method, dataset, model, flags):
     """recipe_diff() of the run that METHOD.py FLAGS would make."""
-    args = get_args(method, ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull,
-                             *flags])
+    args = get_args(
+        method,
+        [
+            "--dataset",
+            dataset,
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--out-dir",
+            os.devnull,
+            *flags,
+        ],
+    )
     return recipe_diff(method, dataset, model, args)
 
 
@@ -272,7 +329,9 @@ def describe(res, quick):
     out = {"flags": "", "variant": None, "figures": [], "recipe_error": None}
     try:
         diff = recipe_diff(method, dataset, model, args, res.get("train_images"))
-        recipe_model = get_args(method, ["--dataset", dataset, "--device", "cpu", "--out-dir", os.devnull])["model"]
+        recipe_model = get_args(
+            method, ["--dataset", dataset, "--device", "cpu", "--out-dir", os.devnull]
+        )["model"]
     except RecipeUnknown as err:
         out["recipe_error"] = str(err)
         return out
@@ -289,8 +348,12 @@ def describe(res, quick):
     if quick:
         return out  # a quick run did not run the recipe: no paper figure beside it
     for fig in paper_figures.FIGURES:
-        if fig.script != method or fig.flags is None or fig.dataset != dataset or model not in (recipe_model,
-                                                                                               fig.model):
+        if (
+            fig.script != method
+            or fig.flags is None
+            or fig.dataset != dataset
+            or model not in (recipe_model, fig.model)
+        ):
             continue
         with contextlib.suppress(RecipeUnknown):
             if same_flags(core, variant_diff(method, dataset, model, fig.flags)):
@@ -301,6 +364,7 @@ def describe(res, quick):
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
+
 
 def metric_order(key):
     """clean, then PGD by steps and restarts, CW, AutoAttack, the worst case; anything else last."""
@@ -330,7 +394,9 @@ def pct(final, key):
     if key not in final:
         return "–"  # this run did not run that attack
     v = final[key]
-    return "n/a" if v is None else f"{100 * v:.2f}"  # None: requested but not available (AutoAttack)
+    return (
+        "n/a" if v is None else f"{100 * v:.2f}"
+    )  # None: requested but not available (AutoAttack)
 
 
 def duration(seconds):
@@ -410,7 +476,9 @@ def method_cell(run):
         text += f" (recipe not known: {info['recipe_error']})"
     if run["quick"]:
         ev = quick_eval(run)
-        text += f" **quick (recipe ÷ {number(run['quick'])}{'; evaluated with ' + ev if ev else ''})**"
+        text += (
+            f" **quick (recipe ÷ {number(run['quick'])}{'; evaluated with ' + ev if ev else ''})**"
+        )
     if res["final"] is None:
         text += " **evaluating / unfinished (no final numbers)**"
     return text
@@ -423,7 +491,10 @@ def paper_cell(run):
 
 
 def build_table(runs):
-    keys = sorted({k for run in runs for which in ("last", "best") for k in final_of(run, which)}, key=metric_order)
+    keys = sorted(
+        {k for run in runs for which in ("last", "best") for k in final_of(run, which)},
+        key=metric_order,
+    )
     columns = [
         ("run", lambda r: r["label"]),
         ("method and flags that differ from its recipe", method_cell),
@@ -436,9 +507,15 @@ def build_table(runs):
         ("monitor s / epoch", monitor_cell),
         ("eval images", eval_cell),
     ]
-    columns += [(f"last {metric_name(k)}", lambda r, k=k: pct(final_of(r, "last"), k)) for k in keys]
-    columns.append(("best epoch", lambda r: str(r["res"].get("best_epoch") or len(r["res"]["epochs"]))))
-    columns += [(f"best {metric_name(k)}", lambda r, k=k: pct(final_of(r, "best"), k)) for k in keys]
+    columns += [
+        (f"last {metric_name(k)}", lambda r, k=k: pct(final_of(r, "last"), k)) for k in keys
+    ]
+    columns.append(
+        ("best epoch", lambda r: str(r["res"].get("best_epoch") or len(r["res"]["epochs"])))
+    )
+    columns += [
+        (f"best {metric_name(k)}", lambda r, k=k: pct(final_of(r, "best"), k)) for k in keys
+    ]
     columns.append(("paper (network: reported %, time)", paper_cell))
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for run in runs:
@@ -462,13 +539,18 @@ attack."""
 # The figure
 # ----------------------------------------------------------------------------------------------
 
+
 def plot(runs, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_time, ax_mon) = plt.subplots(1, 2, figsize=(14, 5.5))
     pgd_key = {}
-    for run in runs:  # the robust accuracy of the left panel: the run's PGD column (none before its evaluation)
+    for run in (
+        runs
+    ):  # the robust accuracy of the left panel: the run's PGD column (none before its evaluation)
         keys = sorted((k for k in final_of(run, "last") if k.startswith("pgd")), key=metric_order)
         if keys:
             pgd_key[run["label"]] = keys[-1]
@@ -488,12 +570,20 @@ def plot(runs, path):
             text = label if len(attacks) == 1 else f"{label} [{metric_name(key)}]"
             if last_acc is not None:
                 ax_time.plot(res["train_time"] / unit, 100 * last_acc, "o", color=colour, ms=7)
-                ax_time.annotate(text, (res["train_time"] / unit, 100 * last_acc), textcoords="offset points",
-                                 xytext=(5, 4), fontsize=8)
+                ax_time.annotate(
+                    text,
+                    (res["train_time"] / unit, 100 * last_acc),
+                    textcoords="offset points",
+                    xytext=(5, 4),
+                    fontsize=8,
+                )
             if best_acc is not None:
                 ax_time.plot(best_time / unit, 100 * best_acc, "*", color=colour, ms=12)
-        points = [(r["epoch"], 100 * r["pgd_monitor"]) for r in res["epochs"]
-                  if isinstance(r.get("pgd_monitor"), (int, float))]
+        points = [
+            (r["epoch"], 100 * r["pgd_monitor"])
+            for r in res["epochs"]
+            if isinstance(r.get("pgd_monitor"), (int, float))
+        ]
         if points:
             ax_mon.plot(*zip(*points), marker="o", ms=3, color=colour, label=label)
     ax_time.plot([], [], "o", color="gray", label="last model, at the run's training time")
@@ -504,8 +594,11 @@ def plot(runs, path):
     times = [r["res"]["train_time"] for r in runs if r["res"]["train_time"] > 0]
     if times and max(times) / min(times) > 30:
         ax_time.set_xscale("log")
-    ax_time.set_ylabel(f"{metric_name(attacks[0])} accuracy (%)" if len(attacks) == 1
-                       else "PGD accuracy (%), the attack in [ ] of each label")
+    ax_time.set_ylabel(
+        f"{metric_name(attacks[0])} accuracy (%)"
+        if len(attacks) == 1
+        else "PGD accuracy (%), the attack in [ ] of each label"
+    )
     ax_time.set_title("robust accuracy against training time")
     ax_mon.set_xlabel("epoch")
     ax_mon.set_ylabel("pgd_monitor: PGD-10 accuracy on a fixed training batch (%)")
@@ -518,6 +611,7 @@ def plot(runs, path):
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 def collect(paths):
     """The finished runs at or below `paths`, each with its results, label, quick factor and recipe facts."""
@@ -543,18 +637,29 @@ def write_report(runs, out_dir, sources):
     os.makedirs(out_dir, exist_ok=True)
     table = build_table(runs)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# fastat report\n\nRuns below {', '.join(f'`{s}`' for s in sources)}; written by "
-                f"`python bench/report.py`.\n\n{table}\n\n{NOTES}\n\n![report](report.png)\n")
+        f.write(
+            f"# fastat report\n\nRuns below {', '.join(f'`{s}`' for s in sources)}; written by "
+            f"`python bench/report.py`.\n\n{table}\n\n{NOTES}\n\n![report](report.png)\n"
+        )
     plot(runs, os.path.join(out_dir, "report.png"))
     return table
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories, directories to search for runs below, or results.json files")
-    p.add_argument("--out", default=None,
-                   help="where report.md and report.png go (default: the RUN_DIR when one is given, else .)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, directories to search for runs below, or results.json files",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where report.md and report.png go (default: the RUN_DIR when one is given, else .)",
+    )
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] if len(args.runs) == 1 and os.path.isdir(args.runs[0]) else ".")
     runs = collect(args.runs)
@@ -562,7 +667,9 @@ def main(argv=None):
         print("report.py: no finished run (results.json) found; nothing written", file=sys.stderr)
         return 1
     print(write_report(runs, out, args.runs))
-    print(f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'report.png')} ({len(runs)} runs)")
+    print(
+        f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'report.png')} ({len(runs)} runs)"
+    )
     return 0
 
 

@@ -32,6 +32,7 @@ its validation rule, on any dataset: its script's default. Flags that this scrip
 every run unchanged (e.g. --batch-size 32 --monitor-size 64 --compile); the report shows them as flags that
 differ from the recipe.
 """
+
 import argparse
 import json
 import os
@@ -44,9 +45,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
 import paper_figures  # noqa: E402  (bench/)
 import report  # noqa: E402  (bench/)
+
+import common  # noqa: E402
+import flags  # noqa: E402
 
 # (name, script, flags), cheapest first, so that the short runs have results while the long ones train.
 PLAN = (
@@ -94,8 +97,13 @@ def run_flags(args, script, flags):
         epochs = shrink(recipe["epochs"], args.quick)
         words += ["--epochs", str(epochs)]
         if "milestones" in recipe:  # amata.py, rmcla.py: milestones in epochs
-            words += ["--milestones", *map(str, fit_milestones([shrink(m, args.quick) for m in recipe["milestones"]],
-                                                               epochs))]
+            words += [
+                "--milestones",
+                *map(
+                    str,
+                    fit_milestones([shrink(m, args.quick) for m in recipe["milestones"]], epochs),
+                ),
+            ]
         if "ramp_epochs" in recipe:  # atlas.py: ε ramp in epochs (a float)
             words += ["--ramp-epochs", report.number(recipe["ramp_epochs"] / args.quick)]
     return words
@@ -104,22 +112,41 @@ def run_flags(args, script, flags):
 def evaluation(args):
     """The evaluation every run gets: {eval_iters, eval_restarts, eval_cw_iters}, each as given, else QUICK_EVAL's
     under --quick, else None (the script's default)."""
-    return {k: getattr(args, k) if getattr(args, k) is not None else QUICK_EVAL[k] if args.quick else None
-            for k in QUICK_EVAL}
+    return {
+        k: getattr(args, k)
+        if getattr(args, k) is not None
+        else QUICK_EVAL[k]
+        if args.quick
+        else None
+        for k in QUICK_EVAL
+    }
 
 
 def evaluation_record(args):
     """The evaluation as reproduce.json records it: iters, restarts, cw_iters, samples, the scripts' defaults
     filled in (None samples: every test image)."""
-    defaults = vars(common.base_parser("").parse_args([]))
+    defaults = vars(flags.base_parser("").parse_args([]))
     ev = {k: v if v is not None else defaults[k] for k, v in evaluation(args).items()}
-    return {"iters": ev["eval_iters"], "restarts": ev["eval_restarts"], "cw_iters": ev["eval_cw_iters"],
-            "samples": args.eval_samples}
+    return {
+        "iters": ev["eval_iters"],
+        "restarts": ev["eval_restarts"],
+        "cw_iters": ev["eval_cw_iters"],
+        "samples": args.eval_samples,
+    }
 
 
 def command(args, name, script, flags):
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
-           "--out-dir", os.path.join(args.out, name), *run_flags(args, script, flags)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--dataset",
+        args.dataset,
+        "--data-dir",
+        args.data_dir,
+        "--out-dir",
+        os.path.join(args.out, name),
+        *run_flags(args, script, flags),
+    ]
     given = {"device": args.device, "eval_samples": args.eval_samples, **evaluation(args)}
     for flag, value in given.items():
         if value is not None:
@@ -148,22 +175,41 @@ def run_one(args, name, cmd):
         with open(marker) as f:
             before = json.load(f).get("command")
     if before is not None and before != shown:
-        print(f"# {name}: note: started before as `{before}`; kept as it is (choose another --out for a new set)",
-              flush=True)
+        print(
+            f"# {name}: note: started before as `{before}`; kept as it is (choose another --out for a new set)",
+            flush=True,
+        )
     if finished(run_dir):
         return "done before", "results.json there, skipped"
     resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     os.makedirs(run_dir, exist_ok=True)
     if before is None:
-        with open(marker, "w") as f:  # tells report.py how the run was made (quick or not, its evaluation)
-            json.dump({"name": name, "quick": args.quick, "eval": getattr(args, "eval", None), "command": shown},
-                      f, indent=1)
+        with open(
+            marker, "w"
+        ) as f:  # tells report.py how the run was made (quick or not, its evaluation)
+            json.dump(
+                {
+                    "name": name,
+                    "quick": args.quick,
+                    "eval": getattr(args, "eval", None),
+                    "command": shown,
+                },
+                f,
+                indent=1,
+            )
     print(f"# {name}: {shown}{' --resume' if resume else ''}", flush=True)
     start = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as log, \
-            subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    with (
+        open(os.path.join(run_dir, "stdout.txt"), "a") as log,
+        subprocess.Popen(
+            cmd + (["--resume"] if resume else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        ) as proc,
+    ):
         try:
             for line in proc.stdout:  # to the terminal and to the run's stdout.txt
                 sys.stdout.write(line)
@@ -178,35 +224,89 @@ def run_one(args, name, cmd):
     if code in (130, -signal.SIGINT):
         return "interrupted", f"interrupted after {took}"
     if code != 0:
-        return "failed", f"FAILED: exit {code} after {took}; see {os.path.join(run_dir, 'stdout.txt')}"
+        return (
+            "failed",
+            f"FAILED: exit {code} after {took}; see {os.path.join(run_dir, 'stdout.txt')}",
+        )
     return "finished", f"finished in {took}"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # unknown flags go to the runs: no guessing at prefixes
-    p.add_argument("--dataset", required=True, choices=common.DATASET_NAMES,
-                   help="the dataset of every run (folder: an image folder DATA_DIR/{train,test}/CLASS/*)")
-    p.add_argument("--data-dir", default="data", help="where the dataset lives (as the scripts' --data-dir)")
-    p.add_argument("--methods", nargs="+", choices=NAMES, default=None, metavar="NAME",
-                   help=f"run only these, in the plan's order (default: all of {' '.join(NAMES)})")
-    p.add_argument("--model", type=common.model_name, default=None,
-                   help="network of every run, e.g. wrn-16-2 on a CPU (default: each recipe's, PreActResNet18)")
-    p.add_argument("--quick", type=common.pos_float, nargs="?", const=10.0, default=None, metavar="FACTOR",
-                   help="divide every recipe's length by FACTOR (default 10): epochs, epoch milestones, ATLAS's ramp")
-    p.add_argument("--out", default=None,
-                   help="one folder per run, and the report (default runs/reproduce-DATASET, -quick appended with "
-                        "--quick)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: each script's, cuda if present)")
-    p.add_argument("--eval-samples", type=common.pos_int, default=None,
-                   help="evaluate on N test images, a fixed random subset (default: all)")
-    p.add_argument("--eval-iters", type=common.pos_int, default=None,
-                   help="PGD steps of the final evaluation (50; --quick: 20)")
-    p.add_argument("--eval-restarts", type=common.pos_int, default=None,
-                   help="PGD restarts of the final evaluation (10; --quick: 1)")
-    p.add_argument("--eval-cw-iters", type=common.nonneg_int, default=None,
-                   help="steps of the final PGD on the CW margin, 0: none (20; --quick: 20)")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack in every final evaluation")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )  # unknown flags go to the runs: no guessing at prefixes
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=common.DATASET_NAMES,
+        help="the dataset of every run (folder: an image folder DATA_DIR/{train,test}/CLASS/*)",
+    )
+    p.add_argument(
+        "--data-dir", default="data", help="where the dataset lives (as the scripts' --data-dir)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=NAMES,
+        default=None,
+        metavar="NAME",
+        help=f"run only these, in the plan's order (default: all of {' '.join(NAMES)})",
+    )
+    p.add_argument(
+        "--model",
+        type=flags.model_name,
+        default=None,
+        help="network of every run, e.g. wrn-16-2 on a CPU (default: each recipe's, PreActResNet18)",
+    )
+    p.add_argument(
+        "--quick",
+        type=flags.pos_float,
+        nargs="?",
+        const=10.0,
+        default=None,
+        metavar="FACTOR",
+        help="divide every recipe's length by FACTOR (default 10): epochs, epoch milestones, ATLAS's ramp",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="one folder per run, and the report (default runs/reproduce-DATASET, -quick appended with "
+        "--quick)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: each script's, cuda if present)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=flags.pos_int,
+        default=None,
+        help="evaluate on N test images, a fixed random subset (default: all)",
+    )
+    p.add_argument(
+        "--eval-iters",
+        type=flags.pos_int,
+        default=None,
+        help="PGD steps of the final evaluation (50; --quick: 20)",
+    )
+    p.add_argument(
+        "--eval-restarts",
+        type=flags.pos_int,
+        default=None,
+        help="PGD restarts of the final evaluation (10; --quick: 1)",
+    )
+    p.add_argument(
+        "--eval-cw-iters",
+        type=flags.nonneg_int,
+        default=None,
+        help="steps of the final PGD on the CW margin, 0: none (20; --quick: 20)",
+    )
+    p.add_argument(
+        "--autoattack", action="store_true", help="also run AutoAttack in every final evaluation"
+    )
     args, args.passthrough = p.parse_known_args(argv)
     if args.passthrough and not args.passthrough[0].startswith("--"):
         p.error(f"unexpected argument {args.passthrough[0]}")
@@ -223,7 +323,9 @@ def main(argv=None):
     if args.quick:
         ev = args.eval
         cw = f" and CW-{ev['cw_iters']}" if ev["cw_iters"] else ""
-        print(f"# quick: recipes ÷ {report.number(args.quick)}, evaluated with PGD-{ev['iters']}-{ev['restarts']}{cw}")
+        print(
+            f"# quick: recipes ÷ {report.number(args.quick)}, evaluated with PGD-{ev['iters']}-{ev['restarts']}{cw}"
+        )
 
     outcomes, start = [], time.time()
     for name, cmd in commands:

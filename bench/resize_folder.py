@@ -12,6 +12,7 @@ Every image file under DATA_DIR (its train/ and val/ or test/ class folders, as 
 is read, resized by torchvision's Resize (bicubic) and written under the same name in the copy (PIL's default save
 settings, as theirs), in --workers DataLoader processes. An existing copy is filled in: files already there are kept.
 """
+
 import argparse
 import os
 
@@ -33,15 +34,23 @@ class Resized(torch.utils.data.Dataset):
         out = os.path.join(self.dst, os.path.relpath(path, self.src))
         if not os.path.exists(out):
             from PIL import Image
+
             os.makedirs(os.path.dirname(out), exist_ok=True)
             image = self.resize(self.folder.loader(path))
-            image.save(out + ".part", format=Image.registered_extensions()[os.path.splitext(out)[1].lower()])
-            os.replace(out + ".part", out)  # a copy interrupted mid-file leaves no half-written image
+            image.save(
+                out + ".part",
+                format=Image.registered_extensions()[os.path.splitext(out)[1].lower()],
+            )
+            os.replace(
+                out + ".part", out
+            )  # a copy interrupted mid-file leaves no half-written image
         return 1
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", help="an image folder: SRC/train/CLASS/*, SRC/val/CLASS/* (or test/)")
     p.add_argument("dst", help="where the copy goes")
     p.add_argument("--size", type=int, required=True, help="pixels of the shorter side")
@@ -52,12 +61,19 @@ def main(argv=None):
         p.error(f"{args.src}/train: no such folder")
     for split in splits:
         folder = ImageFolder(os.path.join(args.src, split))
-        loader = torch.utils.data.DataLoader(Resized(folder, args.src, args.dst, args.size), batch_size=256,
-                                             num_workers=args.workers, collate_fn=len)
+        loader = torch.utils.data.DataLoader(
+            Resized(folder, args.src, args.dst, args.size),
+            batch_size=256,
+            num_workers=args.workers,
+            collate_fn=len,
+        )
         done = 0
         for n in loader:
             done += n
-        print(f"{split}: {done} images resized to {args.size} px (shorter side) in {args.dst}/{split}", flush=True)
+        print(
+            f"{split}: {done} images resized to {args.size} px (shorter side) in {args.dst}/{split}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from outside the library:
 - `python tests/_launch.py --each FILE.json`: runs the scripts listed in FILE.json ([[script, [args]], ...]) one
   after the other in this process (one torchrun start for all of them) and writes each exit code to FILE.json.out.
 Everything else (file parsing, the scripts) is the real code path."""
+
 import json
 import os
 import runpy
@@ -21,9 +22,13 @@ for module in (torchvision.datasets.cifar, torchvision.datasets.svhn):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import harness  # noqa: E402
 
-interrupt, weights_dir = os.environ.get("FASTAT_TEST_INTERRUPT_AFTER_EPOCH"), os.environ.get("FASTAT_TEST_WEIGHTS_DIR")
-end_epoch, finish = common.Run.end_epoch, common.Run.finish
+interrupt, weights_dir = (
+    os.environ.get("FASTAT_TEST_INTERRUPT_AFTER_EPOCH"),
+    os.environ.get("FASTAT_TEST_WEIGHTS_DIR"),
+)
+end_epoch, finish = harness.Run.end_epoch, harness.Run.finish
 
 
 def end_epoch_then_interrupt(run, epoch, *args, **kwargs):
@@ -35,11 +40,15 @@ def end_epoch_then_interrupt(run, epoch, *args, **kwargs):
 def finish_and_keep_weights(run, model):
     if weights_dir:
         import torch
-        torch.save(model.state_dict(), os.path.join(weights_dir, f"{run.args.method}-rank{common.rank()}.pt"))
+
+        torch.save(
+            model.state_dict(),
+            os.path.join(weights_dir, f"{run.args.method}-rank{common.rank()}.pt"),
+        )
     return finish(run, model)
 
 
-common.Run.end_epoch, common.Run.finish = end_epoch_then_interrupt, finish_and_keep_weights
+harness.Run.end_epoch, harness.Run.finish = end_epoch_then_interrupt, finish_and_keep_weights
 
 
 def run(script, args):

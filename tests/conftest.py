@@ -3,7 +3,7 @@
 The images are learnable on purpose: each class is a fixed random colour pattern plus noise, so a
 small network reaches high clean accuracy within an epoch or two and attacks have something to break.
 """
-import gzip
+
 import json
 import os
 import pickle
@@ -35,13 +35,17 @@ def class_images(n, num_classes, shape, seed, noise=40):
 
 def write_cifar(root, n_train=256, n_test=64, num_classes=10):
     """cifar-10-batches-py / cifar-100-python pickles, as in the official 'python version' archive."""
-    (xtr, ytr), (xte, yte) = (class_images(n_train, num_classes, (3, 32, 32), 0),
-                              class_images(n_test, num_classes, (3, 32, 32), 1))
+    (xtr, ytr), (xte, yte) = (
+        class_images(n_train, num_classes, (3, 32, 32), 0),
+        class_images(n_test, num_classes, (3, 32, 32), 1),
+    )
     if num_classes == 10:
         folder = os.path.join(root, "cifar-10-batches-py")
         os.makedirs(folder, exist_ok=True)
         parts = np.array_split(np.arange(n_train), 5)
-        files = [(f"data_batch_{i + 1}", xtr[p], ytr[p]) for i, p in enumerate(parts)] + [("test_batch", xte, yte)]
+        files = [(f"data_batch_{i + 1}", xtr[p], ytr[p]) for i, p in enumerate(parts)] + [
+            ("test_batch", xte, yte)
+        ]
         for name, x, y in files:
             with open(os.path.join(folder, name), "wb") as f:
                 pickle.dump({"data": x.reshape(len(x), -1), "labels": y.tolist()}, f)
@@ -52,8 +56,14 @@ def write_cifar(root, n_train=256, n_test=64, num_classes=10):
         os.makedirs(folder, exist_ok=True)
         for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
             with open(os.path.join(folder, name), "wb") as f:
-                pickle.dump({"data": x.reshape(len(x), -1), "fine_labels": y.tolist(),
-                             "coarse_labels": (y // 5).tolist()}, f)
+                pickle.dump(
+                    {
+                        "data": x.reshape(len(x), -1),
+                        "fine_labels": y.tolist(),
+                        "coarse_labels": (y // 5).tolist(),
+                    },
+                    f,
+                )
         with open(os.path.join(folder, "meta"), "wb") as f:
             pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
     return (xtr, ytr), (xte, yte)
@@ -62,12 +72,15 @@ def write_cifar(root, n_train=256, n_test=64, num_classes=10):
 def write_svhn(root, n_train=128, n_test=64):
     """train_32x32.mat / test_32x32.mat: X is H×W×C×N, labels 1..10 with 10 meaning digit 0."""
     from scipy.io import savemat
+
     os.makedirs(root, exist_ok=True)
     out = []
     for name, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
         x, y = class_images(n, 10, (3, 32, 32), seed)
-        savemat(os.path.join(root, f"{name}_32x32.mat"),
-                {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y)[:, None].astype(np.uint8)})
+        savemat(
+            os.path.join(root, f"{name}_32x32.mat"),
+            {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y)[:, None].astype(np.uint8)},
+        )
         out.append((x, y))
     return out
 
@@ -92,6 +105,7 @@ def write_tiny_imagenet(root, per_class=4, n_val=8, num_classes=200, gray_every=
     """tiny-imagenet-200: train/WNID/images/*.JPEG, val/images + val_annotations.txt, wnids.txt.
     Every `gray_every`-th image is saved as grayscale (the real set has some)."""
     from PIL import Image
+
     base = os.path.join(root, "tiny-imagenet-200")
     wnids = [f"n{i:08d}" for i in range(num_classes)]
     with open(os.makedirs(base, exist_ok=True) or os.path.join(base, "wnids.txt"), "w") as f:
@@ -111,7 +125,8 @@ def write_tiny_imagenet(root, per_class=4, n_val=8, num_classes=200, gray_every=
     with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
         for i, c in enumerate(val_labels):
             Image.fromarray(np.full((64, 64, 3), colours[c], dtype=np.uint8)).save(
-                os.path.join(base, "val", "images", f"val_{i}.JPEG"), quality=95)
+                os.path.join(base, "val", "images", f"val_{i}.JPEG"), quality=95
+            )
             f.write(f"val_{i}.JPEG\t{wnids[c]}\t0\t0\t63\t63\n")
     return colours, val_labels
 
@@ -127,6 +142,7 @@ def copy_of(function):
     that a method's core copies into another project without this repository."""
     import inspect
     import textwrap
+
     namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
     exec(textwrap.dedent(inspect.getsource(function)), namespace)
     return namespace[function.__name__]
@@ -156,9 +172,32 @@ def mnist_dir(tmp_path_factory):
 
 def small_args(data_dir, out_dir, epochs=2, **extra):
     """Flags for a CPU smoke run of any method script on the tiny CIFAR-10: a small WRN, short eval."""
-    args = ["--dataset", "cifar10", "--data-dir", data_dir, "--model", "wrn-10-1", "--epochs", str(epochs),
-            "--batch-size", "32", "--eval-samples", "32", "--eval-iters", "3", "--eval-restarts", "1",
-            "--eval-cw-iters", "3", "--monitor-size", "32", "--device", "cpu", "--out-dir", out_dir]
+    args = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data_dir,
+        "--model",
+        "wrn-10-1",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--eval-samples",
+        "32",
+        "--eval-iters",
+        "3",
+        "--eval-restarts",
+        "1",
+        "--eval-cw-iters",
+        "3",
+        "--monitor-size",
+        "32",
+        "--device",
+        "cpu",
+        "--out-dir",
+        out_dir,
+    ]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     return args
@@ -168,12 +207,31 @@ def run_script(script, args, env=None, expect=0, timeout=600):
     """Run a method script in a subprocess (through tests/_launch.py) and check its exit code."""
     # One thread: float reductions then run in one fixed order, so two runs of the same command are
     # bitwise equal whatever the machine's load (with several threads, MKL may change its thread count).
-    full_env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "MKL_DYNAMIC": "FALSE", **(env or {})}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_launch.py"), os.path.join(ROOT, script),
-                           *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MKL_DYNAMIC": "FALSE",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "_launch.py"),
+            os.path.join(ROOT, script),
+            *args,
+        ],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if expect is not None:
-        assert proc.returncode == expect, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        assert proc.returncode == expect, (
+            f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -185,13 +243,23 @@ def load_results(out_dir):
 def comparable(results):
     """What must be identical between an uninterrupted and a resumed run: every per-epoch figure
     except the timings, the best epoch, and the final evaluation."""
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "cpu_s", "monitor_s")} for r in results["epochs"]]
+    rows = [
+        {k: v for k, v in r.items() if k not in ("seconds", "cpu_s", "monitor_s")}
+        for r in results["epochs"]
+    ]
     return rows, results["best_epoch"], results["final"]
 
 
 def check_outputs(out_dir, epochs):
     """The files every run writes, and a results.json that holds what it should."""
-    for name in ("log.txt", "results.json", "curves.png", "model_last.pt", "model_best.pt", "checkpoint.pt"):
+    for name in (
+        "log.txt",
+        "results.json",
+        "curves.png",
+        "model_last.pt",
+        "model_best.pt",
+        "checkpoint.pt",
+    ):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     res = load_results(out_dir)
     assert [r["epoch"] for r in res["epochs"]] == list(range(1, epochs + 1))
@@ -213,26 +281,41 @@ def check_resume(script, data_dir, tmp_path, epochs=2, in_process=True, **extra)
         import importlib
         from unittest import mock
 
-        import common
+        import harness
+
         main = importlib.import_module(script[:-3]).main
-        end_epoch = common.Run.end_epoch
+        end_epoch = harness.Run.end_epoch
 
         def interrupted(run, epoch, *args, **kwargs):
             end_epoch(run, epoch, *args, **kwargs)
             if epoch == 0:
                 raise KeyboardInterrupt
-        with mock.patch.object(tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)), \
-                mock.patch.object(tvd.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path)):
+
+        with (
+            mock.patch.object(
+                tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)
+            ),
+            mock.patch.object(
+                tvd.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path)
+            ),
+        ):
             main(small_args(data_dir, full, epochs, **extra))
-            with mock.patch.object(common.Run, "end_epoch", interrupted), pytest.raises(KeyboardInterrupt):
+            with (
+                mock.patch.object(harness.Run, "end_epoch", interrupted),
+                pytest.raises(KeyboardInterrupt),
+            ):
                 main(small_args(data_dir, part, epochs, **extra))
-            common._LOG.clear()  # the interrupted run's log stays open no longer
+
             assert not os.path.exists(os.path.join(part, "results.json"))
             main(small_args(data_dir, part, epochs, resume=True, **extra))
     else:
         run_script(script, small_args(data_dir, full, epochs, **extra))
-        proc = run_script(script, small_args(data_dir, part, epochs, **extra),
-                          env={"FASTAT_TEST_INTERRUPT_AFTER_EPOCH": "1"}, expect=130)
+        proc = run_script(
+            script,
+            small_args(data_dir, part, epochs, **extra),
+            env={"FASTAT_TEST_INTERRUPT_AFTER_EPOCH": "1"},
+            expect=130,
+        )
         assert "--resume" in proc.stderr
         assert not os.path.exists(os.path.join(part, "results.json"))
         run_script(script, ["--resume", "--out-dir", part])  # the flags come from the checkpoint

@@ -2,13 +2,15 @@
 DECISIONS.md, 'Amata K_t end points') for both recipes, its copyable core (the inner PGD loop) against PGD-10, the
 ε-ball, the mode and BN rule, LeNet, the documented PGD-AT baseline, the flags it refuses, and the script end to end
 (in-process; resume equality by subprocess, tiny CIFAR-10, small WRN)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args
 
 import amata
 import common
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args
+import flags
 
 
 def recipe_table(argv):
@@ -24,11 +26,23 @@ def test_schedule_table_of_the_cifar10_recipe():
     ks = [k for k, _ in table]
     # K_t = 2 + 8t/99 rounded to nearest (T = 99 for 100 epochs: K_0 = K_min, K_99 = K_max): K rises by one
     # where 8t/99 passes n + ½, i.e. at t = 7, 19, 31, 44, 56, 69, 81, 93; the last seven epochs run K_max = 10.
-    expected = [2] * 7 + [3] * 12 + [4] * 12 + [5] * 13 + [6] * 12 + [7] * 13 + [8] * 12 + [9] * 12 + [10] * 7
+    expected = (
+        [2] * 7
+        + [3] * 12
+        + [4] * 12
+        + [5] * 13
+        + [6] * 12
+        + [7] * 13
+        + [8] * 12
+        + [9] * 12
+        + [10] * 7
+    )
     assert ks == expected
     for t, (k, alpha) in enumerate(table):
-        assert abs(k - (2 + 8 * t / 99)) <= 0.5        # nearest integer to Algorithm 1's K_t (T = epochs − 1)
-        assert alpha == pytest.approx(20 / 255 / k)    # α_t = τ/K_t, so K_t·α_t = τ every epoch
+        assert (
+            abs(k - (2 + 8 * t / 99)) <= 0.5
+        )  # nearest integer to Algorithm 1's K_t (T = epochs − 1)
+        assert alpha == pytest.approx(20 / 255 / k)  # α_t = τ/K_t, so K_t·α_t = τ every epoch
     assert table[0][1] == pytest.approx(10 / 255) and table[-1][1] == pytest.approx(2 / 255)
     # on average K_t + 1 ≈ 7 passes per batch against 11 for PGD-10
     assert sum(ks) / 100 + 1 == pytest.approx(7.0)
@@ -49,7 +63,9 @@ def test_schedule_table_of_the_mnist_recipe_ends_with_pgd40_step_001():
     assert ks == sorted(ks)
 
 
-@pytest.mark.parametrize("dataset, expected", [("cifar10", [2, 5, 7, 10]), ("mnist", [5, 17, 28, 40])])
+@pytest.mark.parametrize(
+    "dataset, expected", [("cifar10", [2, 5, 7, 10]), ("mnist", [5, 17, 28, 40])]
+)
 def test_compressed_run_still_spans_k_min_to_k_max(dataset, expected):
     # --epochs 4: T = 3, K_t = K_min + ΔK·t/3 rounded (cifar10 2 + 8t/3; mnist 5 + 35t/3)
     # (the recipe's lr milestones lie past 4 epochs: --milestones alone, no lr drop)
@@ -58,13 +74,17 @@ def test_compressed_run_still_spans_k_min_to_k_max(dataset, expected):
     assert [k for k, _ in table] == expected
     assert [alpha for _, alpha in table] == pytest.approx([tau / k for k in expected])
     # a single epoch runs K_max
-    assert recipe_table(["--dataset", dataset, "--epochs", "1", "--milestones"])[0][0] == expected[-1]
+    assert (
+        recipe_table(["--dataset", dataset, "--epochs", "1", "--milestones"])[0][0] == expected[-1]
+    )
 
 
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    return common.make_model("wrn-10-1", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+    return common.make_model(
+        "wrn-10-1", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    ).eval()
 
 
 def batch():
@@ -131,7 +151,10 @@ def test_the_core_refuses_normalised_images(net):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_core_under_autocast_gives_the_fp32_direction(net, dtype):
-    x, y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8)  # inside (0, 1)
+    x, y = (
+        torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+        torch.arange(8),
+    )  # inside (0, 1)
     fp32 = amata.amata_delta(net, x, y, 8 / 255, 8 / 255, 1)
     low = amata.amata_delta(net, x, y, 8 / 255, 8 / 255, 1, autocast=dtype)
     assert (low != 0).float().mean() > 0.9  # no underflow to a zero gradient (fp16 scales the loss)
@@ -141,26 +164,56 @@ def test_the_core_under_autocast_gives_the_fp32_direction(net, dtype):
 def test_arguments():
     a = amata.get_args([])
     # batch 256: YOPO's PGD-10 CIFAR-10 config, whose lr, wd and milestones App. A.2 gives
-    assert (a.epochs, a.batch_size, a.lr, a.weight_decay, a.milestones) == (100, 256, 0.05, 5e-4, [75, 90])
-    assert (a.k_min, a.k_max, a.tau, a.epsilon, a.random_start, a.model) == (2, 10, 20, 8, False, "preact18")
+    assert (a.epochs, a.batch_size, a.lr, a.weight_decay, a.milestones) == (
+        100,
+        256,
+        0.05,
+        5e-4,
+        [75, 90],
+    )
+    assert (a.k_min, a.k_max, a.tau, a.epsilon, a.random_start, a.model) == (
+        2,
+        10,
+        20,
+        8,
+        False,
+        "preact18",
+    )
     m = amata.get_args(["--dataset", "mnist"])
-    assert (m.k_min, m.k_max, m.tau, m.epsilon, m.lr, m.epochs, m.milestones) == (5, 40, 102, 76.5, 0.1, 56, [50, 55])
+    assert (m.k_min, m.k_max, m.tau, m.epsilon, m.lr, m.epochs, m.milestones) == (
+        5,
+        40,
+        102,
+        76.5,
+        0.1,
+        56,
+        [50, 55],
+    )
     assert (m.batch_size, m.weight_decay, m.model) == (256, 5e-4, "lenet")
     assert amata.get_args(["--epochs", "3", "--milestones"]).milestones == []  # no lr drop
     assert amata.get_args(["--epochs", "3", "--milestones", "1", "2"]).milestones == [1, 2]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
-    (["--alpha", "2"], "α_t = τ/K_t"),
-    (["--tau", "0"], "--tau"),
-    (["--k-min", "0"], "--k-min"),
-    # a milestone at or after the last epoch never lowers the lr during training: given, or the recipe's (75 90)
-    # under a shorter --epochs
-    (["--epochs", "2", "--milestones", "2", "2"], "--milestones: 2 is not below --epochs 2"),
-    (["--epochs", "80"], "the recipe's milestones 75 90: 90 is not below --epochs 80, so the lr would never drop"),
-    (["--dataset", "mnist", "--epochs", "10"], "the recipe's milestones 50 55: 50 is not below --epochs 10"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
+        (["--alpha", "2"], "α_t = τ/K_t"),
+        (["--tau", "0"], "--tau"),
+        (["--k-min", "0"], "--k-min"),
+        # a milestone at or after the last epoch never lowers the lr during training: given, or the recipe's (75 90)
+        # under a shorter --epochs
+        (["--epochs", "2", "--milestones", "2", "2"], "--milestones: 2 is not below --epochs 2"),
+        (
+            ["--epochs", "80"],
+            "the recipe's milestones 75 90: 90 is not below --epochs 80, so the lr would never drop",
+        ),
+        (
+            ["--dataset", "mnist", "--epochs", "10"],
+            "the recipe's milestones 50 55: 50 is not below --epochs 10",
+        ),
+    ],
+)
 def test_flags_that_would_mislead_are_refused_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         amata.get_args(argv)
@@ -168,13 +221,15 @@ def test_flags_that_would_mislead_are_refused_at_parse_time(argv, message, capsy
 
 
 def test_lenet_is_the_pytorch_examples_mnist_net():
-    assert common.model_name("LeNet") == "lenet"
+    assert flags.model_name("LeNet") == "lenet"
     torch.manual_seed(0)
     net = common.make_model("lenet", 10, (1, 28, 28), (0.0,), (1.0,)).eval()
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     fcs = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [(1, 20, (5, 5), (0, 0)),
-                                                                                         (20, 50, (5, 5), (0, 0))]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 20, (5, 5), (0, 0)),
+        (20, 50, (5, 5), (0, 0)),
+    ]
     assert [(f.in_features, f.out_features) for f in fcs] == [(800, 500), (500, 10)]
     assert sum(p.numel() for p in net.parameters()) == 520 + 25050 + 400500 + 5010
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for m in net.modules())
@@ -196,35 +251,59 @@ def test_documented_pgd_at_baseline_is_pgd10_with_random_start():
     a = amata.get_args(argv)
     assert a.random_start is True  # Madry et al.'s PGD-AT starts from a random point of the ε-ball
     table = [amata.annealing(t, a.epochs, a.k_min, a.k_max, a.tau / 255) for t in range(a.epochs)]
-    assert {k for k, _ in table} == {10} and all(alpha == pytest.approx(2 / 255) for _, alpha in table)
+    assert {k for k, _ in table} == {10} and all(
+        alpha == pytest.approx(2 / 255) for _, alpha in table
+    )
 
 
-def test_main_attacks_in_train_mode_and_drops_the_lr_at_each_milestone(cifar_dir, tmp_path, no_checksum, monkeypatch):
+def test_main_attacks_in_train_mode_and_drops_the_lr_at_each_milestone(
+    cifar_dir, tmp_path, no_checksum, monkeypatch
+):
     """As the docstring says: the attack sees the model in train mode (BN uses the attacked batch's statistics),
     through the input-gradient view; the lr is ×0.1 from the epoch after each milestone (epochs 1 and 2 of 3: the
     last epoch trains at lr × 0.01)."""
     calls, real = [], amata.amata_delta
 
     def recording(model, x, y, eps, step, steps, *a, **kw):
-        calls.append((type(model), model.model.training, steps, step, kw.get("autocast", a[-1])))
+        calls.append((type(model), model.training, steps, step, kw.get("autocast", a[-1])))
         return real(model, x, y, eps, step, steps, *a, **kw)
 
     monkeypatch.setattr(amata, "amata_delta", recording)
     out = str(tmp_path / "run")
-    amata.main(small_args(cifar_dir, out, epochs=3, batch_size=128, k_min=1, k_max=2, tau=4, eval_iters=1,
-                          eval_cw_iters=0, eval_samples=8, monitor_size=8) + ["--milestones", "1", "2"])
+    amata.main(
+        small_args(
+            cifar_dir,
+            out,
+            epochs=3,
+            batch_size=128,
+            k_min=1,
+            k_max=2,
+            tau=4,
+            eval_iters=1,
+            eval_cw_iters=0,
+            eval_samples=8,
+            monitor_size=8,
+        )
+        + ["--milestones", "1", "2"]
+    )
     rows = load_results(out)["epochs"]
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.005, 0.0005])
     # 256 images in batches of 128, K_t 1, 2 (1.5 rounds up), 2, α_t = τ/K_t
-    assert calls == [(common.InputGradOnly, True, k, pytest.approx(4 / 255 / k), None) for k in (1, 1, 2, 2, 2, 2)]
-    assert [r["K_t"] for r in rows] == [1, 2, 2] and [r["alpha_t"] for r in rows] == pytest.approx([4, 2, 2])
+    assert calls == [
+        (common.WideResNet, True, k, pytest.approx(4 / 255 / k), None) for k in (1, 1, 2, 2, 2, 2)
+    ]
+    assert [r["K_t"] for r in rows] == [1, 2, 2] and [r["alpha_t"] for r in rows] == pytest.approx(
+        [4, 2, 2]
+    )
 
 
 def test_end_to_end_logs_k_and_alpha_and_resumes(cifar_dir, tmp_path):
     # with --random-start, so that the resumed run must also restore the RNG that draws the starts, and a milestone
     # after epoch 1, so that it must restore the lr scheduler too
     # (--k-max 4 keeps the run short)
-    a, _ = check_resume("amata.py", cifar_dir, tmp_path, epochs=2, random_start=True, milestones=1, k_max=4)
+    a, _ = check_resume(
+        "amata.py", cifar_dir, tmp_path, epochs=2, random_start=True, milestones=1, k_max=4
+    )
     assert check_outputs(str(tmp_path / "full"), epochs=2)["args"]["random_start"] is True
     # T = 1: K_0 = K_min = 2, K_1 = K_max = 4; α_t = τ/K_t in /255 units
     assert [r["K_t"] for r in a["epochs"]] == [2, 4]

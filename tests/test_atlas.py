@@ -1,6 +1,7 @@
 """atlas.py: its copyable core (the weak attack and the loss of eq. (14) of the ICLR 2021 submission, OpenReview
 k9GoaycDeio) against a hand computation, the Jacobian estimate, the ε ramp, App. B's validation scheduler, the flags
 it refuses, and the script end to end (in-process; resume equality by subprocess, tiny CIFAR-10, small WRN)."""
+
 import math
 import os
 import re
@@ -8,24 +9,33 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 from torch.func import jacrev, vmap
 
 import atlas
 import common
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 
 
 def small_net(num_classes=5):
     """A smooth network without BatchNorm, so that each sample's Jacobian is its own."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, num_classes))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 4 * 4, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, num_classes),
+    )
 
 
 def bn_net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
-                               torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 5),
+    )
 
 
 def copied_core():
@@ -64,19 +74,25 @@ def test_one_projection_estimate_is_unbiased_for_the_frobenius_norm():
     torch.manual_seed(1)
     n = 4000
     for point in torch.rand(3, 3, 4, 4):
-        jac = exact_jacobians(model, point[None])[0].detach()                   # C × D
+        jac = exact_jacobians(model, point[None])[0].detach()  # C × D
         num_classes = jac.shape[0]
         a = jac @ jac.T
-        exact = a.trace().item()                                                # ‖J‖²_F
+        exact = a.trace().item()  # ‖J‖²_F
         # n independent one-projection estimates: the same point n times, one v per row.
         x_rep = point.expand(n, -1, -1, -1).clone().requires_grad_(True)
         estimate = atlas.jacobian_estimate(model(x_rep), x_rep).item()
         # Exact spread of one estimate C·vᵀAv with v uniform on the sphere:
         # E[(vᵀAv)²] = (tr(A)² + 2 tr(A²)) / (C(C+2)).
-        var = num_classes ** 2 * (exact ** 2 + 2 * (a @ a).trace().item()) / (num_classes * (num_classes + 2)) \
-            - exact ** 2
+        var = (
+            num_classes**2
+            * (exact**2 + 2 * (a @ a).trace().item())
+            / (num_classes * (num_classes + 2))
+            - exact**2
+        )
         se = math.sqrt(var / n)
-        assert 4.5 * se < 0.1 * exact  # the tolerance is tight enough to catch a factor ½ or a missing C
+        assert (
+            4.5 * se < 0.1 * exact
+        )  # the tolerance is tight enough to catch a factor ½ or a missing C
         assert abs(estimate - exact) < 4.5 * se, (estimate, exact, se)
 
 
@@ -96,7 +112,7 @@ def test_the_core_copies_and_equals_a_hand_computation_differentiated_through():
     d = (x + torch.empty_like(x).uniform_(-e, e)).clamp(0, 1) - x
     for _ in range(2):
         d.requires_grad_(True)
-        g, = torch.autograd.grad(F.cross_entropy(model(x + d), y), d)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x + d), y), d)
         d = (x + (d.detach() + s * g.sign()).clamp(-e, e)).clamp(0, 1) - x
     x_adv = x + d
     v = torch.randn(6, 5)
@@ -105,12 +121,14 @@ def test_the_core_copies_and_equals_a_hand_computation_differentiated_through():
     log_p_adv = z_adv - z_adv.logsumexp(1, keepdim=True)
     log_p = z - z.logsumexp(1, keepdim=True)
     ce_hand = -log_p_adv[torch.arange(6), y].mean()
-    jacobians = exact_jacobians(model, x_adv)                                   # B × C × D, differentiable in θ
+    jacobians = exact_jacobians(model, x_adv)  # B × C × D, differentiable in θ
     jac_hand = 5 * torch.einsum("bc,bcd->bd", v, jacobians).pow(2).sum(1).mean()
     kl_hand = (log_p_adv.exp() * (log_p_adv - log_p)).sum(1).mean()
-    loss_hand = ce_hand + r * a * jac_hand + r * b * kl_hand                    # eq. (14), weights ramped
+    loss_hand = ce_hand + r * a * jac_hand + r * b * kl_hand  # eq. (14), weights ramped
     torch.testing.assert_close(logits, z_adv)
-    torch.testing.assert_close(terms, {"ce": ce_hand.detach(), "jac": jac_hand.detach(), "kl": kl_hand.detach()})
+    torch.testing.assert_close(
+        terms, {"ce": ce_hand.detach(), "jac": jac_hand.detach(), "kl": kl_hand.detach()}
+    )
     torch.testing.assert_close(loss, loss_hand)
     assert terms["kl"] > 0 and terms["jac"] > 0
     # The Jacobian and KL terms reach θ: the gradients equal those of the hand-written loss.
@@ -137,10 +155,15 @@ def test_the_core_attacks_through_attack_model_inside_the_ramped_ball(iters, ste
     x, y = torch.rand(8, 3, 4, 4), torch.arange(8)
     x[0], x[1] = 0.0, 1.0
     eps = 8 / 255
-    _, logits, terms = atlas.atlas_loss(model, x, y, eps, step, 2e-4, 5.0, iters=iters, ramp=r,
-                                        attack_model=attack_model)
+    _, logits, terms = atlas.atlas_loss(
+        model, x, y, eps, step, 2e-4, 5.0, iters=iters, ramp=r, attack_model=attack_model
+    )
     # iters passes of the attack through attack_model; the loss passes (x′, and x for the KL term) through model
-    assert len(attack_model.inputs) == iters and len(model.inputs) == 2 and torch.equal(model.inputs[1], x)
+    assert (
+        len(attack_model.inputs) == iters
+        and len(model.inputs) == 2
+        and torch.equal(model.inputs[1], x)
+    )
     x_adv = model.inputs[0]
     delta = x_adv - x
     assert delta.abs().max() <= r * eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -180,7 +203,9 @@ def test_the_core_under_autocast_gives_the_fp32_terms(dtype):
     results = []
     for autocast in (None, dtype):
         torch.manual_seed(4)  # the same random start and the same v
-        loss, _, terms = atlas.atlas_loss(model, x, y, 8 / 255, 8 / 255, 2e-4, 5.0, autocast=autocast)
+        loss, _, terms = atlas.atlas_loss(
+            model, x, y, 8 / 255, 8 / 255, 2e-4, 5.0, autocast=autocast
+        )
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         results.append(terms)
@@ -194,7 +219,9 @@ def test_epsilon_ramp():
     assert atlas.ramp(0, 0, n, 15) == 0.0
     assert atlas.ramp(15, 0, n, 15) == 1.0 and atlas.ramp(40, 3, n, 15) == 1.0
     values = [atlas.ramp(e, i, n, 15) for e in range(15) for i in range(n)]
-    assert values == pytest.approx([k / (15 * n) for k in range(15 * n)])  # linear, per iteration, below v
+    assert values == pytest.approx(
+        [k / (15 * n) for k in range(15 * n)]
+    )  # linear, per iteration, below v
     assert max(values) < 1.0
     assert atlas.ramp(0, 0, n, 0) == 1.0  # --ramp-epochs 0: full ε from the start
 
@@ -213,7 +240,7 @@ def test_validation_scheduler_lowers_lr_and_stops_on_the_right_epochs():
     # lr ÷ 5 after epochs 4 (2 without a new best), 7, 9, 11, 13; stop after epoch 15 (10 without one).
     cuts = [e for e in range(2, len(lrs) + 1) if lrs[e - 1] < lrs[e - 2]]
     assert cuts == [4, 7, 9, 11, 13]
-    assert lrs[-1] == pytest.approx(0.1 / 5 ** 5)
+    assert lrs[-1] == pytest.approx(0.1 / 5**5)
     assert stopped_at == 15
     # its state survives a checkpoint round trip
     state = sched.state_dict()
@@ -228,14 +255,19 @@ def test_validation_scheduler_does_not_count_epochs_of_the_eps_ramp():
     # Six ramp epochs at 0% (MNIST's case) and one new best among them: no lr cut and no stop.
     for acc in (0.0, 0.0, 0.0, 0.1, 0.1, 0.1):
         assert not sched.step(acc, count=False)
-    assert opt.param_groups[0]["lr"] == 0.1 and sched.state_dict() == {"best": 0.1, "epochs_since_best": 0}
+    assert opt.param_groups[0]["lr"] == 0.1 and sched.state_dict() == {
+        "best": 0.1,
+        "epochs_since_best": 0,
+    }
     # At full ε the count starts: lr ÷ 5 after the 2nd epoch without a new best, stop after the 3rd.
     assert not sched.step(0.1) and not sched.step(0.05)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
     assert sched.step(0.1)
 
 
-def test_main_validates_in_eval_mode_and_starts_counting_when_the_ramp_ends(mnist_dir, tmp_path, monkeypatch):
+def test_main_validates_in_eval_mode_and_starts_counting_when_the_ramp_ends(
+    mnist_dir, tmp_path, monkeypatch
+):
     # Validation accuracy falls every epoch. Ramp 3 epochs: epochs 1-2 end below full ε and are not counted;
     # plateau 1 / stop 2 then cut the lr after epoch 3 and stop after epoch 4 (counting from epoch 2 would
     # cut after epoch 2 and stop after epoch 3).
@@ -249,13 +281,28 @@ def test_main_validates_in_eval_mode_and_starts_counting_when_the_ramp_ends(mnis
 
     monkeypatch.setattr(common, "pgd_correct", falling_validation)
     out = str(tmp_path / "run")
-    atlas.main(small_args(mnist_dir, out, epochs=5, dataset="mnist", model="mnist-cnn", val_size=50, val_iters=1,
-                          ramp_epochs=3, plateau_epochs=1, stop_epochs=2))
+    atlas.main(
+        small_args(
+            mnist_dir,
+            out,
+            epochs=5,
+            dataset="mnist",
+            model="mnist-cnn",
+            val_size=50,
+            val_iters=1,
+            ramp_epochs=3,
+            plateau_epochs=1,
+            stop_epochs=2,
+        )
+    )
     rows = load_results(out)["epochs"]
     assert [r["val_acc"] for r in rows] == pytest.approx([0.5, 0.4, 0.3, 0.2])
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.01, 0.002])
     # the uint8 held-out images, at the full ε, with the recipe's step (0.01); pgd_correct switches to eval mode
-    assert calls[0] == (torch.uint8, pytest.approx(0.3), pytest.approx(0.01), 1, True) and len(calls) == 4
+    assert (
+        calls[0] == (torch.uint8, pytest.approx(0.3), pytest.approx(0.01), 1, True)
+        and len(calls) == 4
+    )
 
 
 def test_recipes():
@@ -263,25 +310,43 @@ def test_recipes():
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay) == (30, 0.1, 64, 2e-4)
     assert (a.jac_alpha, a.kl_beta, a.epsilon, a.alpha, a.attack_iters) == (2e-4, 5.0, 8, 10, 1)
     # val_size None: common.get_data holds out a tenth of the training images, at most 5,000 (App. B: 5,000 of 50,000)
-    assert (a.val_size, a.val_iters, a.val_step, a.plateau_epochs, a.stop_epochs) == (None, 10, 1.785, 2, 10)
+    assert (a.val_size, a.val_iters, a.val_step, a.plateau_epochs, a.stop_epochs) == (
+        None,
+        10,
+        1.785,
+        2,
+        10,
+    )
     ten = atlas.get_args(["--dataset", "cifar100", "--attack-iters", "10"])
     assert (ten.alpha, ten.jac_alpha, ten.kl_beta) == (1.785, 1e-4, 10.0)
-    assert atlas.get_args(["--attack-iters", "10"]).kl_beta == 5.0                       # CIFAR-10 ten-step
-    assert atlas.get_args(["--kl-beta", "0", "--attack-iters", "10"]).kl_beta == 0.0     # ATLAS-l
+    assert atlas.get_args(["--attack-iters", "10"]).kl_beta == 5.0  # CIFAR-10 ten-step
+    assert atlas.get_args(["--kl-beta", "0", "--attack-iters", "10"]).kl_beta == 0.0  # ATLAS-l
     m = atlas.get_args(["--dataset", "mnist"])
-    assert (m.lr, m.batch_size, m.jac_alpha, m.kl_beta, m.epsilon, m.alpha) == (0.01, 128, 1e-5, 0.3, 76.5, 95.625)
+    assert (m.lr, m.batch_size, m.jac_alpha, m.kl_beta, m.epsilon, m.alpha) == (
+        0.01,
+        128,
+        1e-5,
+        0.3,
+        76.5,
+        95.625,
+    )
     assert (m.val_iters, m.val_step, m.model) == (20, 2.55, "mnist-cnn")
-    m20 = atlas.get_args(["--dataset", "mnist", "--attack-iters", "20"])   # MNIST's multi-step ATLAS
+    m20 = atlas.get_args(["--dataset", "mnist", "--attack-iters", "20"])  # MNIST's multi-step ATLAS
     assert (m20.alpha, m20.jac_alpha, m20.kl_beta) == (2.55, 5e-6, 0.2)
-    assert atlas.get_args(["--epochs", "15", "--ramp-epochs", "0"]).ramp_epochs == 0   # no ramp: any length
+    assert (
+        atlas.get_args(["--epochs", "15", "--ramp-epochs", "0"]).ramp_epochs == 0
+    )  # no ramp: any length
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--val-size", "0"], "--val-size 0"),
-    # a run that never trains at full ε: the default 15-epoch ramp against 15 epochs or fewer
-    (["--epochs", "15"], "--epochs 15 is not longer than --ramp-epochs 15"),
-    (["--epochs", "3", "--ramp-epochs", "3.5"], "give a shorter --ramp-epochs"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--val-size", "0"], "--val-size 0"),
+        # a run that never trains at full ε: the default 15-epoch ramp against 15 epochs or fewer
+        (["--epochs", "15"], "--epochs 15 is not longer than --ramp-epochs 15"),
+        (["--epochs", "3", "--ramp-epochs", "3.5"], "give a shorter --ramp-epochs"),
+    ],
+)
 def test_flags_that_would_mislead_are_refused_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         atlas.get_args(argv)
@@ -298,27 +363,46 @@ def test_the_ramp_completes_when_the_loader_drops_a_lone_sample(tmp_path, monkey
     seen, real = [], atlas.atlas_loss
 
     def spy(model, *args, attack_model=None, **kwargs):
-        seen.append((type(model), type(attack_model), model.training, kwargs.get("autocast", args[-1])))
+        seen.append(
+            (type(model), type(attack_model), model.training, kwargs.get("autocast", args[-1]))
+        )
         return real(model, *args, attack_model=attack_model, **kwargs)
 
     monkeypatch.setattr(atlas, "atlas_loss", spy)
     out = str(tmp_path / "run")
-    atlas.main(small_args(str(tmp_path / "d"), out, batch_size=64, val_size=16, val_iters=1, ramp_epochs=1.5,
-                          eval_samples=8, eval_cw_iters=0))
+    atlas.main(
+        small_args(
+            str(tmp_path / "d"),
+            out,
+            batch_size=64,
+            val_size=16,
+            val_iters=1,
+            ramp_epochs=1.5,
+            eval_samples=8,
+            eval_cw_iters=0,
+        )
+    )
     rows = load_results(out)["epochs"]
     assert [r["eps"] for r in rows] == pytest.approx([8 * 0.5 / 1.5, 8])
-    assert seen == [(common.WideResNet, common.InputGradOnly, True, None)] * 4
+    assert seen == [(common.WideResNet, common.WideResNet, True, None)] * 4
     # a ramp that ends after the last step is refused once the batch count is known, before the run folder exists
-    with pytest.raises(SystemExit) as err:
-        atlas.main(small_args(str(tmp_path / "d"), str(tmp_path / "late"), batch_size=64, val_size=16,
-                              ramp_epochs=1.9))
-    assert err.value.code == 2 and not os.path.exists(tmp_path / "late")
+    with pytest.raises(common.FastatError, match="--ramp-epochs 1.9 ends after the last"):
+        atlas.main(
+            small_args(
+                str(tmp_path / "d"),
+                str(tmp_path / "late"),
+                batch_size=64,
+                val_size=16,
+                ramp_epochs=1.9,
+            )
+        )
+    assert not os.path.exists(tmp_path / "late")
 
 
 def test_validation_slice_never_appears_in_training_batches(cifar_dir, no_checksum):
     args = atlas.get_args(["--data-dir", cifar_dir, "--batch-size", "32", "--device", "cpu"])
     data = common.get_data(args)  # as main() calls it
-    assert args.val_size == 25  # the default: a tenth of the 256 training images
+    assert data.val_size == 25  # the default: a tenth of the 256 training images
     val = set(data.val.indices.tolist())
     assert len(val) == 25
     for epoch in range(3):
@@ -375,7 +459,11 @@ def test_end_to_end_resume_validation_rule_and_best_model(cifar_dir, tmp_path):
 
 def test_atlas_g_logs_no_jacobian_column(cifar_dir, tmp_path, no_checksum):
     out = str(tmp_path / "run")
-    atlas.main(small_args(cifar_dir, out, epochs=1, jac_alpha=0, ramp_epochs=0, val_iters=1, eval_cw_iters=0))
+    atlas.main(
+        small_args(
+            cifar_dir, out, epochs=1, jac_alpha=0, ramp_epochs=0, val_iters=1, eval_cw_iters=0
+        )
+    )
     row = load_results(out)["epochs"][0]
     assert "jac" not in row and row["kl"] > 0 and row["eps"] == 8
 

@@ -1,24 +1,35 @@
 """fgsm_mep.py: its copyable core and memory update, the momentum forms, --compile, checkpoints of the memories, and
 the script end to end with resume."""
+
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import (
+    check_outputs,
+    check_resume,
+    comparable,
+    copy_of,
+    load_results,
+    small_args,
+    write_cifar,
+    write_mnist,
+)
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import common
 import fgsm_mep
-from conftest import (check_outputs, check_resume, comparable, copy_of, load_results, small_args, write_cifar,
-                      write_mnist)
+import harness
 
 EPS, ALPHA = 8 / 255, 8 / 255
 
 
 def tiny_model(mode="train"):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)
+    )
     return net.train(mode == "train")
 
 
@@ -39,33 +50,45 @@ def test_the_core_copies_and_equals_lines_12_14_16_written_out(lam):
     model, (x, y) = tiny_model(), a_batch()
     delta_pgi = (x + memories()[0][:5]).clamp(0, 1) - x
     loss, logits, delta_adv, grad = mep_loss(model, x, y, delta_pgi, EPS, ALPHA, lam)
-    assert model.training and all(p.grad is None for p in model.parameters())  # its mode; input gradients only
-    assert delta_adv.abs().max() <= EPS + 1e-7 and (x + delta_adv).min() >= 0 and (x + delta_adv).max() <= 1
+    assert model.training and all(
+        p.grad is None for p in model.parameters()
+    )  # its mode; input gradients only
+    assert (
+        delta_adv.abs().max() <= EPS + 1e-7
+        and (x + delta_adv).min() >= 0
+        and (x + delta_adv).max() <= 1
+    )
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     # written out, on a copy of the model in the same state (BN statistics included)
     ref = tiny_model()
     d = delta_pgi.clone().requires_grad_(True)
     logits_pgi = ref(x + d)
-    g, = torch.autograd.grad(F.cross_entropy(logits_pgi, y), d, retain_graph=True)            # line 12
-    adv = (x + (delta_pgi + ALPHA * g.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x             # line 14
+    (g,) = torch.autograd.grad(F.cross_entropy(logits_pgi, y), d, retain_graph=True)  # line 12
+    adv = (x + (delta_pgi + ALPHA * g.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x  # line 14
     out = ref(x + adv)
-    expected = F.cross_entropy(out, y) + lam * ((out - logits_pgi) ** 2).mean()              # line 16
+    expected = F.cross_entropy(out, y) + lam * ((out - logits_pgi) ** 2).mean()  # line 16
     expected.backward()
     torch.testing.assert_close(grad, g)
     torch.testing.assert_close(delta_adv, adv)
     torch.testing.assert_close(logits, out)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    for a, b in zip(got, [p.grad for p in ref.parameters()]):  # gradients through both forward passes
+    for a, b in zip(
+        got, [p.grad for p in ref.parameters()]
+    ):  # gradients through both forward passes
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # the FGSM step raises the loss over the prior
-        assert F.cross_entropy(ref.eval()(x + delta_adv), y) > F.cross_entropy(ref(x + delta_pgi), y)
+        assert F.cross_entropy(ref.eval()(x + delta_adv), y) > F.cross_entropy(
+            ref(x + delta_pgi), y
+        )
 
 
 def test_the_regulariser_reaches_the_weights_through_the_priors_forward_too():
     model, (x, y) = tiny_model(), a_batch()
     delta_pgi = torch.zeros_like(x)
-    frozen = tiny_model()  # adv_model: a second module, so that only the prior's pass can reach model's weights
+    frozen = (
+        tiny_model()
+    )  # adv_model: a second module, so that only the prior's pass can reach model's weights
     loss, *_ = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0, adv_model=frozen)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -84,13 +107,19 @@ def test_the_core_under_autocast_gives_the_fp32_step_and_momentum(dtype):
     delta_pgi = torch.zeros_like(x)
     _, _, adv32, grad32 = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0)
     # an eval-mode model stays in eval mode, its BN statistics untouched (main() runs it in train mode, as the code)
-    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not model.training and all(
+        torch.equal(v, model.state_dict()[k]) for k, v in state.items()
+    )
     loss, _, adv, grad = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0, autocast=dtype)
-    assert loss.dtype == torch.float32 and (adv == adv32).float().mean() > 0.9  # the same signs, up to rounding
+    assert (
+        loss.dtype == torch.float32 and (adv == adv32).float().mean() > 0.9
+    )  # the same signs, up to rounding
     # under float16 grad is 2^10 ∇ (the loss scale): the momentum's ∇/‖∇‖₁ does not see it
     scale = 1024 if dtype == torch.float16 else 1
     assert (grad.abs().sum() / grad32.abs().sum()).item() == pytest.approx(scale, rel=0.05)
-    torch.testing.assert_close(grad / grad.abs().sum(), grad32 / grad32.abs().sum(), rtol=0.1, atol=1e-4)
+    torch.testing.assert_close(
+        grad / grad.abs().sum(), grad32 / grad32.abs().sum(), rtol=0.1, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("prior", ["epoch", "momentum"])
@@ -103,8 +132,18 @@ def test_the_memory_update_copies_changes_only_its_rows_and_stays_in_range(prior
     delta_before, momentum_before = delta_memory.clone(), momentum_memory.clone()
     delta_pgi = (x + delta_memory[idx]).clamp(0, 1) - x
     _, _, delta_adv, grad = fgsm_mep.mep_loss(model, x, y, delta_pgi, EPS, ALPHA, 10.0)
-    update_memory(delta_memory, momentum_memory if prior == "momentum" else None, idx, x, delta_pgi, delta_adv, grad,
-                  EPS, ALPHA, 0.3)
+    update_memory(
+        delta_memory,
+        momentum_memory if prior == "momentum" else None,
+        idx,
+        x,
+        delta_pgi,
+        delta_adv,
+        grad,
+        EPS,
+        ALPHA,
+        0.3,
+    )
     others = torch.ones(20, dtype=torch.bool)
     others[idx] = False
     assert torch.equal(delta_memory[others], delta_before[others])
@@ -135,8 +174,19 @@ def test_the_norm_form_uses_one_l1_norm_over_the_whole_batch():
     grad = torch.stack([torch.full((3, 4, 4), -1.0), torch.full((3, 4, 4), 10.0)])
     x = torch.full((2, 3, 4, 4), 0.5)
     delta, momentum = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
-    fgsm_mep.update_memory(delta, momentum, torch.arange(2), x, delta[:2].clone(), delta[:2].clone(), grad, EPS,
-                           ALPHA, 0.3, "norm")
+    fgsm_mep.update_memory(
+        delta,
+        momentum,
+        torch.arange(2),
+        x,
+        delta[:2].clone(),
+        delta[:2].clone(),
+        grad,
+        EPS,
+        ALPHA,
+        0.3,
+        "norm",
+    )
     assert momentum.abs().sum().item() == pytest.approx(1.0)
     # per-sample scale survives (a per-sample norm would make both samples weigh the same)
     torch.testing.assert_close(momentum[1] / momentum[0], torch.full((3, 4, 4), -10.0))
@@ -156,9 +206,12 @@ def run_momentum_steps(form, steps=4):
         # everywhere else (a real batch's L1 norm differs from batch to batch too).
         grad = torch.full_like(x, 1.0 if t == 0 else -1e-3)
         grad[0, 0, 0, 0] = 1.0 if t == 0 else -100.0
-        delta_adv = (x + (delta_pgi + ALPHA * grad.sign()).clamp(-EPS, EPS)).clamp(0, 1) - x  # line 14
-        fgsm_mep.update_memory(delta_memory, momentum_memory, idx, x, delta_pgi, delta_adv, grad, EPS, ALPHA, 0.3,
-                               form)
+        delta_adv = (x + (delta_pgi + ALPHA * grad.sign()).clamp(-EPS, EPS)).clamp(
+            0, 1
+        ) - x  # line 14
+        fgsm_mep.update_memory(
+            delta_memory, momentum_memory, idx, x, delta_pgi, delta_adv, grad, EPS, ALPHA, 0.3, form
+        )
         outcomes.append(torch.equal(delta_memory, delta_adv))
     return outcomes
 
@@ -170,7 +223,10 @@ def test_sign_momentum_reduces_mep_to_ep_and_the_default_does_not():
 
 
 def test_momentum_flags_are_refused_without_a_momentum_memory(capsys):
-    for argv in (["--prior", "epoch", "--mu", "0.5"], ["--prior", "batch", "--momentum-form", "sign"]):
+    for argv in (
+        ["--prior", "epoch", "--mu", "0.5"],
+        ["--prior", "batch", "--momentum-form", "sign"],
+    ):
         with pytest.raises(SystemExit) as err:
             fgsm_mep.get_args(argv)
         assert err.value.code == 2 and "--prior momentum" in capsys.readouterr().err
@@ -179,32 +235,47 @@ def test_momentum_flags_are_refused_without_a_momentum_memory(capsys):
     assert fgsm_mep.get_args(["--prior", "epoch"]).mu is None
 
 
-def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(cifar_dir, tmp_path, capsys, no_checksum):
+def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(
+    cifar_dir, tmp_path, capsys, no_checksum
+):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        fgsm_mep.main(small_args(cifar_dir, str(out), label_smoothing=0.05))  # 1/C = 0.1
-    assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+        harness.main_guard(
+            lambda: fgsm_mep.main(small_args(cifar_dir, str(out), label_smoothing=0.05))
+        )
+    assert (
+        err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+    )
 
 
 # BP keeps one batch slot (batch size 32); EP and MEP one row per training image of the split (tiny CIFAR-100 here:
 # 120, tiny MNIST: 200), whatever the dataset's image shape. MEP on MNIST also resets its memories every epoch.
-@pytest.mark.parametrize("prior,dataset,rows,shape", [("batch", "cifar10", 32, (3, 32, 32)),
-                                                      ("epoch", "cifar100", 120, (3, 32, 32)),
-                                                      ("momentum", "mnist", 200, (1, 28, 28))])
-def test_each_prior_runs_and_its_memories_fit_the_dataset(prior, dataset, rows, shape, cifar_dir, mnist_dir,
-                                                          tmp_path, no_checksum, monkeypatch):
+@pytest.mark.parametrize(
+    "prior,dataset,rows,shape",
+    [
+        ("batch", "cifar10", 32, (3, 32, 32)),
+        ("epoch", "cifar100", 120, (3, 32, 32)),
+        ("momentum", "mnist", 200, (1, 28, 28)),
+    ],
+)
+def test_each_prior_runs_and_its_memories_fit_the_dataset(
+    prior, dataset, rows, shape, cifar_dir, mnist_dir, tmp_path, no_checksum, monkeypatch
+):
     data_dir = {"cifar10": cifar_dir, "mnist": mnist_dir}.get(dataset)
     if dataset == "cifar100":
         data_dir = str(tmp_path / "c100")
         write_cifar(data_dir, n_train=120, n_test=32, num_classes=100)
     extra = dict(dataset=dataset, prior=prior, epochs=1)
-    if dataset == "mnist":  # --reset-every 1: at every epoch's start, random ±min(α, ε) and zero momentum
+    if (
+        dataset == "mnist"
+    ):  # --reset-every 1: at every epoch's start, random ±min(α, ε) and zero momentum
         extra.update(model="mnist-cnn", epochs=2, reset_every=1)
         calls, real = [], fgsm_mep.update_memory
 
         def spy(delta_memory, momentum_memory, *args):
             calls.append((delta_memory.clone(), momentum_memory.clone()))
             return real(delta_memory, momentum_memory, *args)
+
         monkeypatch.setattr(fgsm_mep, "update_memory", spy)
     out = str(tmp_path / "run")
     fgsm_mep.main(small_args(data_dir, out, **extra))
@@ -216,8 +287,13 @@ def test_each_prior_runs_and_its_memories_fit_the_dataset(prior, dataset, rows, 
     assert saved["delta"].abs().max() <= res["args"]["epsilon"] / 255 + 1e-6
     if dataset == "mnist":
         step = min(res["args"]["alpha"], res["args"]["epsilon"]) / 255
-        for delta_memory, momentum_memory in (calls[0], calls[len(calls) // 2]):  # each epoch's first batch
-            assert torch.allclose(delta_memory.abs(), torch.tensor(step)) and not momentum_memory.any()
+        for delta_memory, momentum_memory in (
+            calls[0],
+            calls[len(calls) // 2],
+        ):  # each epoch's first batch
+            assert (
+                torch.allclose(delta_memory.abs(), torch.tensor(step)) and not momentum_memory.any()
+            )
 
 
 def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tmp_path):
@@ -225,9 +301,22 @@ def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tm
     (100/110 and 105/110 of all steps) must be planned for that: lr × 0.01 at the end."""
     write_mnist(str(tmp_path / "d"), n_train=129, n_test=8)  # MNIST's CNN: the cheapest network
     out = str(tmp_path / "run")
-    fgsm_mep.main(small_args(str(tmp_path / "d"), out, epochs=2, dataset="mnist", model="mnist-cnn", batch_size=128,
-                             lr_schedule="multistep", lr=0.1, monitor_size=8, eval_samples=8, eval_iters=1,
-                             eval_cw_iters=0))
+    fgsm_mep.main(
+        small_args(
+            str(tmp_path / "d"),
+            out,
+            epochs=2,
+            dataset="mnist",
+            model="mnist-cnn",
+            batch_size=128,
+            lr_schedule="multistep",
+            lr=0.1,
+            monitor_size=8,
+            eval_samples=8,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.1 * 0.01)
 
@@ -243,38 +332,69 @@ def test_compile_gives_the_eager_gradients(tmp_path, monkeypatch):
     def spy(model, *args, adv_model=None, **kwargs):
         models.setdefault(key, (model, adv_model))
         return real(model, *args, adv_model=adv_model, **kwargs)
+
     monkeypatch.setattr(fgsm_mep, "mep_loss", spy)
 
     def first_gradients(opt, *_):
         grads.setdefault(key, [p.grad.clone() for g in opt.param_groups for p in g["params"]])
+
     handle = register_optimizer_step_pre_hook(first_gradients)
     try:
         for key in ("eager", "compile"):
-            fgsm_mep.main(small_args(str(tmp_path / "d"), str(tmp_path / key), epochs=1, dataset="mnist",
-                                     model="mnist-cnn", batch_size=32, monitor_size=2, eval_samples=2, eval_iters=1,
-                                     eval_cw_iters=0, **({"compile": True} if key == "compile" else {})))
+            fgsm_mep.main(
+                small_args(
+                    str(tmp_path / "d"),
+                    str(tmp_path / key),
+                    epochs=1,
+                    dataset="mnist",
+                    model="mnist-cnn",
+                    batch_size=32,
+                    monitor_size=2,
+                    eval_samples=2,
+                    eval_iters=1,
+                    eval_cw_iters=0,
+                    **({"compile": True} if key == "compile" else {}),
+                )
+            )
     finally:
         handle.remove()
     prior_model, adv_model = models["compile"]
-    assert not isinstance(prior_model, (torch._dynamo.eval_frame.OptimizedModule, common.InputGradOnly))
-    assert isinstance(adv_model, torch._dynamo.eval_frame.OptimizedModule)  # the weight step's pass is compiled
-    assert all(p.requires_grad for p in prior_model.parameters())  # the regulariser reaches them through it
+    assert not isinstance(
+        prior_model, (torch._dynamo.eval_frame.OptimizedModule, harness.InputGradOnly)
+    )
+    assert isinstance(
+        adv_model, torch._dynamo.eval_frame.OptimizedModule
+    )  # the weight step's pass is compiled
+    assert all(
+        p.requires_grad for p in prior_model.parameters()
+    )  # the regulariser reaches them through it
     for a, b in zip(grads["eager"], grads["compile"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def mnist_run(data_dir, out, **extra):
-    return small_args(data_dir, out, epochs=3, dataset="mnist", model="mnist-cnn", batch_size=50, eval_iters=1,
-                      eval_cw_iters=0, **extra)
+    return small_args(
+        data_dir,
+        out,
+        epochs=3,
+        dataset="mnist",
+        model="mnist-cnn",
+        batch_size=50,
+        eval_iters=1,
+        eval_cw_iters=0,
+        **extra,
+    )
 
 
-def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mnist_dir, tmp_path, monkeypatch):
+def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(
+    mnist_dir, tmp_path, monkeypatch
+):
     """Saving the memories is held to 5% of the training time: when the saves have cost more, MEP's loop passes
     save=False, checkpoint.pt stays at the previous epoch, and an interrupted run resumes from there, exactly (with
     the memories of that epoch)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     fgsm_mep.main(mnist_run(mnist_dir, full))
-    saves, start_epoch, end_epoch = [], common.Run.start_epoch, common.Run.end_epoch
+    saves, start_epoch, end_epoch = [], harness.Run.start_epoch, harness.Run.end_epoch
 
     def costly_saves(run):  # from epoch 2 on, the saves so far seem to have cost 100 s
         start_epoch(run)
@@ -286,8 +406,9 @@ def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mni
         end_epoch(run, epoch, *args, **kwargs)
         if epoch == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(common.Run, "start_epoch", costly_saves)
-    monkeypatch.setattr(common.Run, "end_epoch", end_then_interrupt)
+
+    monkeypatch.setattr(harness.Run, "start_epoch", costly_saves)
+    monkeypatch.setattr(harness.Run, "end_epoch", end_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         fgsm_mep.main(mnist_run(mnist_dir, part))
     assert saves == [True, False]
@@ -300,6 +421,7 @@ def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mni
         if not restored:
             restored.append((delta_memory.clone(), momentum_memory.clone()))
         return real(delta_memory, momentum_memory, *args)
+
     monkeypatch.setattr(fgsm_mep, "update_memory", first_memories)
     fgsm_mep.main(mnist_run(mnist_dir, part, resume=True))
     # the memories are those of epoch 1's checkpoint, exactly, when epoch 2 starts again
@@ -308,7 +430,10 @@ def test_a_skipped_checkpoint_keeps_the_last_one_and_resumes_from_it_exactly(mni
     assert comparable(load_results(full)) == comparable(load_results(part))
     with open(os.path.join(part, "log.txt")) as f:
         assert "the rows of epochs 2-2 above were not checkpointed: discarded" in f.read()
-    final = [torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["objects"]["memory"] for d in (full, part)]
+    final = [
+        torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["objects"]["memory"]
+        for d in (full, part)
+    ]
     for name in ("delta", "momentum"):
         assert torch.equal(final[0][name], final[1][name]), name
 
@@ -317,9 +442,15 @@ def test_end_to_end_and_resume_include_the_memories(cifar_dir, tmp_path):
     a, _ = check_resume("fgsm_mep.py", cifar_dir, tmp_path)
     check_outputs(str(tmp_path / "full"), epochs=2)
     assert a["method"] == "fgsm_mep" and a["args"]["prior"] == "momentum" and a["args"]["lam"] == 10
-    assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(1e-3)  # both milestones passed
-    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]["memory"]
-                  for d in ("full", "part"))
+    assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(
+        1e-3
+    )  # both milestones passed
+    full, part = (
+        torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"][
+            "memory"
+        ]
+        for d in ("full", "part")
+    )
     for name in ("delta", "momentum"):
         assert full[name].shape[0] == 256 and torch.equal(full[name], part[name]), name
     assert full["momentum"].abs().sum() > 0

@@ -1,14 +1,23 @@
 """fgsm_rs.py: its copyable core, the guard, the schedules, and the script end to end (subprocess, tiny CIFAR-10)."""
+
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    check_outputs,
+    check_resume,
+    copy_of,
+    load_results,
+    run_script,
+    small_args,
+    write_cifar,
+)
 
 import common
 import evaluate
 import fgsm_rs
-from conftest import check_outputs, check_resume, copy_of, load_results, run_script, small_args, write_cifar
 
 
 def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
@@ -18,7 +27,10 @@ def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
     assert res["method"] == "fgsm_rs" and res["args"]["epsilon"] == 8 and res["args"]["alpha"] == 10
     # the header comes first, then the row of each epoch, on stdout too
     lines = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-    assert lines[1][:2] == ["epoch", "seconds"] and [w[0] for w in lines if w[0].isdigit()] == ["1", "2"]
+    assert lines[1][:2] == ["epoch", "seconds"] and [w[0] for w in lines if w[0].isdigit()] == [
+        "1",
+        "2",
+    ]
     # the weights load from the run folder alone: no data needed
     model, saved = evaluate.load_model(os.path.join(out, "model_last.pt"))
     assert saved["args"]["model"] == "wrn-10-1" and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -37,13 +49,19 @@ def test_resume_with_previous_init_and_early_stop(cifar_dir, tmp_path):
 
 def test_mnist_recipe_resumes_exactly(mnist_dir, tmp_path):
     # Adam + the piecewise-linear LambdaLR schedule of the MNIST recipe, on Wong's MNIST CNN
-    check_resume("fgsm_rs.py", mnist_dir, tmp_path, dataset="mnist", model="mnist-cnn", batch_size=50)
+    check_resume(
+        "fgsm_rs.py", mnist_dir, tmp_path, dataset="mnist", model="mnist-cnn", batch_size=50
+    )
 
 
 def _net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(8 * 16 * 16, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 16 * 16, 10),
+    )
 
 
 def test_the_core_copies_and_is_the_signed_gradient_step_inside_the_ball():
@@ -87,7 +105,9 @@ def test_the_core_under_autocast_gives_the_fp32_direction(dtype):
 
 def test_alpha_zero_from_zero_is_plain_training(cifar_dir, tmp_path, monkeypatch, no_checksum):
     """`--alpha 0 --delta-init zero` (the floor) trains on clean images and runs no attack pass."""
-    monkeypatch.setattr(fgsm_rs, "fgsm_rs_delta", lambda *a, **k: (_ for _ in ()).throw(AssertionError("attacked")))
+    monkeypatch.setattr(
+        fgsm_rs, "fgsm_rs_delta", lambda *a, **k: (_ for _ in ()).throw(AssertionError("attacked"))
+    )
     out = str(tmp_path / "plain")
     fgsm_rs.main(small_args(cifar_dir, out, epochs=1, alpha=0, delta_init="zero", eval_iters=1))
     res = load_results(out)
@@ -95,7 +115,9 @@ def test_alpha_zero_from_zero_is_plain_training(cifar_dir, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("epsilon", [8, 16])
-def test_the_early_stop_guard_steps_by_a_quarter_of_epsilon(cifar_dir, tmp_path, monkeypatch, no_checksum, epsilon):
+def test_the_early_stop_guard_steps_by_a_quarter_of_epsilon(
+    cifar_dir, tmp_path, monkeypatch, no_checksum, epsilon
+):
     """Wong's guard is PGD-5 with step 2/255 at ε = 8/255; a fixed 2/255 could not reach the surface of a larger
     ball (5 steps: 10/255) and would miss the overfitting: the step is ε/4."""
     steps, real = [], common.pgd_correct
@@ -104,18 +126,32 @@ def test_the_early_stop_guard_steps_by_a_quarter_of_epsilon(cifar_dir, tmp_path,
         if iters == 5:
             steps.append((eps, step))
         return real(model, x, y, eps, step, iters, *a, **k)
+
     monkeypatch.setattr(common, "pgd_correct", spy)
-    fgsm_rs.main(small_args(cifar_dir, str(tmp_path / "run"), epochs=1, early_stop=True, epsilon=epsilon))
+    fgsm_rs.main(
+        small_args(cifar_dir, str(tmp_path / "run"), epochs=1, early_stop=True, epsilon=epsilon)
+    )
     assert steps == [(epsilon / 255, epsilon / 255 / 4)]
 
 
 @pytest.mark.parametrize("flags", [{}, {"optimizer": "adam"}])
-def test_the_lr_schedule_completes_when_the_loader_drops_a_lone_sample(tmp_path, no_checksum, flags):
+def test_the_lr_schedule_completes_when_the_loader_drops_a_lone_sample(
+    tmp_path, no_checksum, flags
+):
     """129 images in batches of 128: the loader drops the lone 129th (train-mode BN cannot take it), so an epoch is
     one step, and the schedule must be planned for that: the triangle ends at 0 after the last epoch."""
     write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
     out = str(tmp_path / "run")
-    fgsm_rs.main(small_args(str(tmp_path / "d"), out, epochs=4, batch_size=128, monitor_size=8, eval_samples=8,
-                            **flags))
+    fgsm_rs.main(
+        small_args(
+            str(tmp_path / "d"),
+            out,
+            epochs=4,
+            batch_size=128,
+            monitor_size=8,
+            eval_samples=8,
+            **flags,
+        )
+    )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[-1] == 0 and max(lrs) > 0

@@ -1,14 +1,16 @@
 """fgsm_sdi.py: its copyable core, generator and generator step, the schedules, the script end to end with resume."""
+
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_mnist
 
 import common
 import fgsm_sdi
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_mnist
+import harness
 
 EPS, ALPHA = 8 / 255, 8 / 255
 
@@ -23,8 +25,13 @@ def batch(n=8, seed=0):
 def target(mode="train"):
     """A tiny target with BatchNorm (its running statistics tell which passes it saw)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(8 * 16 * 16, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 10),
+    )
     return net.train(mode == "train")
 
 
@@ -53,8 +60,12 @@ def test_the_core_copies_and_equals_eqs_5_to_7_written_out():
     x, y = batch()
     delta = fgsm_sdi_delta(model, gen, x, y, EPS, ALPHA)
     assert delta.abs().max() <= EPS + 1e-6 and (x + delta).min() >= 0 and (x + delta).max() <= 1
-    assert all(p.grad is None for p in [*model.parameters(), *gen.parameters()])  # input gradients only
-    assert not model.training and not gen.training  # both used in the mode they were in: in eval mode,
+    assert all(
+        p.grad is None for p in [*model.parameters(), *gen.parameters()]
+    )  # input gradients only
+    assert (
+        not model.training and not gen.training
+    )  # both used in the mode they were in: in eval mode,
     for m, state in zip((model, gen), states):  # their weights and BN statistics are left alone
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
     s_x = clean_sign(model, x, y)  # eq. (5)
@@ -87,7 +98,9 @@ def test_the_generators_output_is_inside_the_ball_whatever_its_weights():
     gen = generator()
     with torch.no_grad():
         for p in gen.parameters():
-            p.mul_(50)  # saturate the tanh: the bound must come from the architecture, not small weights
+            p.mul_(
+                50
+            )  # saturate the tanh: the bound must come from the architecture, not small weights
     x, s = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 16, 16).sign() * 1e3
     raw = EPS * gen(x, s)
     assert raw.abs().max() <= EPS * (1 + 1e-6) and raw.abs().max() > 0.9 * EPS
@@ -99,14 +112,18 @@ def test_generator_step_ascends_through_eta_only_and_restores_the_generators_mod
     model, gen = target("eval"), generator().train(mode == "train")
     x, y = batch()
     # lr 0: the step leaves θ alone, so p.grad can be read after it.
-    loss, s_x = generator_step(model, gen, torch.optim.SGD(gen.parameters(), lr=0.0), x, y, EPS, ALPHA)
+    loss, s_x = generator_step(
+        model, gen, torch.optim.SGD(gen.parameters(), lr=0.0), x, y, EPS, ALPHA
+    )
     assert gen.training == (mode == "train")  # handed back in the mode it was found in
     assert torch.equal(s_x, clean_sign(model, x, y))  # eq. (5), returned for this iteration's δ_g
     got = [p.grad.clone() for p in gen.parameters()]
     # The same written out, in train mode: the FGSM direction taken at a detached x + η, a constant for θ.
     gen.train()
     eta = (x + EPS * gen(x, s_x)).clamp(0, 1) - x
-    delta = fgsm_capped(model, x, y, eta, EPS, ALPHA)  # its FGSM direction is a constant: θ acts through η only
+    delta = fgsm_capped(
+        model, x, y, eta, EPS, ALPHA
+    )  # its FGSM direction is a constant: θ acts through η only
     expected_loss = F.cross_entropy(model(x + delta), y)
     expected = torch.autograd.grad(-expected_loss, list(gen.parameters()))
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
@@ -117,16 +134,24 @@ def test_generator_step_ascends_through_eta_only_and_restores_the_generators_mod
 
 def test_generator_step_leaves_the_targets_weights_grads_and_statistics_alone():
     model, gen = target("eval"), generator()
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # weights and BN running statistics
+    state = {
+        k: v.clone() for k, v in model.state_dict().items()
+    }  # weights and BN running statistics
     gen_before = [p.detach().clone() for p in gen.parameters()]
     x, y = batch()
-    fgsm_sdi.generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-3), x, y, EPS, ALPHA)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and not model.training
+    fgsm_sdi.generator_step(
+        model, gen, torch.optim.Adam(gen.parameters(), lr=1e-3), x, y, EPS, ALPHA
+    )
+    assert (
+        all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and not model.training
+    )
     assert all(p.grad is None for p in model.parameters())  # backward(inputs=θ) never formed them
     assert any(not torch.equal(a, p) for a, p in zip(gen_before, gen.parameters()))
     # in train mode (as in main() and the code) the target's BN statistics see the step's passes, by design
     model.train()
-    fgsm_sdi.generator_step(model, gen, torch.optim.Adam(gen.parameters(), lr=1e-3), x, y, EPS, ALPHA)
+    fgsm_sdi.generator_step(
+        model, gen, torch.optim.Adam(gen.parameters(), lr=1e-3), x, y, EPS, ALPHA
+    )
     assert not torch.equal(model[1].running_mean, state["1.running_mean"]) and model.training
 
 
@@ -177,14 +202,22 @@ def test_the_fgsm_step_is_capped_at_eps_before_it_is_added_to_eta():
     assert (uncapped - capped).abs().max() > EPS / 10
 
 
-def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(cifar_dir, tmp_path, capsys, no_checksum):
+def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(
+    cifar_dir, tmp_path, capsys, no_checksum
+):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        fgsm_sdi.main(small_args(cifar_dir, str(out), label_smoothing=0.05))  # 1/C = 0.1
-    assert err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+        harness.main_guard(
+            lambda: fgsm_sdi.main(small_args(cifar_dir, str(out), label_smoothing=0.05))
+        )
+    assert (
+        err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+    )
 
 
-def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(mnist_dir, tmp_path, monkeypatch):
+def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(
+    mnist_dir, tmp_path, monkeypatch
+):
     # Tiny MNIST (cheap CNN, 1-channel generator): 200 images / batch 32 = 7 batches per epoch (the 8 left over
     # form the 7th); k = 3 -> iterations 0, 3, 6 of each epoch (the count restarts every epoch, as in the FGSM-SDI
     # algorithm and FGSM_SDI.py's batch_idx % att_num).
@@ -204,11 +237,24 @@ def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(mn
     monkeypatch.setattr(common.DeviceLoader, "epoch", counting_epoch)
     monkeypatch.setattr(fgsm_sdi, "generator_step", recording_step)
     out = str(tmp_path / "run")
-    fgsm_sdi.main(small_args(mnist_dir, out, epochs=2, gen_interval=3, dataset="mnist", model="mnist-cnn",
-                             weight_decay=1e-3, eval_iters=1, eval_cw_iters=0))
+    fgsm_sdi.main(
+        small_args(
+            mnist_dir,
+            out,
+            epochs=2,
+            gen_interval=3,
+            dataset="mnist",
+            model="mnist-cnn",
+            weight_decay=1e-3,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
     assert seen["batches"] == 7 and seen["updates"] == [0, 3, 6, 0, 3, 6]
     objects = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]
-    assert objects["gen_opt"]["param_groups"][0]["weight_decay"] == 1e-3  # the code's shared weight decay
+    assert (
+        objects["gen_opt"]["param_groups"][0]["weight_decay"] == 1e-3
+    )  # the code's shared weight decay
     assert objects["opt"]["param_groups"][0]["weight_decay"] == 1e-3
     assert all("gen_loss" in r for r in load_results(out)["epochs"])
 
@@ -219,9 +265,22 @@ def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tm
     epoch, neither would fire)."""
     write_mnist(str(tmp_path / "d"), n_train=129, n_test=8)  # MNIST's CNN: the cheapest network
     out = str(tmp_path / "run")
-    fgsm_sdi.main(small_args(str(tmp_path / "d"), out, epochs=2, dataset="mnist", model="mnist-cnn", batch_size=128,
-                             lr_schedule="multistep", lr=0.1, monitor_size=8, eval_samples=8, eval_iters=1,
-                             eval_cw_iters=0))
+    fgsm_sdi.main(
+        small_args(
+            str(tmp_path / "d"),
+            out,
+            epochs=2,
+            dataset="mnist",
+            model="mnist-cnn",
+            batch_size=128,
+            lr_schedule="multistep",
+            lr=0.1,
+            monitor_size=8,
+            eval_samples=8,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.1 * 0.01)
 
@@ -229,12 +288,18 @@ def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tm
 def test_end_to_end_and_resume_include_the_generator(cifar_dir, tmp_path):
     a, _ = check_resume("fgsm_sdi.py", cifar_dir, tmp_path, gen_interval=3)
     check_outputs(str(tmp_path / "full"), epochs=2)
-    assert a["method"] == "fgsm_sdi" and a["args"]["alpha"] == 8 and all("gen_loss" in r for r in a["epochs"])
+    assert (
+        a["method"] == "fgsm_sdi"
+        and a["args"]["alpha"] == 8
+        and all("gen_loss" in r for r in a["epochs"])
+    )
     # multistep lr: 16 iterations, milestones round(16·100/110) = round(16·105/110) = 15: ×0.01 by the end
     assert a["epochs"][0]["lr"] == 0.1 and a["epochs"][1]["lr"] == pytest.approx(1e-3)
     # the generator and its optimiser continue exactly across the interruption
-    full, part = (torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]
-                  for d in ("full", "part"))
+    full, part = (
+        torch.load(os.path.join(tmp_path, d, "checkpoint.pt"), weights_only=False)["objects"]
+        for d in ("full", "part")
+    )
     for k, v in full["generator"].items():
         assert torch.equal(v, part["generator"][k]), k
     for k, v in full["gen_opt"]["state"].items():

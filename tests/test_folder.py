@@ -1,18 +1,28 @@
 """--dataset folder (any image folder in torchvision's ImageFolder layout) and Tiny ImageNet: decoded into memory by
 torchvision's ImageFolder in DataLoader workers, checked, and trained on."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_results, small_args, write_tiny_imagenet
 from PIL import Image
 
 import common
-from conftest import load_results, small_args, write_tiny_imagenet
+import harness
 
 
-def write_folder(root, classes=("cat", "ant", "bee"), per_class=4, n_test=2, size=(12, 10), mode="RGB",
-                 test_name="test", seed=0):
+def write_folder(
+    root,
+    classes=("cat", "ant", "bee"),
+    per_class=4,
+    n_test=2,
+    size=(12, 10),
+    mode="RGB",
+    test_name="test",
+    seed=0,
+):
     """root/{train,test}/CLASS/i.png with random pixels; returns {split: [(relative path, pixels, class)]}."""
     rng = np.random.default_rng(seed)
     written = {}
@@ -21,7 +31,9 @@ def write_folder(root, classes=("cat", "ant", "bee"), per_class=4, n_test=2, siz
         for c in classes:
             os.makedirs(os.path.join(root, split, c), exist_ok=True)
             for i in range(n):
-                pixels = rng.integers(0, 256, size=(size[1], size[0]) + (() if mode == "L" else (3,)), dtype=np.uint8)
+                pixels = rng.integers(
+                    0, 256, size=(size[1], size[0]) + (() if mode == "L" else (3,)), dtype=np.uint8
+                )
                 rel = os.path.join(split, c, f"{i}.png")
                 Image.fromarray(pixels, mode).save(os.path.join(root, rel))
                 written[split].append((rel, pixels, c))
@@ -36,7 +48,11 @@ def test_folder_loads_exact_pixels_labels_and_sorted_classes(tmp_path):
     written = write_folder(str(tmp_path))
     (x, y), (tx, ty), info = load(tmp_path)
     assert x.dtype == torch.uint8 and x.shape == (12, 3, 10, 12) and y.dtype == torch.int64
-    order = {"ant": 0, "bee": 1, "cat": 2}  # classes are the sorted folder names, files sorted within each
+    order = {
+        "ant": 0,
+        "bee": 1,
+        "cat": 2,
+    }  # classes are the sorted folder names, files sorted within each
     expected = sorted(written["train"], key=lambda t: (order[t[2]], t[0]))
     assert y.tolist() == [order[c] for _, _, c in expected]
     for i, (_, pixels, _) in enumerate(expected):
@@ -44,7 +60,12 @@ def test_folder_loads_exact_pixels_labels_and_sorted_classes(tmp_path):
     assert tx.shape == (6, 3, 10, 12) and ty.tolist() == [0, 0, 1, 1, 2, 2]
     # the facts come from the images: classes, shape, a crop padding of size/8, the training images' mean and std
     v = x.double() / 255
-    assert info["classes"] == 3 and tuple(info["shape"]) == (3, 10, 12) and info["crop"] == 1 and info["flip"]
+    assert (
+        info["classes"] == 3
+        and tuple(info["shape"]) == (3, 10, 12)
+        and info["crop"] == 1
+        and info["flip"]
+    )
     assert np.allclose(info["mean"], v.mean((0, 2, 3)), atol=1e-5)
     assert np.allclose(info["std"], v.std((0, 2, 3)), atol=1e-5)
 
@@ -61,8 +82,12 @@ def test_grayscale_stays_one_channel_and_any_colour_makes_every_split_rgb(tmp_pa
     Image.fromarray(colour).save(mixed / "train" / "ant" / "9.png")
     (x, y), (tx, _), _ = load(mixed)
     assert x.shape[1] == tx.shape[1] == 3
-    assert np.array_equal(x[4].permute(1, 2, 0).numpy(), colour) and y[4] == 0  # ant: 0..3.png, then 9.png
-    assert (tx[:, 0] == tx[:, 1]).all()  # the grayscale test images are replicated into three channels
+    assert (
+        np.array_equal(x[4].permute(1, 2, 0).numpy(), colour) and y[4] == 0
+    )  # ant: 0..3.png, then 9.png
+    assert (
+        tx[:, 0] == tx[:, 1]
+    ).all()  # the grayscale test images are replicated into three channels
     # an image stored as RGB whose pixels are gray does not make a grayscale dataset colour
     gray_rgb = tmp_path / "gray-rgb"
     write_folder(str(gray_rgb), mode="L")
@@ -72,15 +97,25 @@ def test_grayscale_stays_one_channel_and_any_colour_makes_every_split_rgb(tmp_pa
 
 def test_size_mismatch_exits_2_naming_the_file_and_the_size(tmp_path, capsys):
     write_folder(str(tmp_path))
-    odd = tmp_path / "test" / "bee" / "1.png"  # in the test split: the sizes are checked across the splits
+    odd = (
+        tmp_path / "test" / "bee" / "1.png"
+    )  # in the test split: the sizes are checked across the splits
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(odd)
     with pytest.raises(SystemExit) as err:
-        load(tmp_path)
+        harness.main_guard(lambda: load(tmp_path))
     line = capsys.readouterr().err.strip()
-    assert err.value.code == 2 and "\n" not in line and str(odd) in line and "8x8" in line and "12x10" in line
+    assert (
+        err.value.code == 2
+        and "\n" not in line
+        and str(odd) in line
+        and "8x8" in line
+        and "12x10" in line
+    )
 
 
-@pytest.mark.parametrize("problem", ["empty class", "unknown test class", "corrupt image", "missing"])
+@pytest.mark.parametrize(
+    "problem", ["empty class", "unknown test class", "corrupt image", "missing"]
+)
 def test_a_bad_folder_is_one_clear_line(tmp_path, capsys, problem):
     write_folder(str(tmp_path))
     if problem == "empty class":
@@ -98,7 +133,7 @@ def test_a_bad_folder_is_one_clear_line(tmp_path, capsys, problem):
         tmp_path = tmp_path / "nowhere"
         expected = "Data layout"
     with pytest.raises(SystemExit) as err:
-        load(tmp_path)
+        harness.main_guard(lambda: load(tmp_path))
     line = capsys.readouterr().err.strip()
     assert err.value.code == 2 and "\n" not in line and expected in line and "Traceback" not in line
 
@@ -119,17 +154,32 @@ def test_tiny_imagenet_val_relabel_and_grayscale(tmp_path):
     colour_error = (x.float().mean((2, 3)) - torch.tensor(colours[y.numpy()])).abs().max(1).values
     gray = torch.arange(10) % 5 == 0
     assert (colour_error[~gray] < 3).all() and (x[gray][:, 0] == x[gray][:, 1]).all()
-    assert ty.tolist() == val_labels  # relabelled from val_annotations.txt with the training class order
+    assert (
+        ty.tolist() == val_labels
+    )  # relabelled from val_annotations.txt with the training class order
     assert info["classes"] == 200 and tuple(info["shape"]) == (3, 64, 64)
 
 
 def test_no_flip_turns_the_flip_off_and_the_monitor_spans_the_classes(tmp_path):
     write_folder(str(tmp_path), classes=("a", "b", "c", "d"), per_class=20, size=(16, 16))
     import fgsm_rs
-    base = ["--dataset", "folder", "--data-dir", str(tmp_path), "--device", "cpu", "--monitor-size", "16"]
+
+    base = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--monitor-size",
+        "16",
+    ]
     data = common.get_data(fgsm_rs.get_args(base))
-    assert data.train.flip and data.train.crop == 2 and not common.get_data(
-        fgsm_rs.get_args(base + ["--no-flip"])).train.flip
+    assert (
+        data.train.flip
+        and data.train.crop == 2
+        and not common.get_data(fgsm_rs.get_args(base + ["--no-flip"])).train.flip
+    )
     # a folder lists its images class by class: the monitor (which picks "best") is a random subset, not one class
     x, y = data.monitor
     assert len(y) == 16 and len(set(y.tolist())) == 4
@@ -153,6 +203,7 @@ def test_scripts_train_on_a_folder(tmp_path, script):
     """End to end on a 3-class, 1-channel folder of 16×16 images: classes and shape flow into the models (the SDI
     generator takes the channel count, R-MC-LA its class count)."""
     import importlib
+
     data = tmp_path / "data"
     write_folder(str(data), per_class=8, size=(16, 16), mode="L")
     out = str(tmp_path / "run")
@@ -160,6 +211,10 @@ def test_scripts_train_on_a_folder(tmp_path, script):
     args[args.index("cifar10")] = "folder"
     importlib.import_module(script).main(args + ["--milestones"] * (script == "rmcla"))
     res = load_results(out)
-    assert res["args"]["dataset"] == "folder" and res["eval"]["images"] == 6 and res["data"]["classes"] == 3
+    assert (
+        res["args"]["dataset"] == "folder"
+        and res["eval"]["images"] == 6
+        and res["data"]["classes"] == 3
+    )
     weights = torch.load(os.path.join(out, "model_last.pt"))
     assert weights["fc.weight"].shape[0] == 3 and weights["conv1.weight"].shape[1] == 1

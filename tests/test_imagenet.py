@@ -1,6 +1,7 @@
 """ImageNet scale without ImageNet: a tiny folder of JPEGs of different sizes streamed from disk (torchvision's
 ImageFolder in DataLoader workers), ResNet-50, Wong et al.'s three phases of crop, batch and lr, a resume across a
 phase boundary, and what refuses to run at that scale."""
+
 import os
 from types import SimpleNamespace
 from unittest import mock
@@ -8,11 +9,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import comparable, load_results
 from PIL import Image
 
 import common
 import fgsm_rs
-from conftest import comparable, load_results
+import harness
+import imagenet
 
 
 def write_imagenet(root, classes=3, per_class=8, n_val=2, seed=0):
@@ -25,7 +28,9 @@ def write_imagenet(root, classes=3, per_class=8, n_val=2, seed=0):
             for i in range(n):
                 h, w = rng.integers(40, 90, size=2)
                 pixels = np.clip(colours[c] + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(os.path.join(root, split, f"n{c:08d}", f"{split}_{c}_{i}.JPEG"))
+                Image.fromarray(pixels).save(
+                    os.path.join(root, split, f"n{c:08d}", f"{split}_{c}_{i}.JPEG")
+                )
 
 
 @pytest.fixture(scope="module")
@@ -36,33 +41,90 @@ def imagenet_dir(tmp_path_factory):
 
 
 def _flags(data_dir, out, *extra):
-    return ["--dataset", "imagenet", "--data-dir", data_dir, "--image-size", "32", "--epochs", "3", "--batch-size",
-            "16", "--workers", "1", "--eval-iters", "2", "--eval-restarts", "1", "--eval-cw-iters", "2",
-            "--monitor-size", "4", "--device", "cpu", "--out-dir", out, *extra]
+    return [
+        "--dataset",
+        "imagenet",
+        "--data-dir",
+        data_dir,
+        "--image-size",
+        "32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+        "--eval-iters",
+        "2",
+        "--eval-restarts",
+        "1",
+        "--eval-cw-iters",
+        "2",
+        "--monitor-size",
+        "4",
+        "--device",
+        "cpu",
+        "--out-dir",
+        out,
+        *extra,
+    ]
 
 
 def test_the_recipe_is_wongs_imagenet_configuration(imagenet_dir):
-    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--device", "cpu"])
-    assert (args.model, args.epochs, args.lr, args.weight_decay, args.epsilon, args.alpha, args.eval_samples) == \
-        ("resnet50", 15, 0.4, 1e-4, 2, 2.5, 1000)
+    args = fgsm_rs.get_args(
+        ["--dataset", "imagenet", "--data-dir", imagenet_dir, "--device", "cpu"]
+    )
+    assert (
+        args.model,
+        args.epochs,
+        args.lr,
+        args.weight_decay,
+        args.epsilon,
+        args.alpha,
+        args.eval_samples,
+    ) == ("resnet50", 15, 0.4, 1e-4, 2, 2.5, 1000)
     assert args.phases == [[6, 128, 512], [12, 224, 224], [15, 288, 128]]
-    assert fgsm_rs.get_args(["--dataset", "imagenet", "--epsilon", "4"]).alpha == 5  # their 4/255 runs: α 5/255
+    assert (
+        fgsm_rs.get_args(["--dataset", "imagenet", "--epsilon", "4"]).alpha == 5
+    )  # their 4/255 runs: α 5/255
 
 
 def test_three_phases_of_crop_batch_and_lr_against_hand_computed_values(imagenet_dir):
     """Wong's phases: epochs 1-6 crop 128, batch 512; 7-12 crop 224, batch 224; 13-15 crop 288, batch 128; the lr
     linear 0 → 0.4 over epoch 1, → 0.04 at 6, → 0.004 at 12, → 0.0004 at 15, set at epoch + (i+1)/batches."""
-    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--device", "cpu", "--workers", "0",
-                             "--batch-size", "16"])
+    args = fgsm_rs.get_args(
+        [
+            "--dataset",
+            "imagenet",
+            "--data-dir",
+            imagenet_dir,
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--batch-size",
+            "16",
+        ]
+    )
     data = common.get_data(args)
     loader = data.train
     assert data.train_images == 24 and data.val is None
     # --batch-size is the first phase's batch; the others keep Wong's proportions: 16, 224·16/512 = 7, 128·16/512 = 4
-    assert [loader.phase(e) for e in (0, 5, 6, 11, 12, 14)] == [(128, 16), (128, 16), (224, 7), (224, 7), (288, 4),
-                                                                (288, 4)]
-    assert [loader.batches(e) for e in (0, 6, 12)] == [2, 4, 6]  # 24 images: 16 + 8; 7 + 7 + 7 + 3; 6 × 4
+    assert [loader.phase(e) for e in (0, 5, 6, 11, 12, 14)] == [
+        (128, 16),
+        (128, 16),
+        (224, 7),
+        (224, 7),
+        (288, 4),
+        (288, 4),
+    ]
+    assert [loader.batches(e) for e in (0, 6, 12)] == [
+        2,
+        4,
+        6,
+    ]  # 24 images: 16 + 8; 7 + 7 + 7 + 3; 6 × 4
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
-    sched = common.imagenet_lr(opt, loader, 15)
+    sched = imagenet.imagenet_lr(opt, loader, 15)
     lrs = []
     for e in range(15):
         for i in range(loader.batches(e)):
@@ -70,8 +132,17 @@ def test_three_phases_of_crop_batch_and_lr_against_hand_computed_values(imagenet
             opt.step()
             sched.step()
     at = {(e, i): lr for e, i, lr in lrs}
-    expected = {(0, 0): 0.2, (0, 1): 0.4, (1, 0): 0.4 - 0.36 * 0.5 / 5, (5, 1): 0.04, (6, 0): 0.04 - 0.036 / 4 / 6,
-                (6, 3): 0.04 - 0.036 / 6, (11, 3): 0.004, (12, 0): 0.004 - 0.0036 / 6 / 3, (14, 5): 0.0004}
+    expected = {
+        (0, 0): 0.2,
+        (0, 1): 0.4,
+        (1, 0): 0.4 - 0.36 * 0.5 / 5,
+        (5, 1): 0.04,
+        (6, 0): 0.04 - 0.036 / 4 / 6,
+        (6, 3): 0.04 - 0.036 / 6,
+        (11, 3): 0.004,
+        (12, 0): 0.004 - 0.0036 / 6 / 3,
+        (14, 5): 0.0004,
+    }
     for key, lr in expected.items():
         assert abs(at[key] - lr) < 1e-9, (key, at[key], lr)
     # the evaluation images: Resize + CenterCrop to the last phase's crop
@@ -83,27 +154,36 @@ def test_fgsm_rs_on_imagenet_resumes_exactly_across_a_phase_boundary(imagenet_di
     interrupted after the first (the end of phase 1) and resumed: the same numbers as an uninterrupted run."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     fgsm_rs.main(_flags(imagenet_dir, full))
-    end_epoch = common.Run.end_epoch
+    end_epoch = harness.Run.end_epoch
 
     def interrupted(run, epoch, *args, **kwargs):  # Ctrl-C right after epoch 1's checkpoint
         end_epoch(run, epoch, *args, **kwargs)
         if epoch == 0:
             raise KeyboardInterrupt
-    with mock.patch.object(common.Run, "end_epoch", interrupted), pytest.raises(KeyboardInterrupt):
+
+    with mock.patch.object(harness.Run, "end_epoch", interrupted), pytest.raises(KeyboardInterrupt):
         fgsm_rs.main(_flags(imagenet_dir, part))
-    common._LOG.clear()
+
     fgsm_rs.main(["--resume", "--out-dir", part])  # the flags come from the checkpoint
     a, b = load_results(full), load_results(part)
     assert comparable(a) == comparable(b)
-    assert a["args"]["model"] == "resnet50" and a["data"]["shape"] == [3, 32, 32] and len(a["epochs"]) == 3
-    assert a["epochs"][0]["lr"] > a["epochs"][1]["lr"] > a["epochs"][2]["lr"] > 0  # down the three phases
+    assert (
+        a["args"]["model"] == "resnet50"
+        and a["data"]["shape"] == [3, 32, 32]
+        and len(a["epochs"]) == 3
+    )
+    assert (
+        a["epochs"][0]["lr"] > a["epochs"][1]["lr"] > a["epochs"][2]["lr"] > 0
+    )  # down the three phases
     weights = torch.load(os.path.join(full, "model_last.pt"))
     assert weights["net.fc.weight"].shape == (3, 2048)  # ResNet-50's 2048 features, three classes
 
 
 def test_a_folder_of_mixed_sizes_is_streamed_with_image_size(imagenet_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
-    flags = _flags(imagenet_dir, out, "--model", "wrn-10-1", "--progress-every", "1e-9", "--epochs", "1")
+    flags = _flags(
+        imagenet_dir, out, "--model", "wrn-10-1", "--progress-every", "1e-9", "--epochs", "1"
+    )
     flags[flags.index("imagenet")] = "folder"
     data_dir = flags[flags.index("--data-dir") + 1]
     os.rename(os.path.join(data_dir, "val"), os.path.join(data_dir, "test"))
@@ -116,13 +196,23 @@ def test_a_folder_of_mixed_sizes_is_streamed_with_image_size(imagenet_dir, tmp_p
     assert "# train epoch 1: 16/24 images" in capsys.readouterr().out  # progress inside the epoch
 
 
-@pytest.mark.parametrize("script,flags,message", [
-    ("fgsm_mep", ["--prior", "momentum"], "--prior batch"), ("fgsm_mep", ["--prior", "epoch"], "--prior batch"),
-    ("fgsm_rs", ["--delta-init", "previous"], "phases")])
-def test_what_cannot_run_at_imagenet_scale_refuses_in_one_line(imagenet_dir, script, flags, message, capsys):
+@pytest.mark.parametrize(
+    "script,flags,message",
+    [
+        ("fgsm_mep", ["--prior", "momentum"], "--prior batch"),
+        ("fgsm_mep", ["--prior", "epoch"], "--prior batch"),
+        ("fgsm_rs", ["--delta-init", "previous"], "phases"),
+    ],
+)
+def test_what_cannot_run_at_imagenet_scale_refuses_in_one_line(
+    imagenet_dir, script, flags, message, capsys
+):
     import importlib
+
     with pytest.raises(SystemExit) as err:
-        importlib.import_module(script).get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, *flags])
+        importlib.import_module(script).get_args(
+            ["--dataset", "imagenet", "--data-dir", imagenet_dir, *flags]
+        )
     assert err.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -130,37 +220,103 @@ def test_resized_copies_made_with_torchvision_feed_their_phases(imagenet_dir, tm
     """bench/resize_folder.py makes Wong et al.'s resized copies (shorter side 16 px here); --phase-data-dirs reads
     each phase from its copy."""
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    )
     import resize_folder
+
     small = str(tmp_path / "small")
     resize_folder.main([imagenet_dir, small, "--size", "16", "--workers", "1"])
-    names = sorted(os.path.relpath(os.path.join(d, f), small) for d, _, fs in os.walk(small) for f in fs)
-    assert names == sorted(os.path.relpath(os.path.join(d, f), imagenet_dir) for d, _, fs in os.walk(imagenet_dir)
-                           for f in fs)
-    with Image.open(os.path.join(small, names[0])) as img, Image.open(os.path.join(imagenet_dir, names[0])) as big:
-        assert min(img.size) == 16 and abs(img.size[0] / img.size[1] - big.size[0] / big.size[1]) < 0.1
-    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--phase-data-dirs", small, small,
-                             imagenet_dir, "--image-size", "32", "--workers", "0", "--device", "cpu"])
+    names = sorted(
+        os.path.relpath(os.path.join(d, f), small) for d, _, fs in os.walk(small) for f in fs
+    )
+    assert names == sorted(
+        os.path.relpath(os.path.join(d, f), imagenet_dir)
+        for d, _, fs in os.walk(imagenet_dir)
+        for f in fs
+    )
+    with (
+        Image.open(os.path.join(small, names[0])) as img,
+        Image.open(os.path.join(imagenet_dir, names[0])) as big,
+    ):
+        assert (
+            min(img.size) == 16 and abs(img.size[0] / img.size[1] - big.size[0] / big.size[1]) < 0.1
+        )
+    args = fgsm_rs.get_args(
+        [
+            "--dataset",
+            "imagenet",
+            "--data-dir",
+            imagenet_dir,
+            "--phase-data-dirs",
+            small,
+            small,
+            imagenet_dir,
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     loader = common.get_data(args).train
-    assert [f.root for f in loader.folders] == [os.path.join(small, "train")] * 2 + [os.path.join(imagenet_dir, "train")]
+    assert [f.root for f in loader.folders] == [os.path.join(small, "train")] * 2 + [
+        os.path.join(imagenet_dir, "train")
+    ]
     x, _, _ = next(loader.epoch(0))
     assert x.shape[-1] == 14  # phase 1's crop, cut from the 16 px copy
     with pytest.raises(SystemExit):  # copies that do not hold the same files are refused
-        common.get_data(fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--phase-data-dirs",
-                                          str(tmp_path), "--device", "cpu"]))
+        harness.main_guard(
+            lambda: common.get_data(
+                fgsm_rs.get_args(
+                    [
+                        "--dataset",
+                        "imagenet",
+                        "--data-dir",
+                        imagenet_dir,
+                        "--phase-data-dirs",
+                        str(tmp_path),
+                        "--device",
+                        "cpu",
+                    ]
+                )
+            )
+        )
 
 
 def test_the_streamed_loader_yields_what_it_plans_and_shards_each_batch(imagenet_dir, monkeypatch):
-    args = fgsm_rs.get_args(["--dataset", "imagenet", "--data-dir", imagenet_dir, "--image-size", "16", "--epochs",
-                             "3", "--batch-size", "10", "--workers", "0", "--device", "cpu"])
+    args = fgsm_rs.get_args(
+        [
+            "--dataset",
+            "imagenet",
+            "--data-dir",
+            imagenet_dir,
+            "--image-size",
+            "16",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "10",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     loader = common.get_data(args).train  # 24 images; phases of batch 10, 4, 2
     state = torch.get_rng_state()
     whole = {e: [idx.tolist() for _, _, idx in loader.epoch(e)] for e in range(3)}
-    assert torch.equal(torch.get_rng_state(), state)  # the per-sample seeds leave the process's generator alone
+    assert torch.equal(
+        torch.get_rng_state(), state
+    )  # the per-sample seeds leave the process's generator alone
     assert [len(whole[e]) for e in range(3)] == [loader.batches(e) for e in range(3)] == [3, 6, 12]
     assert loader.steps(3) == 21 and len(loader) == 3
     for e in range(3):
-        assert sorted(i for b in whole[e] for i in b) == list(range(24))  # every image once (4 = 24 − 2·10: kept)
+        assert sorted(i for b in whole[e] for i in b) == list(
+            range(24)
+        )  # every image once (4 = 24 − 2·10: kept)
     parts = []
     for rank in (0, 1):
         monkeypatch.setattr(common, "rank", lambda: rank)
@@ -174,19 +330,25 @@ def test_the_streamed_loader_yields_what_it_plans_and_shards_each_batch(imagenet
 def test_the_imagenet_lr_rises_then_falls_for_any_length(epochs):
     loader = SimpleNamespace(batches=lambda e: 4)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
-    sched = common.imagenet_lr(opt, loader, epochs)
+    sched = imagenet.imagenet_lr(opt, loader, epochs)
     lrs = []
     for _ in range(4 * epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     # by hand: the peak after min(1, E/15) epochs, 1/10, 1/100, 1/1000 of it at 6/15, 12/15 and 15/15 of the run
-    times, values = [0, min(1, epochs / 15), 0.4 * epochs, 0.8 * epochs, epochs], [0, 0.4, 0.04, 0.004, 0.0004]
-    assert lrs == pytest.approx([np.interp(e + (i + 1) / 4, times, values) for e in range(epochs) for i in range(4)])
+    times, values = (
+        [0, min(1, epochs / 15), 0.4 * epochs, 0.8 * epochs, epochs],
+        [0, 0.4, 0.04, 0.004, 0.0004],
+    )
+    assert lrs == pytest.approx(
+        [np.interp(e + (i + 1) / 4, times, values) for e in range(epochs) for i in range(4)]
+    )
     peak = lrs.index(max(lrs))
     assert max(lrs) <= 0.4 and lrs[-1] == pytest.approx(0.0004)
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a >= b for a, b in zip(lrs[peak:],
-                                                                                                   lrs[peak + 1:]))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1 : peak + 1])) and all(
+        a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :])
+    )
 
 
 def test_every_script_runs_an_epoch_on_streamed_imagenet(imagenet_dir, tmp_path):
@@ -195,15 +357,56 @@ def test_every_script_runs_an_epoch_on_streamed_imagenet(imagenet_dir, tmp_path)
     import importlib
 
     import evaluate
-    own = {"atlas": ["--ramp-epochs", "1", "--val-size", "4", "--val-iters", "1"], "fgsm_mep": ["--prior", "batch"],
-           "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "--strategy-every", "5"],
-           "amata": ["--k-min", "1", "--k-max", "1", "--milestones", "2"], "rmcla": ["--milestones", "2"]}
-    for script in ("fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"):
+
+    own = {
+        "atlas": ["--ramp-epochs", "1", "--val-size", "4", "--val-iters", "1"],
+        "fgsm_mep": ["--prior", "batch"],
+        "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "--strategy-every", "5"],
+        "amata": ["--k-min", "1", "--k-max", "1", "--milestones", "2"],
+        "rmcla": ["--milestones", "2"],
+    }
+    for script in (
+        "fgsm_rs",
+        "fgsm_sdi",
+        "fgsm_mep",
+        "atlas",
+        "amata",
+        "las_at",
+        "latent_at",
+        "rmcla",
+    ):
         out = str(tmp_path / script)
-        importlib.import_module(script).main(_flags(imagenet_dir, out, "--model", "wrn-10-1", "--image-size", "16",
-                                                    "--batch-size", "10", "--workers", "0", *own.get(script, [])))
+        importlib.import_module(script).main(
+            _flags(
+                imagenet_dir,
+                out,
+                "--model",
+                "wrn-10-1",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "10",
+                "--workers",
+                "0",
+                *own.get(script, []),
+            )
+        )
         res = load_results(out)
         assert len(res["epochs"]) == 3 and res["data"]["shape"] == [3, 16, 16], script
-    again = evaluate.main(["--weights", str(tmp_path / "fgsm_rs" / "model_last.pt"), "--eval-iters", "2",
-                           "--eval-restarts", "1", "--eval-cw-iters", "2", "--device", "cpu", "--workers", "0"])
+    again = evaluate.main(
+        [
+            "--weights",
+            str(tmp_path / "fgsm_rs" / "model_last.pt"),
+            "--eval-iters",
+            "2",
+            "--eval-restarts",
+            "1",
+            "--eval-cw-iters",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ]
+    )
     assert again == load_results(tmp_path / "fgsm_rs")["final"]["last"]

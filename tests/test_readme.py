@@ -1,14 +1,14 @@
 """README.md: its example of a method's core in a plain PyTorch loop runs, and its table of copyable functions
 names functions that exist, with those signatures."""
+
 import importlib
 import inspect
 import os
 import re
 
 import numpy as np
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 
 def _readme():
@@ -23,10 +23,15 @@ def test_the_copy_a_method_example_trains(tmp_path):
     for c in range(3):  # a tiny image folder of 32×32 colour images, 8 per class
         os.makedirs(tmp_path / "train" / f"c{c}")
         for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "train" / f"c{c}" /
-                                                                                     f"{i}.png")
-    for old, new in (("DATA_DIR", str(tmp_path)), ("EPOCHS = 15", "EPOCHS = 1"), ("batch_size=128", "batch_size=8"),
-                     ("num_workers=2", "num_workers=0")):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / f"c{c}" / f"{i}.png"
+            )
+    for old, new in (
+        ("DATA_DIR", str(tmp_path)),
+        ("EPOCHS = 15", "EPOCHS = 1"),
+        ("batch_size=128", "batch_size=8"),
+        ("num_workers=2", "num_workers=0"),
+    ):
         assert old in code
         code = code.replace(old, new)
     namespace = {}
@@ -38,7 +43,15 @@ def test_the_table_of_copyable_functions_names_real_signatures():
     section = _readme().split("## Copy a method into your project")[1].split("\n## ")[0]
     rows = re.findall(r"^\| `(\w+)\.py` \| `(\w+)\((.*?)\)` \|", section, re.M)
     assert len(rows) >= 8 and {script for script, _, _ in rows} >= {
-        "fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"}
+        "fgsm_rs",
+        "fgsm_sdi",
+        "fgsm_mep",
+        "atlas",
+        "amata",
+        "las_at",
+        "latent_at",
+        "rmcla",
+    }
     for script, name, signature in rows:
         function = getattr(importlib.import_module(script), name)
         assert str(inspect.signature(function)) == f"({signature})", (script, name)

@@ -1,5 +1,6 @@
 """rmcla.py (R-MC-LA): the adversarial label, the copyable core (MC target, targeted step, soft-label loss, modes),
 the flag checks, and the script end to end."""
+
 import copy
 import math
 import os
@@ -7,9 +8,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-import rmcla
 from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
+
+import harness
+import rmcla
 
 
 def check_label(label, y, beta):
@@ -19,7 +21,9 @@ def check_label(label, y, beta):
     true = label.gather(1, y[:, None]).squeeze(1)
     others = label.scatter(1, y[:, None], 0.0)
     torch.testing.assert_close(true, beta * others.amax(1))
-    torch.testing.assert_close(1 - true, others.sum(1))  # y′_c = 1 − ε_y, ε_y spread over the others
+    torch.testing.assert_close(
+        1 - true, others.sum(1)
+    )  # y′_c = 1 − ε_y, ε_y spread over the others
 
 
 @pytest.mark.parametrize("rule", ["main", "sup"])
@@ -34,18 +38,25 @@ def test_label_matches_a_hand_computed_four_class_example():
     # p = (1/2, 1/4, 1/8, 1/8), true class 0 (row 1: the same probabilities rolled so the true class is 1).
     # v = −log p = (L, 2L, 3L, 3L) with L = ln 2; v_MC = 2L, v_LL = 3L; β = 9, γ = 0.01.
     p = torch.tensor([[1 / 2, 1 / 4, 1 / 8, 1 / 8]])
-    logits, y = torch.cat([p.log(), p.roll(1, 1).log()]) + 5.0, torch.tensor([0, 1])  # a shift changes no p
+    logits, y = (
+        torch.cat([p.log(), p.roll(1, 1).log()]) + 5.0,
+        torch.tensor([0, 1]),
+    )  # a shift changes no p
     L, beta, gamma = math.log(2), 9.0, 0.01
     # main: w = v − v_MC + γ = (·, γ, L+γ, L+γ), D = 2L + 3γ, ε_y = 1/(1 + β(L+γ)/D) ≈ 0.182874
     D = 2 * L + 3 * gamma
     eps_y = 1 / (1 + beta * (L + gamma) / D)
-    main = torch.tensor([1 - eps_y, eps_y * gamma / D, eps_y * (L + gamma) / D, eps_y * (L + gamma) / D])
+    main = torch.tensor(
+        [1 - eps_y, eps_y * gamma / D, eps_y * (L + gamma) / D, eps_y * (L + gamma) / D]
+    )
     # supplement eqs. (2)-(4): w = v = (·, 2L, 3L, 3L), Σ = 8L, ε_y = 1/(1 + 3β/8) = 8/35, so y′ = (27, 2, 3, 3)/35
     sup = torch.tensor([27, 2, 3, 3]) / 35
     for rule, expected in (("main", main), ("sup", sup)):
         label = rmcla.adversarial_label(logits, y, beta, gamma, rule=rule)
         torch.testing.assert_close(label, torch.stack([expected, expected.roll(1)]))
-    assert main[1] == pytest.approx(0.0012912, abs=1e-6) and main[2] == pytest.approx(0.090791, abs=1e-6)
+    assert main[1] == pytest.approx(0.0012912, abs=1e-6) and main[2] == pytest.approx(
+        0.090791, abs=1e-6
+    )
     # supplement eq. (9): the main rule gives the MC class less mass than the sup rule
     assert main[1] < sup[1]
 
@@ -58,7 +69,9 @@ def test_top_k_puts_mass_only_on_the_top_k_classes():
         check_label(label, y, 9.0)
         for i in range(len(y)):
             wrong = [k for k in range(8) if k != y[i]]
-            largest_loss = sorted(wrong, key=lambda k: logits[i, k].item())[:3]  # largest v = smallest p
+            largest_loss = sorted(wrong, key=lambda k: logits[i, k].item())[
+                :3
+            ]  # largest v = smallest p
             support = sorted([y[i].item()] + largest_loss)
             assert set(label[i].nonzero().flatten().tolist()) == set(support)
             # the same formula on just those classes (n − 1 → K), with v from the full softmax
@@ -67,8 +80,10 @@ def test_top_k_puts_mass_only_on_the_top_k_classes():
             eps_y = 1 / (1 + 9.0 * w.max() / w.sum())
             torch.testing.assert_close(label[i, largest_loss], eps_y * w / w.sum())
         # K = n − 1 is the plain rule
-        torch.testing.assert_close(rmcla.adversarial_label(logits, y, 9.0, 0.01, top_k=7, rule=rule),
-                                   rmcla.adversarial_label(logits, y, 9.0, 0.01, rule=rule))
+        torch.testing.assert_close(
+            rmcla.adversarial_label(logits, y, 9.0, 0.01, top_k=7, rule=rule),
+            rmcla.adversarial_label(logits, y, 9.0, 0.01, rule=rule),
+        )
 
 
 def test_top_k_both_readings_of_v_mc_on_a_hand_computed_example():
@@ -80,17 +95,28 @@ def test_top_k_both_readings_of_v_mc_on_a_hand_computed_example():
     # top-k: v_MC = 3L, the smallest v of the three: w = (γ, L+γ, L+γ), D = 2L + 3γ, ε_y ≈ 0.182875
     D = 2 * L + 3 * gamma
     eps_in = 1 / (1 + beta * (L + gamma) / D)
-    within = torch.tensor([1 - eps_in, 0, eps_in * gamma / D, eps_in * (L + gamma) / D, eps_in * (L + gamma) / D])
+    within = torch.tensor(
+        [1 - eps_in, 0, eps_in * gamma / D, eps_in * (L + gamma) / D, eps_in * (L + gamma) / D]
+    )
     # all: v_MC = 2L (class 1): w = (L+γ, 2L+γ, 2L+γ), D = 5L + 3γ, ε_y ≈ 0.217635
     D = 5 * L + 3 * gamma
     eps_all = 1 / (1 + beta * (2 * L + gamma) / D)
-    over_all = torch.tensor([1 - eps_all, 0, eps_all * (L + gamma) / D, eps_all * (2 * L + gamma) / D,
-                             eps_all * (2 * L + gamma) / D])
+    over_all = torch.tensor(
+        [
+            1 - eps_all,
+            0,
+            eps_all * (L + gamma) / D,
+            eps_all * (2 * L + gamma) / D,
+            eps_all * (2 * L + gamma) / D,
+        ]
+    )
     for vmc_over, expected in (("top-k", within), ("all", over_all)):
         label = rmcla.adversarial_label(logits, y, beta, gamma, top_k=3, vmc_over=vmc_over)
         torch.testing.assert_close(label[0], expected)
         check_label(label, y, beta)
-    assert eps_in == pytest.approx(0.182875, abs=1e-6) and eps_all == pytest.approx(0.217635, abs=1e-6)
+    assert eps_in == pytest.approx(0.182875, abs=1e-6) and eps_all == pytest.approx(
+        0.217635, abs=1e-6
+    )
     # the consequence: with top-k the K-th class gets under 1% of ε_y (effectively K − 1 classes share it);
     # with all it gets a fifth, and ε_y is larger
     assert within[2] < 0.01 * eps_in and over_all[2] > 0.2 * eps_all and eps_all > eps_in
@@ -98,12 +124,20 @@ def test_top_k_both_readings_of_v_mc_on_a_hand_computed_example():
     torch.manual_seed(0)
     logits, y = 3 * torch.randn(16, 10), torch.randint(0, 10, (16,))
     for top_k, rule in ((None, "main"), (4, "sup")):
-        torch.testing.assert_close(rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "all"),
-                                   rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "top-k"))
+        torch.testing.assert_close(
+            rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "all"),
+            rmcla.adversarial_label(logits, y, beta, gamma, top_k, rule, "top-k"),
+        )
     # the flag: the current reading by default, and refused where it changes nothing
     assert rmcla.get_args(["--dataset", "cifar100", "--top-k", "9"]).vmc_over == "top-k"
-    assert rmcla.get_args(["--dataset", "cifar100", "--top-k", "9", "--vmc-over", "all"]).vmc_over == "all"
-    for bad in (["--vmc-over", "all"], ["--top-k", "4", "--label-rule", "sup", "--vmc-over", "all"]):
+    assert (
+        rmcla.get_args(["--dataset", "cifar100", "--top-k", "9", "--vmc-over", "all"]).vmc_over
+        == "all"
+    )
+    for bad in (
+        ["--vmc-over", "all"],
+        ["--top-k", "4", "--label-rule", "sup", "--vmc-over", "all"],
+    ):
         with pytest.raises(SystemExit) as e:
             rmcla.get_args(bad)
         assert e.value.code == 2
@@ -112,8 +146,13 @@ def test_top_k_both_readings_of_v_mc_on_a_hand_computed_example():
 def tiny_net():
     """A small net with BatchNorm (the core switches its modes) that takes [0, 1] images."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 16 * 16, 10),
+    )
 
 
 def batch(n=8):
@@ -138,7 +177,11 @@ def test_the_core_copies_and_is_the_algorithm_written_out(mode):
     torch.manual_seed(2)
     loss, logits = rmcla_loss(model, x, y, eps, eps, beta, gamma)
     assert model.training == (mode == "train") and all(p.grad is None for p in model.parameters())
-    assert [training for _, training in seen] == [False, False, True]  # clean, attack: eval; loss pass: train
+    assert [training for _, training in seen] == [
+        False,
+        False,
+        True,
+    ]  # clean, attack: eval; loss pass: train
     # by hand
     torch.manual_seed(2)
     reference.eval()
@@ -147,7 +190,7 @@ def test_the_core_copies_and_is_the_algorithm_written_out(mode):
     y_mc = clean.scatter(1, y[:, None], float("-inf")).argmax(1)
     assert (y_mc != y).all()
     start = ((x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x).requires_grad_(True)
-    grad, = torch.autograd.grad(F.cross_entropy(reference(x + start), y_mc), start)
+    (grad,) = torch.autograd.grad(F.cross_entropy(reference(x + start), y_mc), start)
     x_adv = (x + (start.detach() - eps * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
     torch.testing.assert_close(seen[2][0], x_adv)
     reference.train()
@@ -168,7 +211,9 @@ def test_the_core_copies_and_is_the_algorithm_written_out(mode):
 
 def test_the_core_restores_the_mode_when_it_fails():
     model, (x, y) = tiny_net().train(), batch()
-    with pytest.raises(RuntimeError):  # top-k larger than the non-true classes: topk fails inside the label
+    with pytest.raises(
+        RuntimeError
+    ):  # top-k larger than the non-true classes: topk fails inside the label
         rmcla.rmcla_loss(model, x, y, 8 / 255, 8 / 255, 9.0, 0.01, top_k=11)
     assert model.training
     with pytest.raises(RuntimeError, match=r"\[0, 1\]"):  # normalised images are refused
@@ -193,12 +238,19 @@ def test_the_core_under_autocast_gives_the_fp32_step(dtype):
 
 
 def test_milestones_at_or_past_the_end_are_refused(capsys):
-    assert rmcla.get_args(["--epochs", "8", "--milestones", "4", "6"]).milestones == [4, 6]  # bench/real_data.py's
+    assert rmcla.get_args(["--epochs", "8", "--milestones", "4", "6"]).milestones == [
+        4,
+        6,
+    ]  # bench/real_data.py's
     assert rmcla.get_args(["--epochs", "8", "--milestones"]).milestones == []  # a constant lr
-    assert rmcla.get_args([]).milestones == [100, 150] and rmcla.get_args(["--dataset", "mnist"]).milestones == [5, 8]
-    for argv, words in ((["--epochs", "8", "--milestones", "4", "8"], "--milestones 8"),
-                        (["--epochs", "8"], "pass --milestones"),
-                        (["--dataset", "mnist", "--epochs", "6"], "pass --milestones")):
+    assert rmcla.get_args([]).milestones == [100, 150] and rmcla.get_args(
+        ["--dataset", "mnist"]
+    ).milestones == [5, 8]
+    for argv, words in (
+        (["--epochs", "8", "--milestones", "4", "8"], "--milestones 8"),
+        (["--epochs", "8"], "pass --milestones"),
+        (["--dataset", "mnist", "--epochs", "6"], "pass --milestones"),
+    ):
         with pytest.raises(SystemExit) as e:
             rmcla.get_args(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
@@ -216,24 +268,60 @@ def test_cifar100_top_k_and_sup_rule_end_to_end(tmp_path, no_checksum, capsys):
     root = str(tmp_path / "data")
     write_cifar(root, n_train=128, n_test=32, num_classes=100)
     out = str(tmp_path / "run")
-    rmcla.main(small_args(root, out, epochs=1, dataset="cifar100", top_k=9, label_rule="sup", milestones=True,
-                          eval_iters=1, eval_cw_iters=0))
+    rmcla.main(
+        small_args(
+            root,
+            out,
+            epochs=1,
+            dataset="cifar100",
+            top_k=9,
+            label_rule="sup",
+            milestones=True,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
     res = load_results(out)
-    assert res["args"]["beta"] == 11 and res["args"]["top_k"] == 9 and math.isfinite(res["epochs"][0]["loss"])
+    assert (
+        res["args"]["beta"] == 11
+        and res["args"]["top_k"] == 9
+        and math.isfinite(res["epochs"][0]["loss"])
+    )
     # more non-true classes than a dataset has: refused once the data is read, before the run folder is made
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        rmcla.main(small_args(root, str(tmp_path / "bad"), dataset="cifar100", top_k=100, milestones=True))
+        harness.main_guard(
+            lambda: rmcla.main(
+                small_args(
+                    root, str(tmp_path / "bad"), dataset="cifar100", top_k=100, milestones=True
+                )
+            )
+        )
     assert e.value.code == 2 and "--top-k 100" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad")
 
 
 def test_mnist_recipe_runs(mnist_dir, tmp_path):
     out = str(tmp_path / "run")
-    rmcla.main(small_args(mnist_dir, out, epochs=1, dataset="mnist", model="mnist-cnn", batch_size=50,
-                          milestones=True, eval_iters=1, eval_cw_iters=0))
+    rmcla.main(
+        small_args(
+            mnist_dir,
+            out,
+            epochs=1,
+            dataset="mnist",
+            model="mnist-cnn",
+            batch_size=50,
+            milestones=True,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
     res = load_results(out)
-    assert res["args"]["optimizer"] == "adam" and res["args"]["alpha"] == 76.5 and res["args"]["lr"] == 1e-3
+    assert (
+        res["args"]["optimizer"] == "adam"
+        and res["args"]["alpha"] == 76.5
+        and res["args"]["lr"] == 1e-3
+    )
     assert math.isfinite(res["epochs"][0]["loss"])
 
 
@@ -241,6 +329,17 @@ def test_the_lr_steps_when_the_loader_drops_a_lone_sample(tmp_path, no_checksum)
     """129 images in batches of 128 (one step per epoch): after both milestones the lr is lr × 0.01."""
     write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
     out = str(tmp_path / "run")
-    rmcla.main(small_args(str(tmp_path / "d"), out, epochs=3, batch_size=128, monitor_size=8, eval_samples=8,
-                          eval_iters=1, eval_cw_iters=0) + ["--milestones", "1", "2"])
+    rmcla.main(
+        small_args(
+            str(tmp_path / "d"),
+            out,
+            epochs=3,
+            batch_size=128,
+            monitor_size=8,
+            eval_samples=8,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+        + ["--milestones", "1", "2"]
+    )
     assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.1, 0.01, 0.001])

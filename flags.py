@@ -1,0 +1,315 @@
+"""The command line of every fastat script: the flag types ([0, 1] mistakes on /255 values refused),
+the flags all methods share, the recipes that fill what a command leaves out, and --resume's flags.
+
+A method script's get_args():
+
+    p = flags.base_parser(__doc__)                 # the shared flags
+    p.add_argument("--k-max", type=flags.pos_int)  # the method's own
+    args = flags.parse_args(p, RECIPES, argv)      # recipe values for what was not given
+
+On the command line ε and step sizes are /255 units; in the code they are [0, 1] units.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+import common
+from common import FastatError
+
+
+def _number(cast, low, strict, what):
+    def check(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    return check
+
+
+nonneg_float = _number(float, 0, False, "a finite number >= 0")
+pos_float = _number(float, 0, True, "a number > 0")
+nonneg_int = _number(int, 0, False, "an integer >= 0")
+pos_int = _number(int, 1, False, "an integer >= 1")
+batch_size = _number(int, 2, False, "at least 2 (train-mode BatchNorm needs two images)")
+
+
+def seed(text):
+    """argparse type for --seed: what every generator takes (numpy's: below 2^32, less the ranks added)."""
+    v = nonneg_int(text)
+    if v > 2**32 - 1 - 4096:
+        raise argparse.ArgumentTypeError(f"must be below {2**32 - 4096}, got {text}")
+    return v
+
+
+def per255(flag, zero=False):
+    """argparse type for a radius or step size in /255 units (--epsilon, --alpha, ...). A value strictly
+    between 0 and 1 is no threat model anyone trains for, but a [0, 1] value written by mistake (0.3 on
+    MNIST): refused, with what to write instead; so is one above 255 (more than the pixel range). zero: 0
+    is allowed (it has a meaning there, e.g. --alpha 0: no attack step)."""
+
+    def check(text):
+        v = nonneg_float(text)
+        if v == 0 and not zero:
+            raise argparse.ArgumentTypeError("must be at least 1 (/255 units)")
+        if 0 < v < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text} is in /255 units, i.e. {v:g}/255; for {text} in [0, 1] units write "
+                f"{flag} {255 * v:g}"
+            )
+        if v > 255:
+            raise argparse.ArgumentTypeError(
+                f"{text}/255 is more than the whole pixel range (255/255)"
+            )
+        return v
+
+    return check
+
+
+epsilon = per255("--epsilon")
+
+
+def model_name(text):
+    """argparse type for --model (common.model_name)."""
+    try:
+        return common.model_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """-h keeps the docstring's layout and shows every flag's default (a recipe's values are shown by
+    parse_args: the flags whose default is None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return f"{text} (default {_show(action.default)})".lstrip()
+
+
+def base_parser(doc, label_smoothing=None, **helps):
+    """The flags every method shares. A flag left at None is filled from the method's recipe by
+    parse_args(). helps: a method's own help text for a shared flag (lr="...", alpha="...");
+    label_smoothing: the help of --label-smoothing, for the methods that have it."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=_Help)
+
+    def a(flag, help=None, **kw):
+        p.add_argument(flag, help=helps.pop(flag[2:].replace("-", "_"), help), **kw)
+
+    a("--dataset", default="cifar10", choices=common.DATASET_NAMES,
+      help="folder: any image folder DATA_DIR/{train,test}/CLASS/* (README.md, 'Data layout'), "
+      "trained with the CIFAR-10 recipe")  # fmt: skip
+    a(
+        "--data-dir",
+        default="data",
+        help="where the dataset is (CIFAR, SVHN, MNIST: downloaded there)",
+    )
+    a(
+        "--no-flip",
+        action="store_true",
+        help="no random horizontal flip (where a flip changes the class)",
+    )
+    a("--image-size", type=pos_int, default=None, metavar="N",
+      help="a folder of images of any size: read it from disk in every epoch, training on random "
+      "resized N×N crops (ImageNet: the last phase's crop)")  # fmt: skip
+    a("--phase-data-dirs", nargs="+", default=None, metavar="DIR",
+      help="ImageNet: a copy of --data-dir per phase, resized for faster decoding "
+      "(bench/resize_folder.py; Wong et al.: 160 px, 352 px, full size)")  # fmt: skip
+    a("--model", type=model_name, default=None, help=common.MODELS)
+    a("--epochs", type=pos_int, default=None)
+    a("--batch-size", type=batch_size, default=None, help="the batch of all the processes together")
+    a("--lr", type=pos_float, default=None, help="peak learning rate")
+    a("--weight-decay", type=nonneg_float, default=None, help="L2 weight decay of the optimiser")
+    a("--epsilon", type=epsilon, default=None,
+      help="L∞ radius of training and of the evaluation, /255 units")  # fmt: skip
+    a("--alpha", type=per255("--alpha", zero=True), default=None,
+      help="attack step size, /255 units (keeps its ratio to ε when only --epsilon is given)")  # fmt: skip
+    if label_smoothing:
+        a(
+            "--label-smoothing",
+            type=pos_float,
+            default=None,
+            metavar="TRUE_PROB",
+            help=label_smoothing,
+        )
+    a("--seed", type=seed, default=0,
+      help="random seed (under torchrun each process adds its rank)")  # fmt: skip
+    a(
+        "--out-dir",
+        default=None,
+        help="log, checkpoint, results and weights (default runs/SCRIPT-DATASET)",
+    )
+    a("--device", default=None,
+      help="cuda, cuda:1, cpu (default: cuda when there is one; under torchrun each process takes "
+      "its LOCAL_RANK's GPU)")  # fmt: skip
+    a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+      help="autocast dtype of training. auto: bf16 on GPUs that compute it natively (Ampere and "
+      "later), fp16 with loss scaling on older GPUs, fp32 on the CPU. The evaluation is fp32")  # fmt: skip
+    a("--compile", action="store_true", help="torch.compile the networks for training")
+    a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1),
+      help="processes that decode image files")  # fmt: skip
+    a(
+        "--eval-samples",
+        type=pos_int,
+        default=None,
+        help="evaluate on N test images, a fixed random subset",
+    )
+    a("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
+    a("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
+    a("--eval-cw-iters", type=nonneg_int, default=20,
+      help="steps of the final PGD on the CW margin (0: none)")  # fmt: skip
+    a(
+        "--autoattack",
+        action="store_true",
+        help="also run AutoAttack (github.com/fra31/auto-attack)",
+    )
+    a("--monitor-size", type=pos_int, default=512,
+      help="training images of the catastrophic-overfitting monitor (PGD-10, step ε/4, after every "
+      "epoch)")  # fmt: skip
+    a("--val-size", type=nonneg_int, default=None,
+      help="training images held out to choose the best model on (0: the monitor's images are "
+      "training images)")  # fmt: skip
+    a("--progress-every", type=nonneg_float, default=10, metavar="SECONDS",
+      help="a progress line (images/s, ETA) this often in an epoch and in the evaluation (0: none)")  # fmt: skip
+    a("--resume", action="store_true",
+      help="continue the run in --out-dir from its last checkpoint with its own flags; only the "
+      "evaluation and where it runs (--device, ...) may change")  # fmt: skip
+    if helps:
+        raise TypeError(f"base_parser has no flag {', '.join(helps)}")
+    return p
+
+
+# What a resumed run may change: where it runs and how it is evaluated, not what it trains.
+FREE_ON_RESUME = {
+    "resume", "out_dir", "device", "data_dir", "phase_data_dirs", "workers", "compile",
+    "progress_every", "eval_samples", "eval_iters", "eval_restarts", "eval_cw_iters", "autoattack",
+}  # fmt: skip
+_GIVEN = object()  # marks the flags that were not on the command line
+
+
+def _show_recipes(parser, recipes):
+    """-h shows each recipe's value beside a flag whose default comes from the recipes."""
+    for action in parser._actions:
+        values = [(k, r[action.dest]) for k, r in recipes.items() if r.get(action.dest) is not None]
+        if not values or action.default is not None:
+            continue
+        shown = [f"{'default' if k == 'default' else k + ' recipe'} {_show(v)}" for k, v in values]
+        action.help = f"{action.help or ''} ({'; '.join(shown)})".lstrip()
+
+
+def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",)):
+    """Parse, then fill every flag left at None from recipes[dataset] over (ImageNet: imagenet.IMAGENET
+    over) recipes['default']. eps_relative: recipe values that are a ratio of ε (FGSM-RS's α = 1.25ε, ...)
+    keep it when only ε is set (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With
+    --resume the flags come from the run's checkpoint, and one given with it that would change the
+    training is refused (FastatError). Starts nothing: harness.setup(args) does."""
+    from imagenet import IMAGENET
+
+    _show_recipes(parser, recipes)
+    args = parser.parse_args(argv)
+    marked = argparse.Namespace(**{a.dest: _GIVEN for a in parser._actions})
+    given = {k: v for k, v in vars(parser.parse_args(argv, marked)).items() if v is not _GIVEN}
+    script = script or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    args.out_dir = args.out_dir or os.path.join("runs", f"{script}-{args.dataset}")
+    if args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
+        args = _resumed_args(args.out_dir, given, script)
+    else:
+        model = "mnist-cnn" if args.dataset == "mnist" else "preact18"
+        recipe = {"val_size": 0, "phases": None, "model": model, **recipes.get("default", {})}
+        layers = [recipes.get(args.dataset, {})]
+        if args.dataset == "imagenet":
+            layers.insert(0, IMAGENET)
+        if args.epsilon is not None:
+            layers.append({"epsilon": args.epsilon})
+        for layer in layers:
+            # a layer's ε moves the ε-relative values it does not set (ImageNet's ε 2: FGSM-RS's α 2.5)
+            ratio = layer.get("epsilon", recipe.get("epsilon", 1)) / recipe.get("epsilon", 1)
+            recipe.update(
+                {k: recipe[k] * ratio for k in eps_relative if k in recipe and k not in layer}
+            )
+            recipe.update(layer)
+        for key, value in recipe.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        args.method = script
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(
+            f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if args.autoattack:
+        try:
+            import autoattack  # noqa: F401  (now, not after hours of training)
+        except ImportError:
+            parser.error(f"--autoattack needs the official package: {AUTOATTACK_INSTALL}")
+    return args
+
+
+AUTOATTACK_INSTALL = "pip install git+https://github.com/fra31/auto-attack"
+
+
+def _show(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class Finished(FastatError):
+    """A finished run was asked to resume: nothing to do (exit 0)."""
+
+
+def _resumed_args(out, given, script):
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "results.json")) as f:
+        if json.load(f).get("final"):
+            raise Finished(
+                f"{out} is a finished run (results.json): nothing to resume. To evaluate it again: "
+                f"python evaluate.py --weights {out}/model_best.pt"
+            )
+    path = os.path.join(out, "checkpoint.pt")
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["args"]
+    if saved["method"] != script:
+        raise FastatError(f"{out} holds a {saved['method']}.py run, not a {script}.py one")
+    for key, value in given.items():
+        if key not in FREE_ON_RESUME and value != saved.get(key):
+            raise FastatError(
+                f"--{key.replace('_', '-')} {_show(value)}: this run was started with "
+                f"{_show(saved.get(key))}, and a resumed run keeps its flags; start a new run "
+                f"(another --out-dir) to change it"
+            )
+    return argparse.Namespace(**{**saved, "device": None, **given, "out_dir": out})
+
+
+def label_smoothing(true_prob, num_classes):
+    """PyTorch's label_smoothing s for the soft labels of the SDI/PGI/LAS-AT authors' code (true class f,
+    every other (1 − f)/(C − 1)): 1 − s + s/C = f, so s = (1 − f)·C/(C − 1). f outside [1/C, 1] is
+    refused (s would exceed 1) with FastatError."""
+    if true_prob is None:
+        return 0.0
+    if not 1 / num_classes <= true_prob <= 1:
+        raise FastatError(
+            f"--label-smoothing {true_prob}: the true class's probability must lie between 1/C = "
+            f"{1 / num_classes:.4g} (this dataset has {num_classes} classes) and 1"
+        )
+    return (1 - true_prob) * num_classes / (num_classes - 1)
+
+
+def command_line(args):
+    """The flags of a parsed run as a command line that reproduces it (recipe values made explicit)."""
+    words = []
+    for key, value in vars(args).items():
+        if key in ("method", "resume", "phases") or value is None or value is False:
+            continue
+        words.append(f"--{key.replace('_', '-')}" + ("" if value is True else " " + _show(value)))
+    return " ".join(words)

@@ -1,0 +1,603 @@
+"""The run around a method: torchrun, the run folder, checkpoints and resume, the per-epoch table, the
+final evaluation, results.json and curves.png. Nothing here is a method.
+
+A method script's main() (fgsm_rs.py is the shortest example; `common.` marks the data and model contract,
+`harness.` and `run.` the bookkeeping):
+
+    args = get_args(argv)                          # flags.parse_args: the recipe fills what is not given
+    harness.setup(args)                            # torchrun's process group, the seeds
+    data = common.get_data(args)                   # data.train.epoch(e) yields (x in [0, 1], y, index)
+    model = common.get_model(args, data)           # normalisation is inside: the model takes [0, 1] images
+    run = harness.Run(args, data)                  # run folder, log.txt, precision
+    attack_model, train_model = run.models(model)  # two views of one network (the same parameters)
+    checkpoint = dict(model=model, opt=opt, ...)   # what a checkpoint holds
+    start = run.resume(checkpoint) if args.resume else 0
+    for epoch in range(start, args.epochs):
+        run.start_epoch()
+        ...                                        # the method's epoch
+        run.end_epoch(epoch, model, checkpoint, lr=..., loss=..., acc=...)
+    run.finish(model)                              # the weights, then the evaluation of last and best
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import common
+import flags
+from common import FastatError, log, rank, world
+
+# ---- torchrun
+
+
+def global_sum(t):
+    """A tensor summed over the processes."""
+    if world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def mean_over_ranks(value):
+    """A number averaged over the processes, so that every process takes the same decision from it."""
+    device = "cuda" if world() > 1 and dist.get_backend() == "nccl" else "cpu"
+    total = global_sum(torch.tensor([float(value)], dtype=torch.float64, device=device))
+    return total.item() / world()
+
+
+def sync_buffers(model):
+    """Under torchrun, the first process's buffers (BatchNorm's running statistics) in every process: DDP
+    copies them at the start of each forward pass, and each process's forward then moves its own copy."""
+    for b in model.buffers() if world() > 1 else ():
+        dist.broadcast(b, 0)
+
+
+def _gather(obj):
+    """A list of every process's `obj` (picklable), in rank order."""
+    if world() == 1:
+        return [obj]
+    gathered = [None] * world()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shard(xy):
+    """This process's contiguous part of (x, y): all of it in one process."""
+    mine = common.part(len(xy[1]))
+    return xy[0][mine], xy[1][mine]
+
+
+class _Print(logging.Handler):
+    """common.log's lines on stdout (the one sys.stdout is now), flushed."""
+
+    def emit(self, record):
+        print(self.format(record), flush=True)
+
+
+def setup(args):
+    """What a run needs before its data: under torchrun the process group (one GPU per process, its
+    LOCAL_RANK's), the first process's log lines on stdout, and every random generator seeded with
+    --seed + rank (each process draws its own random starts; the networks start from the first process's
+    weights, DDP). Raises FastatError if the batch cannot be shared out."""
+    logger = common.logger
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if (
+        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    ):  # started by torchrun
+        if torch.device(args.device).type == "cuda":
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    if not rank() and not any(isinstance(h, _Print) for h in logger.handlers):
+        logger.addHandler(_Print())
+    if args.batch_size < 2 * world():
+        raise FastatError(
+            f"--batch-size {args.batch_size} gives {world()} processes fewer than two images each"
+        )
+    for seed in (torch.manual_seed, np.random.seed, random.seed):
+        seed(args.seed + rank())
+
+
+# ---- A training run: its folder, the per-epoch table, checkpoints, the final evaluation
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class InputGradOnly(nn.Module):
+    """A compiled model as the attacks use it: model(x) with its parameters' requires_grad off during the
+    forward pass, so that a backward through it computes input gradients only. Eager autograd skips the
+    weight gradients anyway; a torch.compile'd backward computes every gradient its graph was traced with
+    (bench/RESULTS.md measures it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.model(x)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+class PerProcess:
+    """A checkpoint entry that each process holds its own value of (FGSM-RS's previous δ under torchrun):
+    checkpoint.pt keeps every process's copy, and a resumed process gets back its own."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def _close_log():
+    """Detach and close a run's log.txt from common.log (the run's end, or a new run in this process)."""
+    for handler in list(common.logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            common.logger.removeHandler(handler)
+            handler.close()
+
+
+class Run:
+    """One training run in args.out_dir: log.txt (the table, also on stdout), checkpoint.pt after every
+    epoch, and at the end model_last.pt, model_best.pt, results.json and curves.png (written by the first
+    process under torchrun). `columns`: the method's own per-epoch columns, after epoch, seconds
+    (training), cpu_s (the process's CPU time), monitor_s, lr, loss, acc and pgd_monitor."""
+
+    # An epoch whose clean predictions put this share of the monitor images into one class is never
+    # "best": a constant predictor can beat a catastrophically overfitted model on robust accuracy.
+    DEGENERATE_SHARE = 0.9
+
+    def __init__(self, args, data, columns=()):
+        self.args = args
+        self.data = data
+        self.device = torch.device(args.device)
+        self.amp = (
+            self._precision()
+        )  # the autocast dtype of training (None: fp32), as the cores take it
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.columns = [
+            "epoch",
+            "seconds",
+            "cpu_s",
+            "monitor_s",
+            "lr",
+            "loss",
+            "acc",
+            "pgd_monitor",
+        ]
+        self.columns += list(columns)
+        torch.backends.cudnn.benchmark = (
+            True  # a step's shapes are fixed: cuDNN times its kernels once
+        )
+        self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+        resumed = args.resume and os.path.exists(self.ckpt_path)
+        if os.path.exists(self.ckpt_path) and not args.resume:
+            raise FastatError(
+                f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue "
+                f"it, or choose another --out-dir"
+            )
+        _close_log()
+        if not rank():  # the first process writes every file of the run
+            os.makedirs(args.out_dir, exist_ok=True)
+            log_file = os.path.join(args.out_dir, "log.txt")
+            handler = logging.FileHandler(log_file, mode="a" if resumed else "w", encoding="utf-8")
+            common.logger.addHandler(handler)
+        self.rows = []
+        self.best = {"score": -math.inf, "epoch": 0}
+        self.best_weights = None
+        self.stopped = False
+        self.train_time = 0.0
+        self.save_seconds = 0.0
+        if not resumed:
+            log(f"# python {args.method}.py {flags.command_line(args)}")
+            big = ("preact18", "wrn-34-10", "wrn-28-10", *common.RESNETS)
+            if self.device.type == "cpu" and args.model in big:
+                log(
+                    f"# training {args.model} on the CPU is slow: see the ETA of the progress "
+                    f"lines; a small --model such as wrn-16-2 is many times faster"
+                )
+            log("  ".join(f"{c:>10}" for c in self.columns))
+
+    def _precision(self):
+        """--precision as an autocast dtype: auto is bf16 on GPUs that compute it natively, fp16 on older
+        ones, fp32 (None) on the CPU."""
+        if self.args.precision == "auto":
+            if self.device.type != "cuda":
+                return None
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[self.args.precision]
+
+    def autocast(self):
+        """The autocast of the training passes (a no-op in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def models(self, model, double_backward=False):
+        """(attack_model, train_model): two views of `model` that share its parameters. The attacks run
+        on the first (with --compile a compiled network that computes input gradients only:
+        InputGradOnly), the weight step runs through the second (wrap_for_training: DDP under torchrun,
+        compiled with --compile, except a loss that needs a double backward: torch.compile has none)."""
+        compiled = torch.compile(model) if self.args.compile else model
+        attack_model = InputGradOnly(compiled) if self.args.compile else model
+        if world() == 1 and not double_backward:
+            return attack_model, compiled
+        return attack_model, self.wrap_for_training(model, compile=not double_backward)
+
+    def wrap_for_training(self, net, compile=True):
+        """A network as its weight step runs it: under torchrun in DistributedDataParallel (gradients
+        averaged over the processes; attacks run on the plain module, since an input-gradient backward
+        through DDP would leave its reducer waiting), torch.compile'd with --compile. Also a method's own
+        network (SDI's generator, LAS-AT's strategy network)."""
+        if world() > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(net, device_ids)
+        return torch.compile(net) if self.args.compile and compile else net
+
+    def resume(self, checkpoint):
+        """Restore every object of `checkpoint` from checkpoint.pt (modules, optimisers and schedulers
+        with load_state_dict, tensors with copy_, dicts with update) and the run's own state (table, best
+        model, RNG states of every process); returns the epoch to continue from."""
+        if not os.path.exists(self.ckpt_path):
+            log(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
+            return 0
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        if len(ckpt["rng"]) != world():
+            raise FastatError(
+                f"{self.args.out_dir} was trained by {len(ckpt['rng'])} process(es): resume it "
+                f"with as many"
+            )
+        for key, obj in checkpoint.items():
+            saved = ckpt["objects"][key]
+            if isinstance(obj, PerProcess):
+                obj.tensor.copy_(saved[rank()])
+            elif torch.is_tensor(obj):
+                obj.copy_(saved)
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(saved)
+            else:
+                obj.load_state_dict(saved)
+        self.rows = ckpt["rows"]
+        self.best = ckpt["best"]
+        self.train_time = ckpt["train_time"]
+        self.stopped = ckpt["stopped"]
+        done = ckpt["epoch"]
+        if ckpt["best_weights"] is not None:  # kept on the CPU (map_location moved them)
+            self.best_weights = {k: v.cpu() for k, v in ckpt["best_weights"].items()}
+        if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16's loss scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"][rank()]  # this process's generators; CUDA: its own device's only
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        if not rank():
+            self._log_resume(done)
+        return self.args.epochs if self.stopped else done
+
+    def _log_resume(self, done):
+        # rows that a skipped checkpoint (fgsm_mep.py) left in the log
+        with open(os.path.join(self.args.out_dir, "log.txt")) as f:
+            rows = [int(w[0]) for w in map(str.split, f) if w and w[0].isdigit()]
+        logged = max(rows, default=0)
+        line = f"# resumed from {self.ckpt_path} after epoch {done}"
+        if logged > done:
+            line += (
+                f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded"
+            )
+        log(line)
+        log("  ".join(f"{c:>10}" for c in self.columns))
+
+    def start_epoch(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._start = time.time()
+        self._cpu = time.process_time()
+
+    def robust_accuracy(self, model, x, y, eps, step, iters):
+        """PGD-iters accuracy (eval mode, fp32) of all the processes' model on x, y ([0, 1] units): one
+        model (the first process's BatchNorm statistics in every process), each process attacks its part
+        of x, one number reduced over them. x, y: the same in every process."""
+        sync_buffers(model)
+        mine_x, mine_y = shard((x, y))
+        batch = self.data.eval_batch
+        correct = common.pgd_correct(model, mine_x, mine_y, eps, step, iters, batch_size=batch)
+        return global_sum(correct.sum().double().reshape(1)).item() / len(y)
+
+    def _monitor(self, model):
+        """The catastrophic-overfitting monitor: PGD-10 accuracy (step ε/4) on fixed training images and
+        the largest share of them that the clean predictions put into one class."""
+        x, y = self.data.monitor
+        eps = self.args.epsilon / 255
+        accuracy = self.robust_accuracy(model, x, y, eps, eps / 4, 10)
+        x, y = shard((x, y))
+        with torch.no_grad(), common.eval_mode(model):
+            predictions = [model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]
+        predictions = torch.cat([*predictions, y[:0]])  # y[:0]: a process with no image
+        class_counts = global_sum(
+            torch.bincount(predictions, minlength=self.data.num_classes).double()
+        )
+        top_share = (class_counts.max() / class_counts.sum()).item()
+        return accuracy, top_share
+
+    def end_epoch(self, epoch, model, checkpoint, lr, loss, acc, score=None, stop=False, save=True,
+                  **extra):  # fmt: skip
+        """Close an epoch: check the loss, run the monitor, keep the best weights, log the row, write the
+        checkpoint.
+
+        loss, acc: the epoch's mean training loss and accuracy (on the inputs the method trains on),
+        averaged over the processes here, as the method's float columns (`extra`). score: what "best"
+        maximises (default: the monitor's PGD accuracy). stop: the method ends training after this epoch
+        (every process must say the same). save: write checkpoint.pt (the last epoch and a stop always
+        are)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self._start
+        cpu = time.process_time() - self._cpu
+        self.train_time += seconds
+        loss = mean_over_ranks(loss)
+        acc = mean_over_ranks(acc)
+        extra = {k: mean_over_ranks(v) if isinstance(v, float) else v for k, v in extra.items()}
+        if not math.isfinite(loss):
+            log(
+                f"# epoch {epoch + 1}: the training loss is {loss}; stopping. The checkpoint of "
+                f"epoch {epoch} is intact, but a resumed run would repeat this epoch: start a new "
+                f"run with a lower --lr or step size"
+            )
+            raise NonFiniteLoss()
+        sync_buffers(model)
+        start = time.time()
+        monitor, top_share = self._monitor(model)
+        row = {
+            "epoch": epoch + 1,
+            "seconds": seconds,
+            "cpu_s": cpu,
+            "monitor_s": time.time() - start,
+        }
+        row.update(lr=lr, loss=loss, acc=acc, pgd_monitor=monitor, **extra)
+        self.rows.append(row)
+        score = monitor if score is None else score
+        if top_share >= self.DEGENERATE_SHARE:
+            log(
+                f"# epoch {epoch + 1}: {100 * top_share:.0f}% of the monitor images get one "
+                f"class; not eligible as the best model"
+            )
+        elif score > self.best["score"]:
+            self.best = {"score": score, "epoch": epoch + 1}
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        log("  ".join(_cell(c, row.get(c)) for c in self.columns))
+        self.stopped = stop
+        if save or stop or epoch + 1 == self.args.epochs:
+            start = time.time()
+            self._save(epoch, checkpoint)
+            self.save_seconds += time.time() - start
+
+    def _save(self, epoch, checkpoint):
+        mine = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        rng = _gather(mine)  # every process's generators
+        objects = {}
+        for key, obj in checkpoint.items():
+            if isinstance(obj, PerProcess):
+                objects[key] = _gather(obj.tensor.cpu())
+            elif torch.is_tensor(obj) or isinstance(obj, dict):
+                objects[key] = obj
+            else:
+                objects[key] = obj.state_dict()
+        if rank():
+            return
+        state = {
+            "epoch": epoch + 1,
+            "rows": self.rows,
+            "best": self.best,
+            "stopped": self.stopped,
+            "best_weights": self.best_weights,
+            "train_time": self.train_time,
+            "args": vars(self.args),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng,
+            "objects": objects,
+        }
+        _atomic_save(state, self.ckpt_path)
+
+    def _results(self):
+        """results.json's content before the final evaluation."""
+        args, data = self.args, self.data
+        step = common.eval_step(args.epsilon / 255, args.eval_iters, args.dataset)
+        return {
+            "method": args.method,
+            "args": vars(args),
+            "epochs": self.rows,
+            "train_time": self.train_time,
+            "best_epoch": self.best["epoch"] or len(self.rows),
+            "stopped_early": len(self.rows) < args.epochs,
+            "train_images": data.train_images,
+            "data": {
+                "classes": data.num_classes,
+                "shape": list(data.shape),
+                "mean": data.mean,
+                "std": data.std,
+            },  # fmt: skip
+            "eval": {
+                "images": len(data.test_y),
+                "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step {255 * step:.4g}/255",
+                "cw_iters": args.eval_cw_iters,
+                "autoattack": args.autoattack,
+                "batch": data.eval_batch,
+            },
+            "device": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else "cpu",
+            "precision": str(self.amp or torch.float32).replace("torch.", ""),
+            "torch": torch.__version__,
+            "processes": world(),
+            "batch_per_process": args.batch_size / world(),
+            # written now too: evaluate.py can load the weights even if this evaluation fails
+            "final": None,
+        }
+
+    def finish(self, model):
+        """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the
+        best model on the fixed test subset (common.evaluate's protocol; each process its part), write
+        results.json and curves.png."""
+        args, out, data = self.args, self.args.out_dir, self.data
+        sync_buffers(model)
+        last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.best_weights is None and self.rows:
+            log("# no epoch was eligible as the best model (all predicted one class); best = last")
+        best = self.best_weights or last
+        results = self._results()
+        if not rank():
+            _atomic_save(last, os.path.join(out, "model_last.pt"))
+            _atomic_save(best, os.path.join(out, "model_best.pt"))
+            _write_json(results, os.path.join(out, "results.json"))
+        final = {}
+        for name, weights, epoch in (
+            ("last", last, len(self.rows)),
+            ("best", best, results["best_epoch"]),
+        ):
+            if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
+                final[name] = final["last"]  # the best weights are the last ones: the same numbers
+                continue
+            model.load_state_dict(weights)
+            log(f"# evaluating the {name} model (epoch {epoch}) on {len(data.test_y)} test images")
+            final[name] = self.evaluate(model)
+            log(
+                f"# {name} model: "
+                + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items())
+            )
+        model.load_state_dict(last)
+        if not rank():
+            _write_json({**results, "final": final}, os.path.join(out, "results.json"))
+            plot_curves(
+                self.rows, os.path.join(out, "curves.png"), f"{args.method} on {args.dataset}"
+            )
+            log(
+                f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, "
+                f"model_last.pt, model_best.pt"
+            )
+        _close_log()
+        return results
+
+    def evaluate(self, model):
+        """common.evaluate's protocol on the test subset, each process its part, reduced over them."""
+        args, data = self.args, self.data
+        x, y = shard((data.test_x, data.test_y))
+        torch.manual_seed(
+            args.seed + rank()
+        )  # the evaluation's random starts do not depend on training
+        part = common.evaluate(
+            model, x, y, args.epsilon / 255, args.eval_iters, args.eval_restarts,
+            args.eval_cw_iters, args.autoattack, data.num_classes, data.eval_batch,
+            dataset=args.dataset, progress=args.progress_every,
+        )  # fmt: skip
+        reduced = {}
+        for k, v in part.items():
+            correct = torch.tensor(v * len(y), dtype=torch.float64, device=y.device)
+            reduced[k] = global_sum(correct).item() / len(data.test_y)
+        return reduced
+
+
+def _cell(column, v):
+    if isinstance(v, float) and (column in ("acc", "pgd_monitor") or column.endswith("_acc")):
+        return f"{100 * v:>9.2f}%"
+    if isinstance(v, float) and column in ("seconds", "cpu_s", "monitor_s"):
+        return f"{v:>10.1f}"
+    if isinstance(v, float):
+        return f"{v:>10.4g}"
+    return f"{str(v):>10}"
+
+
+def _atomic_save(obj, path):
+    """torch.save that never leaves a half-written file: a temporary file, flushed to the disk (fsync),
+    renamed over the old one, and the rename made durable (fsync of the folder)."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(folder)
+    os.close(folder)
+
+
+def _write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main_guard(main):
+    """Run a script's main(): a FastatError is one line on stderr and exit 2 (as argparse's errors), Ctrl-C
+    and a non-finite loss end it with a message, not a traceback."""
+    try:
+        main()
+    except flags.Finished as done:
+        print(f"fastat: {done}", flush=True)
+        sys.exit(0)
+    except FastatError as err:
+        if not rank():
+            print(f"fastat: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        line = "fastat: interrupted; the last checkpoint is intact: continue with --resume --out-dir RUN"
+        print(line, file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss:
+        sys.exit(3)
+    finally:
+        _close_log()
+
+
+def plot_curves(rows, path, title=""):
+    """One small panel per numeric column of the per-epoch rows (a column may be None in some epochs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    keys = []
+    for k in rows[0] if rows else {}:
+        values = [r.get(k) for r in rows]
+        if (
+            k != "epoch"
+            and any(map(numeric, values))
+            and all(numeric(v) or v is None for v in values)
+        ):
+            keys.append(k)
+    panel_rows = max(1, -(-len(keys) // 3))
+    fig, axes = plt.subplots(panel_rows, 3, figsize=(12, 2.8 * panel_rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(*zip(*[(r["epoch"], r[k]) for r in rows if r.get(k) is not None]), marker="o", ms=3)
+        ax.set(title=k, xlabel="epoch")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
