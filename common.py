@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger("fastat")
+logger = logging.getLogger("fastat")  # log(): a run's table and progress lines
+logger.setLevel(logging.INFO)
 
 
 class FastatError(Exception):
@@ -268,10 +269,10 @@ class DeviceLoader:
     epoch(e) yields (x, y, idx): float images in [0, 1], labels, and each sample's index in the full
     training split (per-sample memories are indexed by it). The permutation, crops (zero padding) and flips
     come from a generator seeded by (seed, epoch): a resumed run sees exactly the batches it would have
-    seen. With shuffle (training), each of torchrun's processes takes its part of every batch (--batch-size
-    is the batch of all of them), and a last batch too small to give each process two images is dropped
-    (train-mode BatchNorm cannot take a batch of one); len() is the number of batches yielded, the count
-    every per-iteration schedule is planned with."""
+    seen. With shuffle (training), each of torchrun's processes takes an equal part of every batch
+    (--batch-size is the batch of all of them): the last batch loses the images that do not split evenly,
+    and is dropped if it cannot give each process two (train-mode BatchNorm cannot take a batch of one);
+    len() is the number of batches yielded, the count every per-iteration schedule is planned with."""
 
     def __init__(self, images, labels, indices, batch_size, shuffle=False, crop=0, flip=False,
                  seed=0, channels_last=False, progress=0.0, label="train"):  # fmt: skip
@@ -290,8 +291,12 @@ class DeviceLoader:
     def _sizes(self):
         n, b = len(self.labels), self.batch_size
         sizes = [min(b, n - start) for start in range(0, n, b)]
-        if self.shuffle and sizes and sizes[-1] < 2 * world():
-            sizes.pop()
+        if self.shuffle and sizes:
+            # the last batch: the same share for every process (DDP averages their gradients with
+            # equal weights), at least two images each
+            sizes[-1] -= sizes[-1] % world()
+            if sizes[-1] < 2 * world():
+                sizes.pop()
         return sizes
 
     def __len__(self):
@@ -357,6 +362,12 @@ def subset(total, n=None, seed=0):
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+def monitor_size(args, train_images):
+    """--monitor-size, or by default a fiftieth of the training images (32 to 512): PGD-10 on them costs
+    about a tenth of the forward-backward passes of an FGSM epoch."""
+    return args.monitor_size or min(512, max(32, train_images // 50))
+
+
 def split_validation(n, val_size):
     """(training indices, validation indices) of a split of n images: `val_size` held out (None: a tenth,
     at most 5,000), the same whatever --seed is, so that runs with different seeds share them."""
@@ -403,7 +414,7 @@ def get_data(args):
         )
     # Fixed random subsets, not the first images: an image folder lists its images class by class.
     source = val or train
-    pick = subset(len(source.labels), args.monitor_size, seed=1).to(device)
+    pick = subset(len(source.labels), monitor_size(args, len(train_idx)), seed=1).to(device)
     test = subset(len(test_y), args.eval_samples)
     return SimpleNamespace(
         name=args.dataset,

@@ -173,14 +173,16 @@ def base_parser(doc, label_smoothing=None, **helps):
         action="store_true",
         help="also run AutoAttack (github.com/fra31/auto-attack)",
     )
-    a("--monitor-size", type=pos_int, default=512,
-      help="training images of the catastrophic-overfitting monitor (PGD-10, step ε/4, after every "
-      "epoch)")  # fmt: skip
+    a("--monitor-size", type=pos_int, default=None,
+      help="training images of the catastrophic-overfitting monitor: PGD-10, step ε/4, after every "
+      "epoch (default: a fiftieth of the training images, 32 to 512: a tenth of an FGSM epoch's "
+      "passes)")  # fmt: skip
     a("--val-size", type=nonneg_int, default=None,
       help="training images held out to choose the best model on (0: the monitor's images are "
       "training images)")  # fmt: skip
     a("--progress-every", type=nonneg_float, default=10, metavar="SECONDS",
-      help="a progress line (images/s, ETA) this often in an epoch and in the evaluation (0: none)")  # fmt: skip
+      help="a progress line (images/s, ETA) this often in an epoch and in the evaluation "
+      "(0: none)")  # fmt: skip
     a("--resume", action="store_true",
       help="continue the run in --out-dir from its last checkpoint with its own flags; only the "
       "evaluation and where it runs (--device, ...) may change")  # fmt: skip
@@ -221,8 +223,9 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
     given = {k: v for k, v in vars(parser.parse_args(argv, marked)).items() if v is not _GIVEN}
     script = script or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     args.out_dir = args.out_dir or os.path.join("runs", f"{script}-{args.dataset}")
-    if args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
-        args = _resumed_args(args.out_dir, given, script)
+    saved = _resumed_args(args.out_dir, given, script) if args.resume else None
+    if saved:
+        args = saved
     else:
         model = "mnist-cnn" if args.dataset == "mnist" else "preact18"
         recipe = {"val_size": 0, "phases": None, "model": model, **recipes.get("default", {})}
@@ -270,15 +273,52 @@ class Finished(FastatError):
     """A finished run was asked to resume: nothing to do (exit 0)."""
 
 
+def saved_args(out):
+    """The flags a run in folder `out` was started with: from its checkpoint.pt, or, before its first
+    checkpoint, from the args.json it writes when it starts; None if it holds neither. Raises
+    FastatError if checkpoint.pt cannot be read."""
+    path = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(path):
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["args"]
+        except Exception as err:  # truncated, another program's file, not a torch file at all
+            raise FastatError(
+                f"{path} cannot be read as a fastat checkpoint ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); move it away to start the run "
+                f"again, or give another --out-dir"
+            ) from None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(out, "args.json")) as f:
+            return json.load(f)["args"]
+    return None
+
+
 def _resumed_args(out, given, script):
+    """--resume: the folder's own flags, with the given ones that may change (FREE_ON_RESUME); None when
+    the folder holds no run yet and the command gives one (a cluster's restart repeats the whole
+    command). Raises Finished for a finished run, FastatError for a folder without a run and a command
+    that gives none, another script's run, or a flag that would change the training."""
+    changed = [k for k in given if k not in FREE_ON_RESUME]
     with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "results.json")) as f:
         if json.load(f).get("final"):
+            ignored = ""
+            if changed:
+                ignored = f" ({', '.join('--' + k.replace('_', '-') for k in changed)} ignored)"
             raise Finished(
-                f"{out} is a finished run (results.json): nothing to resume. To evaluate it again: "
-                f"python evaluate.py --weights {out}/model_best.pt"
+                f"{out} is a finished run (results.json): nothing to resume{ignored}. To evaluate "
+                f"it again: python evaluate.py --weights {out}/model_best.pt"
             )
-    path = os.path.join(out, "checkpoint.pt")
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["args"]
+    saved = saved_args(out)
+    if saved is None and not changed:
+        where = (
+            "does not exist" if not os.path.isdir(out) else "holds no checkpoint.pt or args.json"
+        )
+        raise FastatError(
+            f"--resume: {os.path.abspath(out)} {where}: there is no run to resume. To start one "
+            f"there, give its flags (at least --dataset) with --resume, or leave --resume out"
+        )
+    if saved is None:
+        return None
     if saved["method"] != script:
         raise FastatError(f"{out} holds a {saved['method']}.py run, not a {script}.py one")
     for key, value in given.items():

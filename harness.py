@@ -19,11 +19,14 @@ A method script's main() (fgsm_rs.py is the shortest example; `common.` marks th
     run.finish(model)                              # the weights, then the evaluation of last and best
 """
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import socket
 import sys
 import time
 
@@ -35,6 +38,11 @@ import torch.nn as nn
 import common
 import flags
 from common import FastatError, log, rank, world
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 # ---- torchrun
 
@@ -85,15 +93,15 @@ class _Print(logging.Handler):
 
 def setup(args):
     """What a run needs before its data: under torchrun the process group (one GPU per process, its
-    LOCAL_RANK's), the first process's log lines on stdout, and every random generator seeded with
-    --seed + rank (each process draws its own random starts; the networks start from the first process's
-    weights, DDP). Raises FastatError if the batch cannot be shared out."""
+    LOCAL_RANK's) and the same flags in every process; the first process's log lines on stdout; and
+    every random generator seeded with --seed + rank (each process draws its own random starts; the
+    networks start from the first process's weights, DDP). Raises FastatError, before any data is read,
+    if the processes were started with different flags, the batch does not split evenly over them, the
+    run folder is held by another run, or a resumed run had another number of processes."""
+    _end_previous_run()
     logger = common.logger
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    if (
-        int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
-    ):  # started by torchrun
+    logger.propagate = False  # its lines go to stdout here, not through the root logger as well
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun
         if torch.device(args.device).type == "cuda":
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
@@ -102,12 +110,74 @@ def setup(args):
             dist.init_process_group("gloo")
     if not rank() and not any(isinstance(h, _Print) for h in logger.handlers):
         logger.addHandler(_Print())
-    if args.batch_size < 2 * world():
+    _same_flags(args)
+    if args.batch_size % world() or args.batch_size < 2 * world():
         raise FastatError(
-            f"--batch-size {args.batch_size} gives {world()} processes fewer than two images each"
+            f"--batch-size {args.batch_size} does not give each of the {world()} processes the "
+            f"same number of images, at least two: give a multiple of {world()}, at least "
+            f"{2 * world()}"
+        )
+    if not rank() and os.path.isdir(args.out_dir):
+        hold(
+            args.out_dir
+        ).close()  # refused now, not after loading the data, if another run holds it
+    recorded = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(args.out_dir, "args.json")) as f:
+            recorded = json.load(f)
+    if args.resume and recorded.get("processes", world()) != world():
+        raise FastatError(
+            f"{args.out_dir} was trained by {recorded['processes']} process(es): resume it with as "
+            f"many (it runs with {world()})"
         )
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(args.seed + rank())
+
+
+# Flags that may differ between torchrun's processes: where each one runs and reads its files.
+LOCAL_FLAGS = {"device", "data_dir", "phase_data_dirs", "workers", "progress_every"}
+
+
+def _same_flags(args):
+    """Under torchrun every process must train the same run: a --seed, --lr or --epochs that differs
+    on one node would train other images, end with other weights or hang at the shorter run's end."""
+    if world() == 1:
+        return
+    mine = {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS}
+    for other, theirs in enumerate(_gather(mine)):
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                flag = "--" + key.replace("_", "-")
+                raise FastatError(
+                    f"{flag} differs between the processes: {flags._show(theirs.get(key))} in "
+                    f"process {other}, {flags._show(mine.get(key))} in process {rank()}; start "
+                    f"every node with the same command"
+                )
+
+
+def hold(folder):
+    """This process's hold on a run folder: an exclusive lock on folder/run.lock (fcntl.flock, released
+    by the system when the process ends, even killed), with the holder written in it. Returns the open
+    lock file (keep it open). Raises FastatError naming the holder if another process has it."""
+    f = open(os.path.join(folder, "run.lock"), "a+")
+    if fcntl is None:  # not a POSIX system: no lock
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise FastatError(
+            f"{folder} is the folder of a run that is still going ({holder}): wait for it to end, "
+            f"or give another --out-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}: {' '.join(sys.argv)}\n")
+    f.flush()
+    return f
 
 
 # ---- A training run: its folder, the per-epoch table, checkpoints, the final evaluation
@@ -146,12 +216,16 @@ class PerProcess:
         self.tensor = tensor
 
 
-def _close_log():
-    """Detach and close a run's log.txt from common.log (the run's end, or a new run in this process)."""
+def _end_previous_run():
+    """Close the log.txt and release the folder of this process's last run (ended, failed or
+    interrupted) before another one starts in the same process (a notebook, the tests)."""
     for handler in list(common.logger.handlers):
         if isinstance(handler, logging.FileHandler):
             common.logger.removeHandler(handler)
             handler.close()
+    if Run.current is not None and Run.current.lock is not None:
+        Run.current.lock.close()
+        Run.current.lock = None
 
 
 class Run:
@@ -164,56 +238,82 @@ class Run:
     # "best": a constant predictor can beat a catastrophically overfitted model on robust accuracy.
     DEGENERATE_SHARE = 0.9
 
+    current = None  # the run of this process, for main_guard's messages
+
     def __init__(self, args, data, columns=()):
         self.args = args
         self.data = data
         self.device = torch.device(args.device)
-        self.amp = (
-            self._precision()
-        )  # the autocast dtype of training (None: fp32), as the cores take it
+        # the autocast dtype of training (None: fp32), as the cores take it
+        self.amp = self._precision()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.columns = [
-            "epoch",
-            "seconds",
-            "cpu_s",
-            "monitor_s",
-            "lr",
-            "loss",
-            "acc",
-            "pgd_monitor",
-        ]
-        self.columns += list(columns)
+        self.columns = "epoch seconds cpu_s monitor_s lr loss acc pgd_monitor".split() + list(
+            columns
+        )
         torch.backends.cudnn.benchmark = (
             True  # a step's shapes are fixed: cuDNN times its kernels once
         )
         self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-        resumed = args.resume and os.path.exists(self.ckpt_path)
-        if os.path.exists(self.ckpt_path) and not args.resume:
-            raise FastatError(
-                f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue "
-                f"it, or choose another --out-dir"
-            )
-        _close_log()
-        if not rank():  # the first process writes every file of the run
-            os.makedirs(args.out_dir, exist_ok=True)
-            log_file = os.path.join(args.out_dir, "log.txt")
-            handler = logging.FileHandler(log_file, mode="a" if resumed else "w", encoding="utf-8")
-            common.logger.addHandler(handler)
+        self.saved_epoch = 0  # the epoch of the last checkpoint written or resumed from
         self.rows = []
         self.best = {"score": -math.inf, "epoch": 0}
         self.best_weights = None
         self.stopped = False
         self.train_time = 0.0
         self.save_seconds = 0.0
-        if not resumed:
-            log(f"# python {args.method}.py {flags.command_line(args)}")
-            big = ("preact18", "wrn-34-10", "wrn-28-10", *common.RESNETS)
-            if self.device.type == "cpu" and args.model in big:
-                log(
-                    f"# training {args.model} on the CPU is slow: see the ETA of the progress "
-                    f"lines; a small --model such as wrn-16-2 is many times faster"
-                )
-            log("  ".join(f"{c:>10}" for c in self.columns))
+        if os.path.exists(self.ckpt_path) and not args.resume:
+            raise FastatError(
+                f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue "
+                f"it, or choose another --out-dir"
+            )
+        _end_previous_run()
+        self.lock = None
+        if not rank():  # the first process writes every file of the run
+            self._open_folder()
+        Run.current = self
+        if args.resume and os.path.exists(self.ckpt_path):
+            return  # resume() logs where the run goes on
+        if args.resume:
+            log(f"# --resume: no checkpoint in {args.out_dir} yet: the run starts from epoch 1")
+        log(f"# python {args.method}.py {flags.command_line(args)}")
+        big = ("preact18", "wrn-34-10", "wrn-28-10", *common.RESNETS)
+        if self.device.type == "cpu" and args.model in big:
+            log(
+                f"# training {args.model} on the CPU is slow: see the ETA of the progress lines; "
+                f"a small --model such as wrn-16-2 is many times faster"
+            )
+        self._log_monitor()
+        log("  ".join(f"{c:>10}" for c in self.columns))
+
+    def _log_monitor(self):
+        """What the per-epoch monitor costs, in forward-backward passes, beside an FGSM epoch's."""
+        monitor = len(self.data.monitor[1])
+        train = self.data.train_images
+        log(
+            f"# monitor: PGD-10 (step ε/4) on {monitor} of the {train} training images after every "
+            f"epoch, about {10.5 * monitor:.0f} forward-backward passes (an FGSM epoch makes about "
+            f"{2 * train}); --monitor-size sets it"
+        )
+
+    def _open_folder(self):
+        """Make the run folder, hold it (run.lock), record the flags (args.json: a run killed before its
+        first checkpoint restarts as itself) and open log.txt (appended to by a resumed run)."""
+        out = self.args.out_dir
+        try:
+            os.makedirs(out, exist_ok=True)
+            self.lock = hold(out)
+            if not os.path.exists(self.ckpt_path):
+                record = {"method": self.args.method, "args": vars(self.args), "processes": world()}
+                _write_json(record, os.path.join(out, "args.json"))
+            log_file = os.path.join(out, "log.txt")
+            mode = "a" if self.args.resume else "w"
+            common.logger.addHandler(logging.FileHandler(log_file, mode=mode, encoding="utf-8"))
+        except (FileExistsError, NotADirectoryError):
+            raise FastatError(f"--out-dir {out}: a file of that name is in the way") from None
+        except PermissionError as err:
+            raise FastatError(
+                f"--out-dir {out}: not writable ({err.strerror}: {err.filename})"
+            ) from None
 
     def _precision(self):
         """--precision as an autocast dtype: auto is bf16 on GPUs that compute it natively, fp16 on older
@@ -255,8 +355,7 @@ class Run:
         with load_state_dict, tensors with copy_, dicts with update) and the run's own state (table, best
         model, RNG states of every process); returns the epoch to continue from."""
         if not os.path.exists(self.ckpt_path):
-            log(f"# --resume: no checkpoint in {self.args.out_dir}, starting from scratch")
-            return 0
+            return 0  # __init__ said so
         ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
         if len(ckpt["rng"]) != world():
             raise FastatError(
@@ -279,6 +378,7 @@ class Run:
         self.train_time = ckpt["train_time"]
         self.stopped = ckpt["stopped"]
         done = ckpt["epoch"]
+        self.saved_epoch = done
         if ckpt["best_weights"] is not None:  # kept on the CPU (map_location moved them)
             self.best_weights = {k: v.cpu() for k, v in ckpt["best_weights"].items()}
         if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16's loss scale
@@ -290,11 +390,12 @@ class Run:
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
         if not rank():
-            self._log_resume(done)
+            self._log_resume(done, ckpt["args"])
         return self.args.epochs if self.stopped else done
 
-    def _log_resume(self, done):
-        # rows that a skipped checkpoint (fgsm_mep.py) left in the log
+    def _log_resume(self, done, saved):
+        """Where a resumed run goes on: the rows a skipped checkpoint (fgsm_mep.py) left in the log are
+        discarded, and the flags changed since the checkpoint (the evaluation's, ...) are listed."""
         with open(os.path.join(self.args.out_dir, "log.txt")) as f:
             rows = [int(w[0]) for w in map(str.split, f) if w and w[0].isdigit()]
         logged = max(rows, default=0)
@@ -304,6 +405,14 @@ class Run:
                 f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded"
             )
         log(line)
+        changed = []
+        for key in sorted(flags.FREE_ON_RESUME - {"resume", "out_dir"}):
+            now = getattr(self.args, key, None)
+            if saved.get(key) != now:
+                was = flags._show(saved.get(key))
+                changed.append(f"--{key.replace('_', '-')} {flags._show(now)} (was {was})")
+        if changed:
+            log(f"# changed on resuming: {', '.join(changed)}")
         log("  ".join(f"{c:>10}" for c in self.columns))
 
     def start_epoch(self):
@@ -312,14 +421,14 @@ class Run:
         self._start = time.time()
         self._cpu = time.process_time()
 
-    def robust_accuracy(self, model, x, y, eps, step, iters):
+    def robust_accuracy(self, model, x, y, eps, step, iters, label=None):
         """PGD-iters accuracy (eval mode, fp32) of all the processes' model on x, y ([0, 1] units): one
         model (the first process's BatchNorm statistics in every process), each process attacks its part
-        of x, one number reduced over them. x, y: the same in every process."""
+        of x, one number reduced over them. x, y: the same in every process. label: progress lines."""
         sync_buffers(model)
         mine_x, mine_y = shard((x, y))
-        batch = self.data.eval_batch
-        correct = common.pgd_correct(model, mine_x, mine_y, eps, step, iters, batch_size=batch)
+        kw = dict(batch_size=self.data.eval_batch, label=label, progress=self.args.progress_every)
+        correct = common.pgd_correct(model, mine_x, mine_y, eps, step, iters, **kw)
         return global_sum(correct.sum().double().reshape(1)).item() / len(y)
 
     def _monitor(self, model):
@@ -327,7 +436,7 @@ class Run:
         the largest share of them that the clean predictions put into one class."""
         x, y = self.data.monitor
         eps = self.args.epsilon / 255
-        accuracy = self.robust_accuracy(model, x, y, eps, eps / 4, 10)
+        accuracy = self.robust_accuracy(model, x, y, eps, eps / 4, 10, label="monitor")
         x, y = shard((x, y))
         with torch.no_grad(), common.eval_mode(model):
             predictions = [model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]
@@ -357,10 +466,13 @@ class Run:
         acc = mean_over_ranks(acc)
         extra = {k: mean_over_ranks(v) if isinstance(v, float) else v for k, v in extra.items()}
         if not math.isfinite(loss):
+            intact = "no checkpoint was written"
+            if self.saved_epoch:
+                intact = f"the checkpoint of epoch {self.saved_epoch} is intact"
             log(
-                f"# epoch {epoch + 1}: the training loss is {loss}; stopping. The checkpoint of "
-                f"epoch {epoch} is intact, but a resumed run would repeat this epoch: start a new "
-                f"run with a lower --lr or step size"
+                f"# epoch {epoch + 1}: the training loss is {loss}; stopping. {intact}, but a "
+                f"resumed run would train into the same fault: start a new run with a lower --lr "
+                f"or step size"
             )
             raise NonFiniteLoss()
         sync_buffers(model)
@@ -421,6 +533,7 @@ class Run:
             "objects": objects,
         }
         _atomic_save(state, self.ckpt_path)
+        self.saved_epoch = epoch + 1
 
     def _results(self):
         """results.json's content before the final evaluation."""
@@ -479,7 +592,8 @@ class Run:
             ("best", best, results["best_epoch"]),
         ):
             if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
-                final[name] = final["last"]  # the best weights are the last ones: the same numbers
+                log(f"# the best model is the last one (epoch {epoch}): the same numbers")
+                final[name] = final["last"]
                 continue
             model.load_state_dict(weights)
             log(f"# evaluating the {name} model (epoch {epoch}) on {len(data.test_y)} test images")
@@ -498,7 +612,7 @@ class Run:
                 f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, "
                 f"model_last.pt, model_best.pt"
             )
-        _close_log()
+        _end_previous_run()
         return results
 
     def evaluate(self, model):
@@ -532,11 +646,19 @@ def _cell(column, v):
 
 def _atomic_save(obj, path):
     """torch.save that never leaves a half-written file: a temporary file, flushed to the disk (fsync),
-    renamed over the old one, and the rename made durable (fsync of the folder)."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    renamed over the old one, and the rename made durable (fsync of the folder). Raises RunFault (the
+    old file intact) when the disk is full or the folder not writable."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err)
+        reason = "the disk is full" if full else f"{type(err).__name__}: {err}".splitlines()[0]
+        raise RunFault(f"could not write {path} ({reason}); the previous one is intact") from None
     os.replace(path + ".tmp", path)
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(folder)
@@ -544,31 +666,65 @@ def _atomic_save(obj, path):
 
 
 def _write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+    """A JSON file written whole or not at all (RunFault if it cannot be)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+    except OSError as err:
+        raise RunFault(
+            f"could not write {path} ({err.strerror}); the previous one is intact"
+        ) from None
     os.replace(path + ".tmp", path)
 
 
+class RunFault(FastatError):
+    """A fault during the run (a full disk at a save): one line, exit 1; what was saved is intact."""
+
+
 def main_guard(main):
-    """Run a script's main(): a FastatError is one line on stderr and exit 2 (as argparse's errors), Ctrl-C
-    and a non-finite loss end it with a message, not a traceback."""
+    """Run a script's main(): a FastatError is one line on stderr and exit 2 (as argparse's errors; 1 for
+    a fault during the run), Ctrl-C and a non-finite loss end it with a message, not a traceback. Under
+    torchrun every process that fails says why, with its rank; the others' lines say so once."""
+    process = int(os.environ.get("RANK", 0))
+    prefix = f"fastat (process {process})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "fastat"
     try:
         main()
     except flags.Finished as done:
-        print(f"fastat: {done}", flush=True)
+        if not process:
+            print(f"fastat: {done}", flush=True)
         sys.exit(0)
     except FastatError as err:
-        if not rank():
-            print(f"fastat: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(err, RunFault) else 2)
     except KeyboardInterrupt:
-        line = "fastat: interrupted; the last checkpoint is intact: continue with --resume --out-dir RUN"
-        print(line, file=sys.stderr)
+        if not process:
+            print(
+                f"fastat: interrupted; {_where_it_stands(Run.current)}", file=sys.stderr, flush=True
+            )
         sys.exit(130)
     except NonFiniteLoss:
         sys.exit(3)
+    except RuntimeError as err:
+        if world() == 1 or "by peer" not in str(err):
+            raise
+        # gloo's error ("Connection closed/reset by peer") when another process ended: its line says why
+        print(f"{prefix}: another process stopped (its line says why)", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
-        _close_log()
+        _end_previous_run()
+
+
+def _where_it_stands(run):
+    """What an interrupted run left behind, and the command that continues it."""
+    if run is None:
+        return "the run had not started: nothing was written"
+    out = run.args.out_dir
+    again = f"python {run.args.method}.py --resume --out-dir {out}"
+    if run.saved_epoch:
+        return (
+            f"the checkpoint of epoch {run.saved_epoch} in {out} is intact: continue with {again}"
+        )
+    return f"no epoch was checkpointed yet: {again} starts the run again with its own flags"
 
 
 def plot_curves(rows, path, title=""):

@@ -20,6 +20,7 @@ from common import (
     Progress,
     decode_images,
     image_folders,
+    monitor_size,
     part,
     split_validation,
     subset,
@@ -77,9 +78,10 @@ class StreamLoader:
         return crop, batch
 
     def batches(self, epoch):
-        """The batches of `epoch`: a last batch that cannot give each process two images is dropped."""
+        """The batches of `epoch`: the last one keeps what splits evenly over the processes, and is
+        dropped if that cannot give each of them two images."""
         n, b = len(self.indices), self.phase(epoch)[1]
-        return n // b + (n % b >= 2 * world())
+        return n // b + (n % b - n % b % world() >= 2 * world())
 
     def __len__(self):
         return self.batches(0)
@@ -114,6 +116,7 @@ class StreamLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = self.indices[torch.randperm(len(self.indices), generator=gen)].tolist()
         batches = [order[s : s + batch] for s in range(0, self.batches(epoch) * batch, batch)]
+        batches[-1] = batches[-1][: len(batches[-1]) - len(batches[-1]) % world()]
         self.sampler[:] = [[(i, epoch) for i in b[part(len(b))]] for b in batches]
         progress = Progress(f"train epoch {epoch + 1}", sum(map(len, batches)), self.progress)
         for x, y, idx in self.loader:
@@ -157,7 +160,8 @@ def phases(args):
     crop_scale = args.image_size / args.phases[-1][1] if args.image_size else 1
     scaled = []
     for last, crop, batch in args.phases:
-        batch = max(2 * world(), round(batch * args.batch_size / first_batch))
+        # a multiple of the processes (each takes an equal part), at least two images each
+        batch = world() * max(2, round(batch * args.batch_size / first_batch / world()))
         scaled.append([round(last * args.epochs / last_epoch), round(crop * crop_scale), batch])
     return scaled
 
@@ -203,7 +207,7 @@ def get_data(args):
         val = DeviceLoader(val_x.to(device), val_y.to(device), val_idx.to(device), args.batch_size,
                            channels_last=uses_channels_last(args), label="validation")  # fmt: skip
     source = val_idx if len(val_idx) else train_idx
-    pick = source[subset(len(source), args.monitor_size, 1)]
+    pick = source[subset(len(source), monitor_size(args, len(train_idx)), 1)]
     monitor_x, monitor_y = decode_images(train_folder, args.workers, pick, resized)
     test = subset(len(test_folder), args.eval_samples)
     test_x, test_y = decode_images(test_folder, args.workers, test, resized)

@@ -157,7 +157,7 @@ def test_len_is_the_number_of_batches_an_epoch_yields(n, batch, expected):
     assert sum(len(y) for _, y, _ in loader.epoch(0)) == n - (n % batch == 1)
 
 
-def test_loader_prints_progress_without_reading_the_device(capsys):
+def test_loader_prints_progress_without_reading_the_device(log_lines):
     loader = common.DeviceLoader(
         torch.zeros(64, 1, 2, 2, dtype=torch.uint8),
         torch.zeros(64, dtype=torch.long),
@@ -167,9 +167,7 @@ def test_loader_prints_progress_without_reading_the_device(capsys):
         progress=1e-9,
     )
     list(loader.epoch(2))
-    lines = [
-        line for line in capsys.readouterr().out.splitlines() if line.startswith("# train epoch 3:")
-    ]
+    lines = [line for line in log_lines if line.startswith("# train epoch 3:")]
     assert lines and "images/s" in lines[0] and "ETA" in lines[0] and lines[0].split()[4] == "8/64"
 
 
@@ -822,9 +820,13 @@ def test_the_monitor_runs_in_ordinary_batches_and_has_its_own_column(tmp_path, m
     run.start_epoch()
     run.end_epoch(0, _make("wrn-10-1"), {}, lr=0.1, loss=1.0, acc=0.5)
     assert sizes == [4] and run.rows[0]["monitor_s"] > 0
-    assert (
-        "monitor_s" in (tmp_path / "log.txt").read_text().splitlines()[1]
-    )  # the header, before the first row
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if "monitor_s" in line)
+    first_row = next(i for i, line in enumerate(lines) if line.split()[0] == "1")
+    assert header < first_row  # the header, before the first row, after the monitor's cost
+    assert any(
+        line.startswith("# monitor: PGD-10 (step ε/4) on 8 of the 8") for line in lines[:header]
+    )
 
 
 def test_weights_are_written_before_the_evaluation(tmp_path, monkeypatch):
@@ -882,14 +884,14 @@ def test_resume_from_an_older_checkpoint_marks_the_discarded_rows(tmp_path):
     for epoch in range(2):
         run.start_epoch()
         run.end_epoch(epoch, model, {"model": model}, lr=0.1, loss=1.0, acc=0.5, save=epoch == 0)
-    harness._close_log()  # the process dies here: epoch 2's row is logged but not checkpointed
+    harness._end_previous_run()  # the process dies here: epoch 2's row is logged but not checkpointed
     again = harness.Run(_run_args(tmp_path, epochs=3, resume=True), _tiny_data())
     assert again.resume({"model": model}) == 1 and len(again.rows) == 1
     assert (
         "the rows of epochs 2-2 above were not checkpointed: discarded"
         in (tmp_path / "log.txt").read_text()
     )
-    harness._close_log()
+    harness._end_previous_run()
 
 
 def test_eval_command_reproduces_the_final_evaluation(cifar_dir, tmp_path, no_checksum):
@@ -969,7 +971,7 @@ def test_a_checkpoint_holds_and_restores_the_rng_of_its_own_gpu_only(tmp_path, m
     run = harness.Run(_run_args(tmp_path, device="cuda:1"), _tiny_data())
     run.start_epoch()
     run.end_epoch(0, model, {"model": model}, lr=0.1, loss=1.0, acc=0.5)
-    harness._close_log()
+    harness._end_previous_run()
     monkeypatch.setattr(
         torch,
         "load",
@@ -977,5 +979,5 @@ def test_a_checkpoint_holds_and_restores_the_rng_of_its_own_gpu_only(tmp_path, m
     )  # no GPU here to map the tensors to
     again = harness.Run(_run_args(tmp_path, device="cuda:0", resume=True), _tiny_data())
     again.resume({"model": model})
-    harness._close_log()
+    harness._end_previous_run()
     assert calls == [("get", "cuda:1"), ("set", "cuda:0", [7])]

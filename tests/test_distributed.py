@@ -1,9 +1,13 @@
-"""Training across processes with torchrun (gloo on the CPU): each process takes its part of every batch, the weights
-stay identical across processes, two processes train what one does with the same global batch, a resumed two-process
-run equals an uninterrupted one, and every script runs under two processes."""
+"""Training across processes with torchrun (gloo on the CPU): each process takes an equal part of every batch,
+the weights stay identical across processes, two processes train what one does with the same global batch (for a
+network without BatchNorm: with it, each process normalises with its own part's statistics, as Wong et al.'s
+DataParallel did), a resumed two-process run equals an uninterrupted one, a worker killed mid-epoch under
+torchrun's restarts finishes as if uninterrupted, processes started differently or failing alone say so in one
+line, and every script runs under two processes."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,8 +45,10 @@ def torchrun(args, env=None, expect=0):
     return proc
 
 
-@pytest.mark.parametrize("n,batch", [(40, 8), (43, 8), (41, 10)])
-def test_each_process_gets_a_disjoint_part_of_every_batch(monkeypatch, n, batch):
+@pytest.mark.parametrize("n,batch", [(40, 8), (43, 8), (41, 10), (45, 8)])
+def test_each_process_gets_an_equal_disjoint_part_of_every_batch(monkeypatch, n, batch):
+    """Two processes split every batch of the one-process run into equal halves (DDP averages their
+    gradients with equal weights): a last batch of 5 loses one image, one of 3 (2 + 1) is dropped."""
     images, labels = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n)
     loader = common.DeviceLoader(
         images, labels, torch.arange(n), batch, shuffle=True, crop=1, flip=True, seed=3
@@ -55,13 +61,25 @@ def test_each_process_gets_a_disjoint_part_of_every_batch(monkeypatch, n, batch)
         parts.append([idx.tolist() for _, _, idx in loader.epoch(2)])
         assert len(parts[-1]) == len(loader)  # every process runs every step of the schedule
     for b, (a, c) in enumerate(zip(*parts)):
-        assert (
-            len(a) >= 2 and len(c) >= 2 and not set(a) & set(c) and a + c == whole[b]
-        )  # the one-process batch
-    # a last batch too small to give each process two images (43 = 5 × 8 + 3) is dropped
-    assert len(parts[0]) == len(whole) - (
-        n % batch in (2, 3)
-    )  # (a lone one is dropped with one process too)
+        assert len(a) == len(c) >= 2 and not set(a) & set(c)
+        assert a + c == whole[b][: len(a) + len(c)]  # the one-process batch, or all it can split
+    last = n % batch  # the one-process run's partial last batch (it drops a lone image)
+    even = last - last % 2  # what of it splits evenly over two processes
+    assert len(parts[0]) == len(whole) - (2 <= last and even < 4)  # fewer than two images each
+    if even >= 4:
+        assert len(parts[0][-1]) + len(parts[1][-1]) == even
+
+
+def mnist_args(root):
+    """A tiny MNIST run of fgsm_rs.py whose two-process form equals its one-process form (no BatchNorm,
+    FGSM from a zero start, SGD)."""
+    flags = (
+        "--dataset mnist --epochs 2 --batch-size 50 --delta-init zero --optimizer sgd --lr 0.05 "
+    )
+    flags += (
+        "--eval-samples 20 --eval-iters 2 --eval-restarts 1 --eval-cw-iters 2 --monitor-size 20 "
+    )
+    return flags.split() + ["--device", "cpu", "--data-dir", str(root / "data")]
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +89,7 @@ def mnist_runs(tmp_path_factory):
     process, in two, and in two interrupted after epoch 1 and resumed."""
     root = tmp_path_factory.mktemp("dist")
     write_mnist(str(root / "data"), n_train=200, n_test=40)
-    args = [
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(root / "data"),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "50",
-        "--delta-init",
-        "zero",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.05",
-        "--eval-samples",
-        "20",
-        "--eval-iters",
-        "2",
-        "--eval-restarts",
-        "1",
-        "--eval-cw-iters",
-        "2",
-        "--monitor-size",
-        "20",
-        "--device",
-        "cpu",
-    ]
+    args = mnist_args(root)
     torch.set_num_threads(1)
     fgsm_rs.main(args + ["--out-dir", str(root / "one")])
     os.makedirs(root / "weights")
@@ -114,6 +105,7 @@ def mnist_runs(tmp_path_factory):
         expect=1,
     )
     assert "exitcode  : 130" in proc.stderr and "--resume" in proc.stderr
+    assert proc.stderr.count("fastat: interrupted") == 1  # said once, by the first process
     assert not os.path.exists(os.path.join(part, "results.json"))
     torchrun(["fgsm_rs.py", "--resume", "--out-dir", part])
     return root
@@ -232,3 +224,92 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
         assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), name
         saved = torch.load(tmp_path / name[:-3] / "model_last.pt")
         assert all(torch.equal(rank0[k], saved[k]) for k in saved), name
+
+
+# Runs tests/_launch.py with per-process changes from the environment: FASTAT_TEST_RANK_ARGS ({rank:
+# [flags]}) appended to one process's command; FASTAT_TEST_KILL ("rank epoch batch") kills that process
+# with SIGKILL at that batch, in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0).
+PER_PROCESS = """
+import json, os, runpy, signal, sys
+launch = os.path.join(sys.argv[1], "tests", "_launch.py")
+extra = json.loads(os.environ.get("FASTAT_TEST_RANK_ARGS", "{}")).get(os.environ["RANK"], [])
+kill = os.environ.get("FASTAT_TEST_KILL", "").split()
+if kill and kill[0] == os.environ["RANK"] and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    sys.path.insert(0, sys.argv[1])
+    import common
+    epochs = common.DeviceLoader.epoch
+    def epoch(loader, e):
+        for i, batch in enumerate(epochs(loader, e)):
+            if loader.shuffle and (e, i) == (int(kill[1]), int(kill[2])):
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+    common.DeviceLoader.epoch = epoch
+sys.argv = [launch, *sys.argv[2:], *extra]
+runpy.run_path(launch, run_name="__main__")
+"""
+
+
+def per_process(tmp_path, args, env, expect, restarts=None):
+    """torchrun with 2 processes through PER_PROCESS; restarts: c10d rendezvous with that many restarts
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the work-around of pytorch/pytorch#135712)."""
+    wrapper = tmp_path / "per_process.py"
+    wrapper.write_text(PER_PROCESS)
+    rdzv = ["--standalone"]
+    if restarts is not None:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "t"]
+        rdzv += ["--max-restarts", str(restarts), "--nnodes", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc_per_node", "2"]
+    cmd += [str(wrapper), ROOT, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == expect, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def test_processes_started_with_different_flags_stop_naming_the_flag(mnist_runs, tmp_path):
+    """A different --seed on one node trained a quarter of the images twice; a different --lr ended with
+    other weights; a different --epochs hung. Every process compares the flags after the group starts."""
+    args = ["fgsm_rs.py", *mnist_args(mnist_runs), "--out-dir", str(tmp_path / "run")]
+    proc = per_process(tmp_path, args, {"FASTAT_TEST_RANK_ARGS": '{"1": ["--seed", "1"]}'}, 1)
+    assert (
+        "fastat (process 1): --seed differs between the processes: 0 in process 0, 1" in proc.stderr
+    )
+    assert "fastat (process 0): --seed differs" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_failure_on_another_process_is_explained_by_that_process(mnist_runs, tmp_path):
+    args = ["fgsm_rs.py", *mnist_args(mnist_runs), "--out-dir", str(tmp_path / "run")]
+    missing = json.dumps(
+        {"1": ["--data-dir", str(tmp_path / "missing")]}
+    )  # a node without the data
+    proc = per_process(tmp_path, args, {"FASTAT_TEST_RANK_ARGS": missing}, 1)
+    assert "fastat (process 1): dataset 'mnist' not found in " in proc.stderr
+    assert "fastat (process 0): another process stopped" in proc.stderr
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(mnist_runs, tmp_path):
+    args = ["fgsm_rs.py", *mnist_args(mnist_runs), "--out-dir", str(tmp_path / "run")]
+    proc = per_process(tmp_path, args + ["--batch-size", "51"], {}, 1)
+    assert "--batch-size 51 does not give each of the 2 processes the same number" in proc.stderr
+
+
+def test_a_worker_killed_mid_epoch_restarts_and_finishes_as_if_uninterrupted(mnist_runs, tmp_path):
+    """The README's command for automatic restarts: torchrun --max-restarts with c10d rendezvous, and
+    --resume from the first start. Process 1 is killed (SIGKILL) in the middle of epoch 2."""
+    out = str(tmp_path / "run")
+    args = ["fgsm_rs.py", *mnist_args(mnist_runs), "--out-dir", out, "--resume"]
+    proc = per_process(tmp_path, args, {"FASTAT_TEST_KILL": "1 1 2"}, 0, restarts=1)
+    assert "exitcode: -9" in proc.stderr  # it was killed, and restarted
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "# resumed from" in log and "after epoch 1" in log
+    assert comparable(load_results(out)) == comparable(load_results(mnist_runs / "two"))
+
+
+def test_a_finished_run_says_so_once_under_torchrun(mnist_runs):
+    proc = torchrun(["fgsm_rs.py", "--resume", "--out-dir", str(mnist_runs / "two")])
+    assert proc.stdout.count("is a finished run") == 1

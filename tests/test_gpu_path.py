@@ -57,4 +57,4 @@ def test_the_flag_sets_the_autocast_dtype_and_the_layout(tmp_path, cifar_dir, no
         assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == layout
         with run.autocast():
             assert model(x).dtype == (dtype or torch.float32)
-        harness._close_log()
+        harness._end_previous_run()
