@@ -287,10 +287,15 @@ def saved_args(out):
                 f"{str(err).splitlines()[0] if str(err) else ''}); move it away to start the run "
                 f"again, or give another --out-dir"
             ) from None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    return _recorded(out).get("args")
+
+
+def _recorded(out):
+    """The args.json a run writes when it starts ({} if there is none)."""
+    with contextlib.suppress(OSError, ValueError):
         with open(os.path.join(out, "args.json")) as f:
-            return json.load(f)["args"]
-    return None
+            return json.load(f)
+    return {}
 
 
 def _resumed_args(out, given, script):
@@ -309,6 +314,13 @@ def _resumed_args(out, given, script):
                 f"it again: python evaluate.py --weights {out}/model_best.pt"
             )
     saved = saved_args(out)
+    processes = _recorded(out).get("processes")
+    started = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if saved and processes and processes != started:  # refused before the data is read
+        raise FastatError(
+            f"{out} was trained by {processes} process(es): resume it with as many (this start has "
+            f"{started})"
+        )
     if saved is None and not changed:
         where = (
             "does not exist" if not os.path.isdir(out) else "holds no checkpoint.pt or args.json"

@@ -96,8 +96,8 @@ def setup(args):
     LOCAL_RANK's) and the same flags in every process; the first process's log lines on stdout; and
     every random generator seeded with --seed + rank (each process draws its own random starts; the
     networks start from the first process's weights, DDP). Raises FastatError, before any data is read,
-    if the processes were started with different flags, the batch does not split evenly over them, the
-    run folder is held by another run, or a resumed run had another number of processes."""
+    if the processes were started with different flags, the batch does not split evenly over them, or
+    the run folder is held by another run."""
     _end_previous_run()
     logger = common.logger
     logger.propagate = False  # its lines go to stdout here, not through the root logger as well
@@ -118,18 +118,8 @@ def setup(args):
             f"{2 * world()}"
         )
     if not rank() and os.path.isdir(args.out_dir):
-        hold(
-            args.out_dir
-        ).close()  # refused now, not after loading the data, if another run holds it
-    recorded = {}
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(args.out_dir, "args.json")) as f:
-            recorded = json.load(f)
-    if args.resume and recorded.get("processes", world()) != world():
-        raise FastatError(
-            f"{args.out_dir} was trained by {recorded['processes']} process(es): resume it with as "
-            f"many (it runs with {world()})"
-        )
+        # refused now, not after loading the data, if another run holds it
+        hold(args.out_dir).close()
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(args.seed + rank())
 
