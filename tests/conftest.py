@@ -5,6 +5,7 @@ small network reaches high clean accuracy within an epoch or two and attacks hav
 """
 
 import json
+import logging
 import os
 import pickle
 import struct
@@ -146,6 +147,20 @@ def copy_of(function):
     namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
     exec(textwrap.dedent(inspect.getsource(function)), namespace)
     return namespace[function.__name__]
+
+
+@pytest.fixture
+def log_lines():
+    """The lines common.log writes during a test (without harness.setup, nothing prints them)."""
+    import common
+
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    common.logger.addHandler(handler)
+    common.logger.setLevel(logging.INFO)
+    yield lines
+    common.logger.removeHandler(handler)
 
 
 @pytest.fixture
