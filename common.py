@@ -107,19 +107,24 @@ DATASETS = {
 DATASET_NAMES = list(DATASETS) + ["folder"]
 
 
-# What each torchvision dataset keeps in --data-dir ({}: the split): never downloaded over
-_KEPT = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "{}_32x32.mat"}
+# What each torchvision dataset reads from --data-dir (training, test split): files there that fail its
+# check are refused, never downloaded over. (Its archives, there and intact, are used without the network.)
+_KEPT = {
+    "cifar10": ("cifar-10-batches-py",) * 2,
+    "cifar100": ("cifar-100-python",) * 2,
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+    "mnist": ("MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-images-idx3-ubyte"),
+}
 
 
 def _torchvision_split(name, data_dir, train):
-    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if none of its files is in
-    data_dir. Raises FastatError if its files there fail torchvision's check or the download fails."""
+    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if its files are not in data_dir.
+    Raises FastatError if its files there fail torchvision's check or the download fails."""
     from torchvision import datasets
 
     split = "train" if train else "test"
     cls = getattr(datasets, name.upper())  # CIFAR10, CIFAR100, SVHN, MNIST
-    kept = _KEPT.get(name, os.path.join("MNIST", "raw")).format(split)
-    files = os.path.abspath(os.path.join(data_dir, kept))
+    files = os.path.abspath(os.path.join(data_dir, _KEPT[name][0 if train else 1]))
     kw = {"split": split} if name == "svhn" else {"train": train}
     if rank():  # under torchrun the first process downloads, alone
         dist.barrier()
@@ -128,9 +133,9 @@ def _torchvision_split(name, data_dir, train):
     except Exception:  # missing, or failing torchvision's checksum
         if os.path.exists(files):
             raise FastatError(
-                f"dataset '{name}': {files} is there but fails torchvision's check (a subset, a "
-                f"re-pickled copy, a partial download?); move it away to download the official "
-                f"files, see README.md, 'Data layout'"
+                f"dataset '{name}': {files} is there but fails torchvision's checks (a subset, a "
+                f"re-pickled or partial copy?); move it away to download the official files, see "
+                f"README.md, 'Data layout'"
             ) from None
         ds = _download(cls, name, data_dir, kw)
     if world() > 1 and not rank():

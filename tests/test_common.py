@@ -94,7 +94,7 @@ def offline(monkeypatch):
     return attempts
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "mnist"])
 def test_files_that_fail_the_checksum_are_refused_not_downloaded_over(
     tmp_path, name, offline, capsys
 ):
@@ -104,6 +104,10 @@ def test_files_that_fail_the_checksum_are_refused_not_downloaded_over(
     if name == "svhn":
         write_svhn(str(tmp_path))
         kept = tmp_path / "train_32x32.mat"
+    elif name == "mnist":  # no checksum: a file cut short
+        write_mnist(str(tmp_path))
+        kept = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        kept.write_bytes(kept.read_bytes()[:5000])
     else:
         write_cifar(str(tmp_path), num_classes=10 if name == "cifar10" else 100)
         kept = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
@@ -112,7 +116,7 @@ def test_files_that_fail_the_checksum_are_refused_not_downloaded_over(
         harness.main_guard(lambda: common.load_dataset(name, str(tmp_path)))
     line = capsys.readouterr().err.strip()
     assert err.value.code == 2 and "\n" not in line and str(kept) in line
-    assert "fails torchvision's check" in line and "not found" not in line
+    assert "fails torchvision's checks" in line and "not found" not in line
     assert not offline and sorted(str(p) for p in tmp_path.rglob("*")) == files
 
 
