@@ -107,8 +107,7 @@ DATASETS = {
 DATASET_NAMES = list(DATASETS) + ["folder"]
 
 
-# What each torchvision dataset reads from --data-dir (training, test split): files there that fail its
-# check are refused, never downloaded over. (Its archives, there and intact, are used without the network.)
+# What each torchvision dataset reads (training, test split): there but failing its check, never downloaded over
 _KEPT = {
     "cifar10": ("cifar-10-batches-py",) * 2,
     "cifar100": ("cifar-100-python",) * 2,

@@ -31,7 +31,7 @@ from common import (
 )
 
 # Every script's recipe on --dataset imagenet starts from this (flags.parse_args): Wong et al.'s
-# configuration. phases: (last epoch, crop, batch) of each phase.
+# configuration. phases: (last epoch, crop, batch) of each phase; lr: for batches of 512 (linear_lr).
 IMAGENET = dict(
     model="resnet50",
     epochs=15,
