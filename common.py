@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from types import SimpleNamespace
 
@@ -107,38 +108,36 @@ DATASETS = {
 DATASET_NAMES = list(DATASETS) + ["folder"]
 
 
+# What each torchvision dataset reads (training, test split): there but failing its check, never downloaded over
+_KEPT = {
+    "cifar10": ("cifar-10-batches-py",) * 2,
+    "cifar100": ("cifar-100-python",) * 2,
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+    "mnist": ("MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-images-idx3-ubyte"),
+}
+
+
 def _torchvision_split(name, data_dir, train):
-    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if it is missing."""
+    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if its files are not in data_dir.
+    Raises FastatError if its files there fail torchvision's check or the download fails."""
     from torchvision import datasets
 
-    if name == "svhn":
-        cls, kw = datasets.SVHN, {"split": "train" if train else "test"}
-    else:
-        tables = {
-            "cifar10": datasets.CIFAR10,
-            "cifar100": datasets.CIFAR100,
-            "mnist": datasets.MNIST,
-        }
-        cls = tables[name]
-        kw = {"train": train}
+    split = "train" if train else "test"
+    cls = getattr(datasets, name.upper())  # CIFAR10, CIFAR100, SVHN, MNIST
+    files = os.path.abspath(os.path.join(data_dir, _KEPT[name][0 if train else 1]))
+    kw = {"split": split} if name == "svhn" else {"train": train}
     if rank():  # under torchrun the first process downloads, alone
         dist.barrier()
     try:
         ds = cls(data_dir, download=False, **kw)
-    except RuntimeError:  # missing, or failed its checksum
-        log(f"# {name} not found in {data_dir}: downloading it")
-        try:  # torchvision prints each mirror's failure: kept off the terminal, one line says it all
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
-                ds = cls(data_dir, download=True, **kw)
-        except Exception as err:  # offline: URLError, socket and HTTP errors, a bad archive ...
-            first = str(err).splitlines()[0] if str(err) else ""
+    except Exception:  # missing, or failing torchvision's checksum
+        if os.path.exists(files):
             raise FastatError(
-                f"dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not be "
-                f"downloaded ({type(err).__name__}: {first}); see README.md, 'Data layout'"
+                f"dataset '{name}': {files} is there but fails torchvision's checks (a subset, a "
+                f"re-pickled or partial copy?); move it away to download the official files, see "
+                f"README.md, 'Data layout'"
             ) from None
+        ds = _download(cls, name, data_dir, kw)
     if world() > 1 and not rank():
         dist.barrier()
     x = torch.as_tensor(ds.data)
@@ -148,6 +147,30 @@ def _torchvision_split(name, data_dir, train):
         x = x.permute(0, 3, 1, 2)
     labels = ds.labels if name == "svhn" else ds.targets
     return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _download(cls, name, data_dir, kw):
+    """torchvision's dataset `cls` downloaded into data_dir. Raises FastatError (one line) if the download
+    fails, after removing what it wrote: a failed load leaves no folder or partial archive behind."""
+    log(f"# {name} not found in {data_dir}: downloading it")
+    top = os.path.abspath(data_dir)  # the deepest folder of data_dir's path that exists
+    while not os.path.isdir(top):
+        top = os.path.dirname(top)
+    before = set(os.listdir(top))
+    try:  # torchvision prints each mirror's failure: kept off the terminal, one line says it all
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return cls(data_dir, download=True, **kw)
+    except Exception as err:  # offline: URLError, socket and HTTP errors, a bad archive ...
+        for path in [os.path.join(top, f) for f in set(os.listdir(top)) - before]:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        raise FastatError(
+            f"dataset '{name}' not found in {os.path.abspath(data_dir)} and it could not be "
+            f"downloaded ({type(err).__name__}: {' '.join(str(err).split())}); see README.md, "
+            f"'Data layout'"
+        ) from None
 
 
 def _rgb(path):
@@ -161,28 +184,56 @@ def _rgb(path):
         raise OSError(f"cannot read image {path}: {err}") from None
 
 
+def _list_images(directory, class_to_idx, extensions, **_):
+    """ImageFolder's listing (its make_dataset, with its arguments): (path, class) of the images under each
+    directory/CLASS. Each folder is walked once, a class folder only as its class: a symbolic link to a
+    folder already walked (a loop) would list its files again. Raises FastatError for a class without images."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    classes = {os.path.realpath(os.path.join(directory, name)) for name in class_to_idx}
+    seen = set()  # the real paths of the folders walked
+    samples = []
+    for name, label in sorted(class_to_idx.items()):
+        found = len(samples)
+        top = os.path.join(directory, name)
+        for root, dirs, files in os.walk(top, followlinks=True):
+            dirs.sort()  # top-down in this order: the same listing on every file system
+            real = os.path.realpath(root)
+            if real in seen or (root != top and real in classes):
+                dirs.clear()
+                continue
+            seen.add(real)
+            files = [f for f in sorted(files) if has_file_allowed_extension(f, extensions)]
+            samples += [(os.path.join(root, f), label) for f in files]
+        if len(samples) == found:
+            raise FastatError(f"{top} holds no image (every class folder needs at least one)")
+    return samples
+
+
 def image_folders(name, data_dir):
     """The training and test torchvision ImageFolders of a folder (DATA_DIR/train/CLASS/*, and test/ or
     val/), of ImageNet (the same) or Tiny ImageNet, the test split labelled in the training split's class
-    order. Raises FastatError if the layout is not there."""
+    order; each listed by _list_images. Raises FastatError if the layout is not there."""
     from torchvision.datasets import ImageFolder
 
+    def folder(path):
+        images = ImageFolder.__new__(ImageFolder)
+        images.make_dataset = _list_images  # what ImageFolder.__init__ lists the files with
+        ImageFolder.__init__(images, path, loader=_rgb)
+        return images
+
     root = os.path.join(data_dir, "tiny-imagenet-200") if name == "tiny-imagenet" else data_dir
-    tests = [os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))]
+    # Tiny ImageNet: val/images/*.JPEG, labelled by val/val_annotations.txt (test/ has no labels)
+    tests = ["val"] if name == "tiny-imagenet" else ["test", "val"]
+    tests = [os.path.join(root, d) for d in tests if os.path.isdir(os.path.join(root, d))]
     if not os.path.isdir(os.path.join(root, "train")) or not tests:
         where = os.path.abspath(data_dir)
         raise FastatError(f"dataset '{name}' not found in {where}; see README.md, 'Data layout'")
     try:
-        train = ImageFolder(os.path.join(root, "train"), loader=_rgb)
-        if name == "tiny-imagenet":  # val/images/*.JPEG, labelled by val/val_annotations.txt
-            val_images = f"{os.sep}val{os.sep}images{os.sep}"
-            test = ImageFolder(
-                root, loader=_rgb, allow_empty=True, is_valid_file=lambda p: val_images in p
-            )
-        else:
-            test = ImageFolder(tests[0], loader=_rgb)
-    except FileNotFoundError as err:  # an empty class folder
-        raise FastatError(f"{err} (every class folder needs at least one image)") from None
+        train = folder(os.path.join(root, "train"))
+        test = folder(tests[0])
+    except FileNotFoundError as err:  # no class folder
+        raise FastatError(str(err)) from None
     if name == "tiny-imagenet":
         with open(os.path.join(root, "val", "val_annotations.txt")) as f:
             wnid = dict(line.split()[:2] for line in f if line.strip())
@@ -368,15 +419,27 @@ def monitor_size(args, train_images):
     return args.monitor_size or min(512, max(32, train_images // 50))
 
 
-def split_validation(n, val_size):
-    """(training indices, validation indices) of a split of n images: `val_size` held out (None: a tenth,
-    at most 5,000), the same whatever --seed is, so that runs with different seeds share them."""
-    if val_size is None:
-        val_size = min(5000, n // 10)
+def split_validation(args, labels, test_size):
+    """(training indices, validation indices) of the training split, int64 `labels`: --val-size images held
+    out (None: a tenth, at most 5,000), the same whatever --seed is, so that runs with different seeds
+    share them. Logs the splits' sizes and the classes. Raises FastatError if the labels hold fewer than
+    2 classes (every prediction would be right) or --val-size leaves too few training images."""
+    n = len(labels)
+    classes = len(torch.unique(labels))
+    if classes < 2:
+        raise FastatError(
+            f"dataset '{args.dataset}' in {os.path.abspath(args.data_dir)}: every training "
+            f"image is of one class, and a classifier needs two or more"
+        )
+    val_size = min(5000, n // 10) if args.val_size is None else args.val_size
     if val_size >= n - 1:
         raise FastatError(
             f"--val-size {val_size} leaves too few training images ({n} in the split)"
         )
+    log(
+        f"# {args.dataset}: {n - val_size} training images, {val_size} validation images, "
+        f"{test_size} test images, {classes} classes"
+    )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return perm[: n - val_size].sort().values, perm[n - val_size :].sort().values
 
@@ -399,7 +462,7 @@ def get_data(args):
     device = torch.device(args.device)
     fast = uses_channels_last(args)
     (x, y), (test_x, test_y), info = load_dataset(args.dataset, args.data_dir, args.workers)
-    train_idx, val_idx = split_validation(len(y), args.val_size)
+    train_idx, val_idx = split_validation(args, y, len(test_y))
     x, y = x.to(device), y.to(device)
     train_idx, val_idx = train_idx.to(device), val_idx.to(device)
     train = DeviceLoader(

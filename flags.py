@@ -215,7 +215,7 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
     keep it when only ε is set (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With
     --resume the flags come from the run's checkpoint, and one given with it that would change the
     training is refused (FastatError). Starts nothing: harness.setup(args) does."""
-    from imagenet import IMAGENET
+    from imagenet import IMAGENET, linear_lr
 
     _show_recipes(parser, recipes)
     args = parser.parse_args(argv)
@@ -244,6 +244,8 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
         for key, value in recipe.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+        if args.dataset == "imagenet" and "lr" not in given:  # the recipe's lr is for its batch
+            args.lr = linear_lr(args.lr, args.batch_size, recipe["batch_size"])
         args.method = script
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

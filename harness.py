@@ -84,6 +84,17 @@ def shard(xy):
     return xy[0][mine], xy[1][mine]
 
 
+class _Early(logging.Handler):
+    """The lines logged before the run's log.txt is open (the data's counts): written into it then."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
 class _Print(logging.Handler):
     """common.log's lines on stdout (the one sys.stdout is now), flushed."""
 
@@ -110,6 +121,10 @@ def setup(args):
             dist.init_process_group("gloo")
     if not rank() and not any(isinstance(h, _Print) for h in logger.handlers):
         logger.addHandler(_Print())
+    for handler in [h for h in logger.handlers if isinstance(h, _Early)]:
+        logger.removeHandler(handler)
+    if not rank():
+        logger.addHandler(_Early())
     _same_flags(args)
     if args.batch_size % world() or args.batch_size < 2 * world():
         raise FastatError(
@@ -146,15 +161,18 @@ def _same_flags(args):
 
 
 def hold(folder):
-    """This process's hold on a run folder: an exclusive lock on folder/run.lock (fcntl.flock, released
-    by the system when the process ends, even killed), with the holder written in it. Returns the open
-    lock file (keep it open). Raises FastatError naming the holder if another process has it."""
+    """This process's hold on a run folder: an exclusive lock on folder/run.lock, with the holder written
+    in it. A POSIX record lock (fcntl.lockf): the system releases it when the process ends, even killed,
+    and DataLoader workers forked from the process do not inherit it. Returns the open lock file (keep
+    it open). Raises FastatError naming the holder if another process has it."""
     f = open(os.path.join(folder, "run.lock"), "a+")
     if fcntl is None:  # not a POSIX system: no lock
         return f
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)  # the whole file
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         f.seek(0)
         holder = f.read().strip() or "a process"
         f.close()
@@ -258,6 +276,11 @@ class Run:
             )
         _end_previous_run()
         self.lock = None
+        self.log_file = None
+        self.early = []  # the lines logged before log.txt was open
+        for handler in [h for h in common.logger.handlers if isinstance(h, _Early)]:
+            common.logger.removeHandler(handler)
+            self.early = handler.lines
         if not rank():  # the first process writes every file of the run
             self._open_folder()
         Run.current = self
@@ -266,6 +289,7 @@ class Run:
         if args.resume:
             log(f"# --resume: no checkpoint in {args.out_dir} yet: the run starts from epoch 1")
         log(f"# python {args.method}.py {flags.command_line(args)}")
+        self._log_early()
         big = ("preact18", "wrn-34-10", "wrn-28-10", *common.RESNETS)
         if self.device.type == "cpu" and args.model in big:
             log(
@@ -274,6 +298,11 @@ class Run:
             )
         self._log_monitor()
         log("  ".join(f"{c:>10}" for c in self.columns))
+
+    def _log_early(self):
+        """Into log.txt (only: stdout had them), the lines logged before it was open."""
+        if self.log_file is not None:
+            self.log_file.stream.writelines(line + "\n" for line in self.early)
 
     def _log_monitor(self):
         """What the per-epoch monitor costs, in forward-backward passes, beside an FGSM epoch's."""
@@ -298,6 +327,7 @@ class Run:
             log_file = os.path.join(out, "log.txt")
             mode = "a" if self.args.resume else "w"
             common.logger.addHandler(logging.FileHandler(log_file, mode=mode, encoding="utf-8"))
+            self.log_file = common.logger.handlers[-1]
         except (FileExistsError, NotADirectoryError):
             raise FastatError(f"--out-dir {out}: a file of that name is in the way") from None
         except PermissionError as err:
@@ -395,6 +425,7 @@ class Run:
                 f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded"
             )
         log(line)
+        self._log_early()
         changed = []
         for key in sorted(flags.FREE_ON_RESUME - {"resume", "out_dir"}):
             now = getattr(self.args, key, None)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common import (
     DATASETS,
@@ -20,6 +21,7 @@ from common import (
     Progress,
     decode_images,
     image_folders,
+    log,
     monitor_size,
     part,
     split_validation,
@@ -30,7 +32,7 @@ from common import (
 )
 
 # Every script's recipe on --dataset imagenet starts from this (flags.parse_args): Wong et al.'s
-# configuration. phases: (last epoch, crop, batch) of each phase.
+# configuration. phases: (last epoch, crop, batch) of each phase; lr: for batches of 512 (linear_lr).
 IMAGENET = dict(
     model="resnet50",
     epochs=15,
@@ -102,6 +104,7 @@ class StreamLoader:
         self.loader = torch.utils.data.DataLoader(
             _Seeded(folder, self.seed),
             batch_sampler=self.sampler,
+            collate_fn=_batch,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.workers > 0,
@@ -119,15 +122,29 @@ class StreamLoader:
         batches[-1] = batches[-1][: len(batches[-1]) - len(batches[-1]) % world()]
         self.sampler[:] = [[(i, epoch) for i in b[part(len(b))]] for b in batches]
         progress = Progress(f"train epoch {epoch + 1}", sum(map(len, batches)), self.progress)
-        for x, y, idx in self.loader:
+        unreadable = []
+        for x, y, idx, bad in self.loader:
+            unreadable += bad
+            if x is None:
+                raise FastatError(f"no image of a batch could be read, among them {bad[0]}")
             x = to_images(x.to(self.device, non_blocking=True), self.channels_last)
             y = y.to(self.device, non_blocking=True)
             yield x, y, idx.to(self.device, non_blocking=True)
             progress.update(len(y) * world())
+        count = torch.tensor(len(unreadable), device=self.device)
+        if dist.is_initialized():  # every process's count
+            dist.all_reduce(count)
+        if count:
+            first = f"; {unreadable[0]}" if unreadable else ""
+            log(
+                f"# train epoch {epoch + 1}: {int(count)} unreadable image(s), each replaced by "
+                f"another image of its batch{first}"
+            )
 
 
 class _Seeded(torch.utils.data.Dataset):
-    """An ImageFolder indexed by (index, epoch): each sample's augmentation seeded by (seed, epoch, index)."""
+    """An ImageFolder indexed by (index, epoch): each sample's augmentation seeded by (seed, epoch, index).
+    An unreadable image gives (None, the error's message, index): _batch replaces it."""
 
     def __init__(self, folder, seed):
         self.folder = folder
@@ -135,11 +152,26 @@ class _Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, epoch = item
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the process's generator is left alone (--workers 0)
+        # the process's generator is left alone (--workers 0)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            return *self.folder[index], index
+            try:
+                return *self.folder[index], index
+            except OSError as err:  # truncated or corrupt (common._rgb names the file)
+                return None, str(err), index
+
+
+def _batch(items):
+    """A process's part of a batch, (x, y, index) items, as (x, y, indices, the unreadable images'
+    messages): an unreadable image (x None) is replaced by the first readable one of the part, so that
+    every part keeps its size (torchrun's processes step together) and a resumed run sees the same batch;
+    x is None if none is readable."""
+    bad = [y for x, y, _ in items if x is None]
+    good = [item for item in items if item[0] is not None]
+    if not good:
+        return None, None, None, bad
+    x, y, idx = torch.utils.data.default_collate([good[0] if i[0] is None else i for i in items])
+    return x, y, idx, bad
 
 
 def eval_transform(size):
@@ -151,8 +183,9 @@ def eval_transform(size):
 
 def phases(args):
     """The run's phases, (last epoch, crop, batch) each. ImageNet's recipe (args.phases, Wong et al.'s three)
-    is scaled: its ends to --epochs, its batches to --batch-size (the first phase's batch), its crops to
-    --image-size (the last phase's crop); without phases, one phase of --image-size and --batch-size."""
+    is scaled: its ends to --epochs (the first at least 1: a short run keeps the phases' order and never
+    skips the first), its batches to --batch-size (the first phase's batch), its crops to --image-size
+    (the last phase's crop); without phases, one phase of --image-size and --batch-size."""
     if not args.phases:
         return [[args.epochs, args.image_size, args.batch_size]]
     last_epoch = args.phases[-1][0]
@@ -160,10 +193,18 @@ def phases(args):
     crop_scale = args.image_size / args.phases[-1][1] if args.image_size else 1
     scaled = []
     for last, crop, batch in args.phases:
+        end = max(1, round(last * args.epochs / last_epoch))
         # a multiple of the processes (each takes an equal part), at least two images each
         batch = world() * max(2, round(batch * args.batch_size / first_batch / world()))
-        scaled.append([round(last * args.epochs / last_epoch), round(crop * crop_scale), batch])
+        scaled.append([end, round(crop * crop_scale), batch])
     return scaled
+
+
+def linear_lr(lr, batch_size, recipe_batch):
+    """The lr for batches of `batch_size` images from a recipe's lr for `recipe_batch` (Wong et al.'s 0.4
+    for 512): lr × batch_size / recipe_batch, Goyal et al.'s linear scaling rule (DECISIONS.md, 'ImageNet
+    lr and batch'). flags.parse_args applies it on --dataset imagenet when --lr is not given."""
+    return lr * batch_size / recipe_batch
 
 
 def get_data(args):
@@ -183,11 +224,13 @@ def get_data(args):
     size = run_phases[-1][1]
     resized = eval_transform(size)
     train_folder, test_folder = image_folders(args.dataset, args.data_dir)
-    train_idx, val_idx = split_validation(len(train_folder), args.val_size)
+    labels = torch.tensor(train_folder.targets)
+    train_idx, val_idx = split_validation(args, labels, len(test_folder))
+    shown = ", ".join(" ".join(map(str, p)) for p in run_phases)
+    log(f"# phases (last epoch, crop, batch): {shown}; lr {args.lr:g} for this --batch-size")
     folders = [train_folder]
-    if (
-        args.phase_data_dirs
-    ):  # each phase's copy (Wong et al. read 160 and 352 px copies: faster to decode)
+    # each phase's copy (Wong et al. read 160 and 352 px copies: faster to decode)
+    if args.phase_data_dirs:
         folders = [image_folders(args.dataset, d)[0] for d in args.phase_data_dirs]
     for f in folders:
         moved = [(p.replace(train_folder.root, f.root, 1), c) for p, c in train_folder.samples]

@@ -5,6 +5,7 @@ small network reaches high clean accuracy within an epoch or two and attacks hav
 """
 
 import json
+import logging
 import os
 import pickle
 import struct
@@ -137,29 +138,6 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def log_lines():
-    """The lines common.log writes while the test runs (the progress lines of a loader or an attack),
-    collected from the library's logger whether or not a run has set up its output."""
-    import logging
-
-    import common
-
-    lines = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    common.logger.addHandler(handler)
-    level = common.logger.level
-    common.logger.setLevel(logging.INFO)
-    yield lines
-    common.logger.removeHandler(handler)
-    common.logger.setLevel(level)
-
-
 def copy_of(function):
     """`function` defined again from its source in a namespace that holds only torch (as torch, nn and F): the proof
     that a method's core copies into another project without this repository."""
@@ -169,6 +147,20 @@ def copy_of(function):
     namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional}
     exec(textwrap.dedent(inspect.getsource(function)), namespace)
     return namespace[function.__name__]
+
+
+@pytest.fixture
+def log_lines():
+    """The lines common.log writes during a test (without harness.setup, nothing prints them)."""
+    import common
+
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    common.logger.addHandler(handler)
+    common.logger.setLevel(logging.INFO)
+    yield lines
+    common.logger.removeHandler(handler)
 
 
 @pytest.fixture

@@ -79,6 +79,83 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path, name, monkeypatch, 
     assert str(tmp_path / "nowhere") in line and "'Data layout'" in line
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every download attempt fails at once, and is counted."""
+    import urllib.request
+
+    attempts = []
+
+    def fail(*a, **k):
+        attempts.append(a)
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    return attempts
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "mnist"])
+def test_files_that_fail_the_checksum_are_refused_not_downloaded_over(
+    tmp_path, name, offline, capsys
+):
+    """Test-made files cannot match torchvision's md5 (as a subset or a re-pickled copy cannot): they are
+    reported as present and failing the check, and no download is tried over them (was: 'not found ... could
+    not be downloaded', after a download attempt)."""
+    if name == "svhn":
+        write_svhn(str(tmp_path))
+        kept = tmp_path / "train_32x32.mat"
+    elif name == "mnist":  # no checksum: a file cut short
+        write_mnist(str(tmp_path))
+        kept = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        kept.write_bytes(kept.read_bytes()[:5000])
+    else:
+        write_cifar(str(tmp_path), num_classes=10 if name == "cifar10" else 100)
+        kept = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    files = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as err:
+        harness.main_guard(lambda: common.load_dataset(name, str(tmp_path)))
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in line and str(kept) in line
+    assert "fails torchvision's checks" in line and "not found" not in line
+    assert not offline and sorted(str(p) for p in tmp_path.rglob("*")) == files
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_a_failed_download_leaves_nothing_behind_and_says_why_in_one_whole_line(
+    tmp_path, name, offline, capsys, monkeypatch
+):
+    """A literal --data-dir DIR (relative, missing) with MNIST left DIR/MNIST/raw behind, and the error line was
+    cut at the first line of torchvision's message ('Error downloading train-images-idx3-ubyte.gz:')."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        harness.main_guard(lambda: common.load_dataset(name, os.path.join("DIR", "sub")))
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith(f"fastat: dataset '{name}' not found") and offline
+    assert os.listdir(tmp_path) == []  # neither DIR nor DIR/sub/MNIST/raw
+    if name == "mnist":  # torchvision's whole message: each mirror tried, and why it failed
+        assert line.count("Tried") == 2 and line.count("urlopen error offline") == 2
+    # in an existing folder, only what the download made goes
+    (tmp_path / "mine.txt").write_text("kept")
+    with pytest.raises(SystemExit):
+        harness.main_guard(lambda: common.load_dataset(name, "."))
+    assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_one_class_is_refused_and_the_splits_are_counted(tmp_path, no_checksum, log_lines, capsys):
+    """A training split of one class scores 100% clean and robust: refused in one line. Otherwise one log line
+    gives each split's images and the classes."""
+    write_cifar(str(tmp_path), n_train=60, n_test=10)
+    common.get_data(_args(str(tmp_path), val_size=15))
+    assert "# cifar10: 45 training images, 15 validation images, 10 test images, 10 classes" in (
+        log_lines
+    )
+    write_cifar(str(tmp_path / "one"), n_train=20, n_test=10, num_classes=1)  # cifar-100's format
+    with pytest.raises(SystemExit) as err:
+        harness.main_guard(lambda: common.get_data(_args(str(tmp_path / "one"), "cifar100")))
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in line and "one class" in line
+
+
 def _args(data_dir, dataset="cifar10", batch_size=16, seed=0, monitor_size=8, val_size=0, **kw):
     return SimpleNamespace(
         dataset=dataset,

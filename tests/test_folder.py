@@ -138,6 +138,46 @@ def test_a_bad_folder_is_one_clear_line(tmp_path, capsys, problem):
     assert err.value.code == 2 and "\n" not in line and expected in line and "Traceback" not in line
 
 
+def test_each_file_is_listed_once_and_the_splits_are_counted(tmp_path, log_lines):
+    """A symbolic link back up the tree (a loop) listed the class's files 41 times (8,200 samples from 200 files),
+    in the test split too; a directory reached through links is now walked once. A linked class folder is read."""
+    write_folder(str(tmp_path / "data"), per_class=4, n_test=2)
+    data = tmp_path / "data"
+    os.symlink(data / "train" / "cat", data / "train" / "cat" / "loop")  # train/cat/loop/loop/...
+    os.symlink(data / "test", data / "test" / "ant" / "all")  # every test class again, inside ant
+    os.symlink(
+        data / "train" / "bee", data / "train" / "cat" / "bees"
+    )  # bee's folder, walked already
+    write_folder(str(tmp_path / "other"), classes=("dog",), per_class=3, n_test=0, seed=1)
+    os.symlink(
+        tmp_path / "other" / "train" / "dog", data / "train" / "dog"
+    )  # a linked class folder
+    (x, y), (tx, ty), info = load(data)
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 3 and ty.tolist() == [0, 0, 1, 1, 2, 2]
+    assert len({bytes(i.numpy()) for i in x}) == 15 and len({bytes(i.numpy()) for i in tx}) == 6
+    import fgsm_rs
+
+    args = fgsm_rs.get_args(["--dataset", "folder", "--data-dir", str(data), "--device", "cpu"])
+    common.get_data(args)
+    assert (
+        "# folder: 15 training images, 0 validation images, 6 test images, 4 classes" in log_lines
+    )
+
+
+def test_a_folder_of_one_class_is_refused_in_one_line(tmp_path, capsys):
+    """One class scored 100% clean and robust (and topped the comparison report); R-MC-LA then stopped on NaN."""
+    write_folder(str(tmp_path), classes=("cat",))
+    import fgsm_rs
+
+    args = fgsm_rs.get_args(["--dataset", "folder", "--data-dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as err:
+        harness.main_guard(lambda: common.get_data(args))
+    line = capsys.readouterr().err.strip()
+    assert (
+        err.value.code == 2 and "\n" not in line and "one class" in line and str(tmp_path) in line
+    )
+
+
 def test_non_image_files_are_skipped_and_val_is_accepted_for_test(tmp_path):
     write_folder(str(tmp_path), test_name="val")
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")

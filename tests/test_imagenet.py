@@ -326,6 +326,95 @@ def test_the_streamed_loader_yields_what_it_plans_and_shards_each_batch(imagenet
         assert a + c == b and not set(a) & set(c)  # each process its part of the one-process batch
 
 
+def test_an_unreadable_image_is_replaced_in_its_batch_and_counted(
+    imagenet_dir, tmp_path, log_lines, monkeypatch
+):
+    """One truncated JPEG stopped a streamed run mid-epoch with a worker's traceback. Now each process's part of
+    a batch keeps its size (torchrun's processes step together), the image is replaced by the first readable one
+    of its part, every epoch is the same in every pass (a resumed run sees the same batches), and the log counts
+    it."""
+    import shutil
+
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(imagenet_dir, data_dir)
+    flags = ["--dataset", "imagenet", "--data-dir", data_dir, "--image-size", "16", "--epochs", "3"]
+    flags += ["--batch-size", "10", "--monitor-size", "4", "--device", "cpu"]
+    args = fgsm_rs.get_args(flags + ["--workers", "0"])
+    monitor = common.subset(24, 4, 1).tolist()  # the monitor's images are decoded at the start
+    bad = next(i for i in range(24) if i not in monitor)
+    path = sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(os.path.join(data_dir, "train")) for f in fs
+    )[bad]
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    loader = common.get_data(args).train
+    epochs = [[(x, idx.tolist()) for x, _, idx in loader.epoch(e)] for e in range(3)]
+    for e, batches in enumerate(epochs):
+        sizes = [len(idx) for _, idx in batches]
+        assert sizes == [
+            min(loader.phase(e)[1], 24 - k * loader.phase(e)[1]) for k in range(len(sizes))
+        ]
+        assert len(sizes) == loader.batches(e) and bad not in sum((i for _, i in batches), [])
+    counted = [line for line in log_lines if "unreadable image(s), each replaced" in line]
+    assert len(counted) == 3 and counted[0].startswith("# train epoch 1: 1 ") and path in counted[0]
+    again = common.get_data(fgsm_rs.get_args(flags + ["--workers", "1"])).train  # in a worker
+    for e in range(3):
+        for (x, idx), (y, idy) in zip(epochs[e], [(x, i.tolist()) for x, _, i in again.epoch(e)]):
+            assert idx == idy and torch.equal(x, y)
+    parts = []
+    for rank in (0, 1):  # two processes: each part keeps its size
+        monkeypatch.setattr(common, "rank", lambda: rank)
+        monkeypatch.setattr(common, "world", lambda: 2)
+        parts.append([len(idx) for _, _, idx in loader.epoch(0)])
+    assert [a + b for a, b in zip(*parts)] == [len(i) for _, i in epochs[0]]
+
+
+def test_a_streamed_folder_of_one_class_is_refused(imagenet_dir, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    for split in ("train", "val"):  # linked class folders are read
+        os.makedirs(data_dir / split)
+        os.symlink(os.path.join(imagenet_dir, split, "n00000000"), data_dir / split / "n00000000")
+    args = fgsm_rs.get_args(
+        ["--dataset", "imagenet", "--data-dir", str(data_dir), "--device", "cpu"]
+    )
+    with pytest.raises(SystemExit) as err:
+        harness.main_guard(lambda: common.get_data(args))
+    line = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and "\n" not in line and "one class" in line
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 5, 7, 15, 30])
+def test_a_short_run_keeps_the_phases_order_and_starts_with_the_first(epochs):
+    """--epochs 1 rounded the first phase's end to 0: the run trained in the second phase only."""
+    args = SimpleNamespace(
+        phases=imagenet.IMAGENET["phases"], epochs=epochs, batch_size=512, image_size=None
+    )
+    run = imagenet.phases(args)
+    loader = imagenet.StreamLoader(None, None, run, 0, None, 0)
+    order = [loader._phase_index(e) for e in range(epochs)]
+    assert order[0] == 0 and order == sorted(order) and run[-1][0] == epochs
+    assert [p[1:] for p in run] == [[128, 512], [224, 224], [288, 128]]
+    if epochs >= 3:  # room for every phase
+        assert order[-1] == 2 and len(set(order)) == 3
+
+
+def test_the_recipe_lr_follows_the_batch_unless_given():
+    """Wong et al.'s 0.4 is for batches of 512: a smaller --batch-size got it unscaled, without a word. The linear
+    scaling rule (DECISIONS.md, 'ImageNet lr and batch'); an explicit --lr wins; a method's own ImageNet lr too."""
+    import atlas
+
+    base = ["--dataset", "imagenet", "--device", "cpu"]
+    assert fgsm_rs.get_args(base).lr == 0.4
+    assert fgsm_rs.get_args(base + ["--batch-size", "128"]).lr == pytest.approx(0.1)
+    assert fgsm_rs.get_args(base + ["--batch-size", "128", "--lr", "0.3"]).lr == 0.3
+    assert atlas.get_args(base + ["--batch-size", "256"]).lr == pytest.approx(0.05)
+    assert (
+        fgsm_rs.get_args(["--batch-size", "128"]).lr == fgsm_rs.get_args([]).lr
+    )  # CIFAR: as given
+
+
 @pytest.mark.parametrize("epochs", [1, 2, 3, 15, 30])
 def test_the_imagenet_lr_rises_then_falls_for_any_length(epochs):
     loader = SimpleNamespace(batches=lambda e: 4)

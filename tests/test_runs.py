@@ -149,10 +149,19 @@ def test_a_resume_logs_the_evaluation_flags_it_changed(cifar_dir, tmp_path, monk
     assert "# changed on resuming: --eval-iters 2 (was 3)" in log
 
 
-def test_the_best_model_being_the_last_is_said(cifar_dir, tmp_path):
+def test_the_log_holds_the_data_lines_and_says_that_best_is_last(cifar_dir, tmp_path):
+    """The lines logged before log.txt opens (the data's counts) are in it too, after the command."""
     out = str(tmp_path / "run")
     assert _guarded(small_args(cifar_dir, out, epochs=1)) == 0
-    assert "# the best model is the last one (epoch 1)" in open(os.path.join(out, "log.txt")).read()
+    lines = open(os.path.join(out, "log.txt")).read().splitlines()
+    assert (
+        lines[0].startswith("# python fgsm_rs.py")
+        and sum(x.startswith("# python") for x in lines) == 1
+    )
+    assert (
+        "# cifar10: 256 training images, 0 validation images, 64 test images, 10 classes" in lines
+    )
+    assert "# the best model is the last one (epoch 1): the same numbers" in lines
 
 
 def test_a_resume_with_another_process_count_is_refused_before_the_data_is_read(tmp_path, capsys):
