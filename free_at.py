@@ -92,8 +92,8 @@ def get_args(argv=None):
         "--replays",
         type=flags.pos_int,
         default=None,
-        help="m: how many times each minibatch is replayed (Wong: --minibatch-replays; Free's code: "
-        "n_repeats); with --replays-min, the m of the last epoch",
+        help="m: how many times each minibatch is replayed (Wong: --minibatch-replays; Free's "
+        "code: n_repeats); with --replays-min, the m of the last epoch",
     )
     p.add_argument(
         "--replays-min",
