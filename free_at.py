@@ -11,7 +11,7 @@ Jia et al.'s and Amata's comparisons.
     torchrun --nproc_per_node 8 free_at.py --dataset imagenet --data-dir DIR   # the same on 8 GPUs
     python free_at.py --dataset imagenet --data-dir DIR --replays-min 2        # Amata+Free: m from 2 to 4
     python free_at.py --model wrn-34-10 --epochs 26 --lr 0.1 --lr-schedule step --milestones 13 19 \\
-        --weight-decay 2e-4                             # close to the Free paper's CIFAR-10 run (DECISIONS.md)
+        --weight-decay 2e-4                 # close to the Free paper's CIFAR-10 run (DECISIONS.md, 'Free-AT recipes')
 
 `--epochs` counts passes over the data: Algorithm 1's N_ep/m (the authors' ImageNet code: ⌈90/4⌉ = 23; Wong's CIFAR
 script: 10 passes, 80 replays of every batch in all). `--replays-min M0` is Amata+Free (Ye et al., "Amata", AAAI
@@ -34,7 +34,8 @@ Algorithm 1 (Free-m), as the authors' main_free.py runs it; δ ← 0 once, befor
         δ[:n] ← clip(δ[:n] + ε·sign(g_adv), −ε, ε)     (the ascent step α = ε; rows n: kept for the next batch)
         θ ← θ − lr·g_θ                                  (SGD with momentum 0.9)
 δ's rows are tied to positions in the batch, not to images: row i of the next batch starts from the δ of this
-batch's row i (a different image after the shuffle), and a smaller last batch uses rows 0:n (DECISIONS.md, 'Free-AT').
+batch's row i (a different image after the shuffle), and a smaller last batch uses rows 0:n (DECISIONS.md, 'Free-AT
+delta buffer'; the clamp: 'Free-AT pixel range').
 """
 
 import math
