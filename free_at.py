@@ -176,6 +176,7 @@ def free_replay(model, opt, x, y, delta, eps, step, autocast=None, scaler=None):
         loss = F.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()  # g_θ and g_adv, one backward
+    # an fp16 overflow's NaN (the scaler skips that weight step) leaves δ where it was
     grad = torch.nan_to_num(d.grad, nan=0.0)
     delta[:n] = (d.detach() + step * grad.sign()).clamp(-eps, eps)  # δ's ascent, in the ε-ball
     if scaler is None:
