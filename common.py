@@ -69,15 +69,17 @@ class Progress:
         self.done = 0
         self.start = self.last = time.time()
 
-    def update(self, n, detail=""):
-        """`n` more images done; `detail` is added to the line (e.g. the attack's step)."""
+    def update(self, n, detail="", partial=0.0):
+        """`n` more images done; `detail` is added to the line (e.g. the attack's step); `partial`: the images of
+        a batch under way, times the share of its work done (counted in the rate and the ETA)."""
         self.done += n
         now = time.time()
-        if not self.every or now - self.last < self.every or self.done >= self.total:
+        done = self.done + partial
+        if not self.every or now - self.last < self.every or not 0 < done < self.total:
             return
         self.last = now
-        rate = self.done / (now - self.start)
-        eta = (self.total - self.done) / rate
+        rate = done / (now - self.start)
+        eta = (self.total - done) / rate
         log(
             f"# {self.label}: {self.done}/{self.total} images{detail}, {rate:.1f} images/s, "
             f"ETA {eta:.0f} s"
@@ -118,8 +120,8 @@ _KEPT = {
 
 
 def _torchvision_split(name, data_dir, train):
-    """(uint8 N×C×H×W, int64 labels) of a torchvision dataset, downloaded if its files are not in data_dir.
-    Raises FastatError if its files there fail torchvision's check or the download fails."""
+    """(uint8 N×C×H×W, int64 labels, class names) of a torchvision dataset, downloaded if its files are not
+    in data_dir. Raises FastatError if its files there fail torchvision's check or the download fails."""
     from torchvision import datasets
 
     split = "train" if train else "test"
@@ -146,7 +148,9 @@ def _torchvision_split(name, data_dir, train):
     elif name.startswith("cifar"):  # N×H×W×C
         x = x.permute(0, 3, 1, 2)
     labels = ds.labels if name == "svhn" else ds.targets
-    return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64)
+    # SVHN's labels are the digits (torchvision maps its 10 to 0); it names no classes
+    names = [str(c) for c in range(10)] if name == "svhn" else list(ds.classes)
+    return x.contiguous(), torch.as_tensor(labels, dtype=torch.int64), names
 
 
 def _download(cls, name, data_dir, kw):
@@ -270,18 +274,21 @@ def decode_images(folder, workers, indices=None, transform=None):
                 f"have one size (resize them, or give --image-size)"
             )
     labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+    if not items:  # no index (a process with no share of the evaluation)
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), labels
     return torch.stack([x for x, _ in items]), labels
 
 
 def load_dataset(name, data_dir, workers=2):
     """Both splits held in memory and the dataset's facts: ((x, y), (test_x, test_y), info); x uint8
-    N×C×H×W, y int64; info: classes, shape, crop, flip, mean, std. A folder's images must have one size;
-    they are grayscale (1 channel) if every pixel of both splits is gray, else RGB; its mean and std are
-    its training images', its crop padding size/8. Raises FastatError if the data cannot be read."""
+    N×C×H×W, y int64; info: classes, class_names (label i is class_names[i]: torchvision's list, a folder's
+    subfolders of train/), shape, crop, flip, mean, std. A folder's images must have one size; they are
+    grayscale (1 channel) if every pixel of both splits is gray, else RGB; its mean and std are its training
+    images', its crop padding size/8. Raises FastatError if the data cannot be read."""
     if name not in ("folder", "tiny-imagenet"):
-        x, y = _torchvision_split(name, data_dir, True)
-        test = _torchvision_split(name, data_dir, False)
-        return (x, y), test, dict(DATASETS[name], shape=x.shape[1:])
+        x, y, names = _torchvision_split(name, data_dir, True)
+        tx, ty, _ = _torchvision_split(name, data_dir, False)
+        return (x, y), (tx, ty), dict(DATASETS[name], shape=x.shape[1:], class_names=names)
     train, test = image_folders(name, data_dir)
     x, y = decode_images(train, workers)
     tx, ty = decode_images(test, workers)
@@ -294,7 +301,8 @@ def load_dataset(name, data_dir, workers=2):
     if bool((x == x[:, :1]).all()) and bool((tx == tx[:, :1]).all()):
         x, tx = x[:, :1].contiguous(), tx[:, :1].contiguous()
     if name in DATASETS:
-        return (x, y), (tx, ty), dict(DATASETS[name], shape=x.shape[1:])
+        info = dict(DATASETS[name], shape=x.shape[1:], class_names=train.classes)
+        return (x, y), (tx, ty), info
     pixels = x.transpose(0, 1).flatten(1).float().div_(255)
     info = dict(
         classes=len(train.classes),
@@ -303,6 +311,7 @@ def load_dataset(name, data_dir, workers=2):
         mean=tuple(pixels.mean(1).tolist()),
         std=tuple(pixels.std(1).tolist()),
         shape=x.shape[1:],
+        class_names=train.classes,
     )
     return (x, y), (tx, ty), info
 
@@ -445,12 +454,13 @@ def split_validation(args, labels, test_size):
 
 
 def get_data(args):
-    """The dataset as a namespace: name, num_classes, shape (C, H, W), mean, std; train (a DeviceLoader, the
-    split in device memory; an imagenet.StreamLoader for ImageNet and a folder with --image-size); val
-    (--val-size training images held out, unaugmented, or None); val_size; test_x, test_y (uint8 images
-    and labels: the fixed evaluation subset, --eval-samples); monitor (a fixed random subset of training
-    images, x in [0, 1] and y); train_size (the rows of a per-sample memory), train_images; eval_batch
-    (the batch of the monitor and of the evaluation). Raises FastatError if the data cannot be read."""
+    """The dataset as a namespace: name, num_classes, class_names, shape (C, H, W), mean, std; train (a
+    DeviceLoader, the split in device memory; an imagenet.StreamLoader for ImageNet and a folder with
+    --image-size); val (--val-size training images held out, unaugmented, or None); val_size; test_x, test_y
+    (uint8 images and labels: this process's share, eval_share, of the fixed evaluation subset of test_size
+    images, --eval-samples); monitor (a fixed random subset of training images, x in [0, 1] and y);
+    train_size (the rows of a per-sample memory), train_images; eval_batch (the batch of the monitor and of
+    the evaluation). Raises FastatError if the data cannot be read."""
     if args.dataset == "imagenet" or args.image_size:
         import imagenet
 
@@ -479,17 +489,20 @@ def get_data(args):
     source = val or train
     pick = subset(len(source.labels), monitor_size(args, len(train_idx)), seed=1).to(device)
     test = subset(len(test_y), args.eval_samples)
+    mine = test[eval_share(len(test), args.batch_size)]  # this process's batches of the evaluation
     return SimpleNamespace(
         name=args.dataset,
         num_classes=info["classes"],
+        class_names=list(info["class_names"]),
         shape=tuple(info["shape"]),
         mean=info["mean"],
         std=info["std"],
         train=train,
         val=val,
         val_size=len(val_idx),
-        test_x=test_x[test].to(device),
-        test_y=test_y[test].to(device),
+        test_x=test_x[mine].to(device),
+        test_y=test_y[mine].to(device),
+        test_size=len(test),
         monitor=(source.images[pick].float() / 255, source.labels[pick]),
         train_size=len(y),
         train_images=len(train_idx),
@@ -658,11 +671,13 @@ def cw_margin(logits, y):
     return others.amax(1) - true
 
 
-def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=True, progress=None):
+def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=True, progress=None,
+               generator=None):  # fmt: skip
     """L∞ PGD on the cross-entropy (loss="ce") or the CW margin ("cw"); x N×C×H×W in [0, 1], eps and step
     in [0, 1] units. Returns (δ, robust): per sample the restart whose final δ has the highest loss, and
     whether the sample was classified correctly after *every* restart. Gradients flow to δ only; the model
-    stays in its mode. progress: called with (restart, iteration) after each step."""
+    stays in its mode. progress: called with (restart, iteration) after each step. generator: where the
+    random starts come from (None: the global generator)."""
 
     def value(logits):
         if loss == "ce":
@@ -673,7 +688,9 @@ def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=T
     best_loss = torch.full((len(y),), -math.inf, device=x.device)
     robust = torch.ones(len(y), dtype=torch.bool, device=x.device)
     for restart in range(restarts):
-        delta = torch.empty_like(x).uniform_(-eps, eps) if rand_init else torch.zeros_like(x)
+        delta = torch.zeros_like(x)
+        if rand_init:
+            delta = delta.uniform_(-eps, eps, generator=generator)
         delta = (x + delta).clamp(0, 1) - x
         for i in range(iters):
             delta.requires_grad_(True)
@@ -705,38 +722,66 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def eval_share(total, batch_size):
+    """This process's part of an evaluation of `total` images in batches of `batch_size`: whole batches,
+    contiguous (all of them in one process), so that each image is attacked in the batch, with the random
+    start, that one process would give it. The first processes take the extra batches: the first one, which
+    prints the progress, has the most to do."""
+    batches = -(-total // batch_size)
+    first, last = (-(-batches * r // world()) for r in (rank(), rank() + 1))
+    return slice(min(total, first * batch_size), min(total, last * batch_size))
+
+
 def pgd_correct(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None,
-                progress=0.0):  # fmt: skip
+                progress=0.0, seed=None, first_batch=0):  # fmt: skip
     """Per sample, whether it is classified correctly under PGD-iters-restarts (iters 0: clean), in
     batches, in eval mode: the BN statistics are left alone and the model comes back in its mode. x: uint8
-    or [0, 1] float. label: the name of the progress lines, printed every `progress` seconds."""
+    or [0, 1] float. label: the name of the progress lines, printed every `progress` seconds, also inside a
+    batch's attack (its restart and step; the host's clock only, no GPU sync). seed: batch b's random
+    starts come from a generator seeded by (seed, first_batch + b, loss), the same in whichever process
+    attacks the batch (None: from the global generator)."""
     out = []
     meter = Progress(label, len(y), progress if label else 0)
+    generator = None if seed is None else torch.Generator(device=y.device)
+    batches = -(-len(y) // batch_size)
     with eval_mode(model):
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        for b in range(batches):
+            xb = x[b * batch_size : (b + 1) * batch_size]
+            yb = y[b * batch_size : (b + 1) * batch_size]
             xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
             if iters == 0:
                 with torch.no_grad():
                     out.append(model(xb).argmax(1) == yb)
-            else:
-                out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss)[1])
+                meter.update(len(yb))
+                continue
+            if generator is not None:
+                generator.manual_seed((seed * 1_000_003 + first_batch + b) * 2 + (loss == "cw"))
+
+            def inside(restart, i, n=len(yb), where=f" (batch {b + 1}/{batches}"):
+                done = (restart * iters + i + 1) / (restarts * iters)
+                at = f"{where}, restart {restart + 1}/{restarts}, step {i + 1}/{iters})"
+                meter.update(0, at, partial=n * done)
+
+            watch = inside if meter.every else None
+            out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss, True, watch,
+                                  generator)[1])  # fmt: skip
             meter.update(len(yb))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
 
 
-def autoattack_correct(model, x, y, eps, num_classes, batch_size=500):
+def autoattack_correct(model, x, y, eps, num_classes, batch_size=500, seed=0):
     """Per sample, correct under standard L∞ AutoAttack (the official package, github.com/fra31/auto-attack),
     and the attacks that ran. Its targeted attacks get min(9, C − 1) target classes; below 4 classes, where
-    its DLR losses are not defined, APGD-CE and Square run (with the standard version's settings)."""
+    its DLR losses are not defined, APGD-CE and Square run (with the standard version's settings). It runs
+    batch by batch with its seed set again in each (its own way), so that a batch gets the same attack in
+    whichever process runs it."""
     from autoattack import AutoAttack
 
-    x = x.float() / 255 if x.dtype == torch.uint8 else x
     with eval_mode(model):
         few = num_classes < 4
         adversary = AutoAttack(
-            model, "Linf", eps, version="custom" if few else "standard", device=x.device,
-            verbose=False, attacks_to_run=["apgd-ce", "square"] if few else [],
+            model, "Linf", eps, seed=seed, version="custom" if few else "standard",
+            device=y.device, verbose=False, attacks_to_run=["apgd-ce", "square"] if few else [],
         )  # fmt: skip
         if few:
             adversary.apgd.n_restarts = 1
@@ -744,12 +789,14 @@ def autoattack_correct(model, x, y, eps, num_classes, batch_size=500):
         targets = min(9, num_classes - 1)
         adversary.apgd_targeted.n_target_classes = targets
         adversary.fab.n_target_classes = targets
-        x_adv = adversary.run_standard_evaluation(x, y, bs=batch_size)
-        with torch.no_grad():
-            mask = [
-                model(x_adv[i : i + batch_size]).argmax(1) == y[i : i + batch_size]
-                for i in range(0, len(y), batch_size)
-            ]
+        mask = [torch.zeros(0, dtype=torch.bool, device=y.device)]
+        for i in range(0, len(y), batch_size):
+            xb = x[i : i + batch_size]
+            yb = y[i : i + batch_size]
+            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+            x_adv = adversary.run_standard_evaluation(xb, yb, bs=batch_size)
+            with torch.no_grad():
+                mask.append(model(x_adv).argmax(1) == yb)
     return torch.cat(mask), adversary.attacks_to_run
 
 
@@ -760,14 +807,88 @@ def eval_step(eps, iters, dataset):
     return max(step, 1.5 * eps / iters)
 
 
+def protocol(iters, restarts, cw_iters, autoattack=False):
+    """The attacks of evaluate() in words: "PGD-50-10, CW-20, AutoAttack"."""
+    words = [f"PGD-{iters}-{restarts}"] + [f"CW-{cw_iters}"] * bool(cw_iters)
+    return ", ".join(words + ["AutoAttack"] * bool(autoattack))
+
+
+def eval_seconds(model, x, y, iters, restarts, cw_iters, batch_size):
+    """About how long evaluate() takes on x, y, AutoAttack aside: one attack step (forward and input
+    gradient) timed on the first batch after an untimed one (cuDNN's autotuning, the allocator's first
+    blocks), times the steps of the protocol, a forward pass counted as a third of a step. Two GPU syncs."""
+    if not len(y):
+        return 0.0
+    xb = x[:batch_size]
+    yb = y[:batch_size]
+    xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+    with eval_mode(model):
+        for _ in range(2):
+            if xb.is_cuda:
+                torch.cuda.synchronize(xb.device)
+            start = time.time()
+            delta = torch.zeros_like(xb, requires_grad=True)
+            torch.autograd.grad(F.cross_entropy(model(xb + delta), yb), delta)
+            if xb.is_cuda:
+                torch.cuda.synchronize(xb.device)
+    step = time.time() - start
+    forwards = restarts + 1 + bool(cw_iters)  # each restart's last, the CW attack's, the clean pass
+    return len(y) / len(yb) * step * (iters * restarts + cw_iters + forwards / 3)
+
+
+def duration(seconds):
+    """A duration as the line that starts a long computation says it: "about 4 min"."""
+    if seconds < 60:
+        return "under a minute"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def check_same_data(run, data, where):
+    """Refuse (FastatError, one line naming what differs) to evaluate weights on data they were not trained
+    for. run: results.json's "data" record; data: the data's class_names (label i is class_names[i]) and
+    shape (C, H, W), as load_dataset's info; where: the data's name in the message. The image shape and the
+    class names, in their order, must be the run's; another dataset with the run's classes is accepted (a
+    CIFAR-10.1 folder for CIFAR-10 weights). A record without class names (a run made before they were
+    recorded) cannot be checked: returns False, else True."""
+    trained = f"the network was trained on {run.get('dataset', 'its run')}'s"
+    if list(data["shape"]) != list(run["shape"]):
+        shown = ["×".join(map(str, s)) for s in (data["shape"], run["shape"])]
+        raise FastatError(f"{where} has {shown[0]} images (C×H×W); {trained}, {shown[1]}")
+    names = run.get("class_names")
+    if names is None:
+        return False
+    if len(data["class_names"]) != len(names):
+        raise FastatError(f"{where} has {len(data['class_names'])} classes; {trained} {len(names)}")
+    differ = [i for i, (a, b) in enumerate(zip(data["class_names"], names)) if a != b]
+    if differ:
+        i = differ[0]
+        raise FastatError(
+            f"{where}: class {i} is '{data['class_names'][i]}' but {trained} class {i} is "
+            f"'{names[i]}' ({len(differ)} of {len(names)} classes differ: renamed or reordered "
+            f"class folders, or another dataset)"
+        )
+    return True
+
+
 def evaluate(model, x, y, eps, iters=50, restarts=10, cw_iters=20, autoattack=False, num_classes=10,
-             batch_size=500, step=None, dataset="cifar10", progress=0.0):  # fmt: skip
+             batch_size=500, step=None, dataset="cifar10", progress=0.0, seed=0, total=None):  # fmt: skip
     """The evaluation protocol: clean, PGD-iters-restarts (CE, random start, per-sample worst restart), PGD
     on the CW margin (cw_iters steps; 0: none), optional AutoAttack, and "worst_case": the share of samples
     correct clean and under every attack that ran, per sample (as RobustBench counts). x uint8 N×C×H×W,
     eps in [0, 1] units. A CE attack is weak against a model trained on soft labels: the worst case is the
-    honest headline. Returns {name: accuracy in [0, 1]}."""
-    kw = dict(batch_size=batch_size, progress=progress)
+    honest headline. Returns {name: accuracy in [0, 1]}.
+
+    Under torchrun each process attacks whole batches (eval_share): x, y are all the images (total None) or
+    this process's share of `total` images. Each batch's random starts are seeded by (seed, batch) and the
+    counts are summed over the processes: every process returns the numbers one process would."""
+    if total is None:
+        total = len(y)
+        x = x[eval_share(total, batch_size)]
+        y = y[eval_share(total, batch_size)]
+    first_batch = eval_share(total, batch_size).start // batch_size
+    kw = dict(batch_size=batch_size, progress=progress, seed=seed, first_batch=first_batch)
     masks = {"clean": pgd_correct(model, x, y, eps, 0, 0, label="clean", **kw)}
     pgd_step = step or eval_step(eps, iters, dataset)
     masks[f"pgd{iters}_{restarts}"] = pgd_correct(
@@ -780,9 +901,21 @@ def evaluate(model, x, y, eps, iters=50, restarts=10, cw_iters=20, autoattack=Fa
         )
     if autoattack:
         if len(y):
-            masks["autoattack"], ran = autoattack_correct(model, x, y, eps, num_classes, batch_size)
+            masks["autoattack"], ran = autoattack_correct(
+                model, x, y, eps, num_classes, batch_size, seed
+            )
         else:  # a process with no image to attack
             masks["autoattack"], ran = masks["clean"], []
         log(f"# AutoAttack ran {', '.join(ran)}")
     masks["worst_case"] = torch.stack(list(masks.values())).all(0)
-    return {k: m.float().mean().item() if len(m) else 0.0 for k, m in masks.items()}
+    # exact counts, summed over the processes: the numbers of one process, to the last digit
+    counts = torch.stack(
+        [torch.tensor(len(y), device=y.device)] + [m.sum() for m in masks.values()]
+    )
+    counts = counts.double()
+    if world() > 1:
+        dist.all_reduce(counts)
+    images, *correct = counts.tolist()
+    if images != total:
+        raise ValueError(f"the processes hold {images:.0f} of the {total} images to evaluate")
+    return {k: c / images if images else 0.0 for k, c in zip(masks, correct)}

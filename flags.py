@@ -158,21 +158,7 @@ def base_parser(doc, label_smoothing=None, **helps):
     a("--compile", action="store_true", help="torch.compile the networks for training")
     a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1),
       help="processes that decode image files")  # fmt: skip
-    a(
-        "--eval-samples",
-        type=pos_int,
-        default=None,
-        help="evaluate on N test images, a fixed random subset",
-    )
-    a("--eval-iters", type=pos_int, default=50, help="PGD steps of the final evaluation")
-    a("--eval-restarts", type=pos_int, default=10, help="PGD restarts of the final evaluation")
-    a("--eval-cw-iters", type=nonneg_int, default=20,
-      help="steps of the final PGD on the CW margin (0: none)")  # fmt: skip
-    a(
-        "--autoattack",
-        action="store_true",
-        help="also run AutoAttack (github.com/fra31/auto-attack)",
-    )
+    eval_flags(p)
     a("--monitor-size", type=pos_int, default=None,
       help="training images of the catastrophic-overfitting monitor: PGD-10, step ε/4, after every "
       "epoch (default: a fiftieth of the training images, 32 to 512: a tenth of an FGSM epoch's "
@@ -189,6 +175,89 @@ def base_parser(doc, label_smoothing=None, **helps):
     if helps:
         raise TypeError(f"base_parser has no flag {', '.join(helps)}")
     return p
+
+
+# ---- The evaluation's flags: method scripts (base_parser) and evaluate.py
+
+# The attacks of the final evaluation by device (README.md, 'Evaluation protocol'): the full protocol on a
+# GPU; on a CPU, where its 520 attack steps per image take long, 40 steps per image.
+FULL_EVAL = {"eval_iters": 50, "eval_restarts": 10, "eval_cw_iters": 20}
+CPU_EVAL = {"eval_iters": 20, "eval_restarts": 1, "eval_cw_iters": 20}
+AUTOATTACK_INSTALL = "pip install git+https://github.com/fra31/auto-attack"
+
+
+def eval_flags(p, default=None):
+    """Add the evaluation's flags to parser p. default: what a flag left out means, in words (evaluate.py:
+    "the run's"; it also gets --eval-step and --no-autoattack); without it (a method script) the attacks
+    are the device's (eval_defaults, filled by parse_args) and the test images all of them."""
+
+    def shown(key):
+        if default:
+            return f" (default: {default})"
+        if FULL_EVAL[key] == CPU_EVAL[key]:
+            return f" (default {FULL_EVAL[key]})"
+        return f" (default {FULL_EVAL[key]} on a GPU, {CPU_EVAL[key]} on a CPU)"
+
+    samples = f" (default: {default})" if default else ""
+    p.add_argument(
+        "--eval-samples",
+        type=pos_int,
+        default=None,
+        help="evaluate on N test images, a fixed random subset" + samples,
+    )
+    p.add_argument(
+        "--eval-iters",
+        type=pos_int,
+        default=None,
+        help="PGD steps of the evaluation" + shown("eval_iters"),
+    )
+    p.add_argument(
+        "--eval-restarts",
+        type=pos_int,
+        default=None,
+        help="PGD restarts of the evaluation" + shown("eval_restarts"),
+    )
+    p.add_argument(
+        "--eval-cw-iters",
+        type=nonneg_int,
+        default=None,
+        help="steps of PGD on the CW margin, 0: none" + shown("eval_cw_iters"),
+    )
+    aa = "also run AutoAttack (github.com/fra31/auto-attack)"
+    if not default:
+        p.add_argument("--autoattack", action="store_true", help=aa)
+        return
+    p.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{aa} (default: {default})")  # fmt: skip
+    p.add_argument("--eval-step", type=per255("--eval-step"), default=None,
+                   help="PGD step, /255 units (default: 2/255 at ε = 8/255, MNIST 0.01 at ε = 0.3, "
+                   "in proportion to ε, as the run)")  # fmt: skip
+
+
+def eval_defaults(device):
+    """The evaluation's attacks where a command gives none: FULL_EVAL on a GPU, CPU_EVAL on a CPU."""
+    return CPU_EVAL if torch.device(device).type == "cpu" else FULL_EVAL
+
+
+def check_autoattack(parser, args):
+    """With --autoattack, refuse now (parser.error) if the official package is missing: not after hours of
+    training."""
+    if args.autoattack:
+        try:
+            import autoattack  # noqa: F401
+        except ImportError:
+            parser.error(f"--autoattack needs the official package: {AUTOATTACK_INSTALL}")
+
+
+def eval_note(args, origin=None):
+    """The note of the line that starts an evaluation: where its attacks come from (origin: "CPU default",
+    "the run's") and, when they are fewer than the full protocol's, the flags that run it:
+    " (CPU default; the full protocol: --eval-iters 50 --eval-restarts 10)"."""
+    short = {k: v for k, v in FULL_EVAL.items() if getattr(args, k) < v}
+    parts = [origin] if origin else []
+    if short:
+        parts.append("the full protocol: " + command_line(argparse.Namespace(**short)))
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 # What a resumed run may change: where it runs and how it is evaluated, not what it trains.
@@ -214,7 +283,8 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
     over) recipes['default']. eps_relative: recipe values that are a ratio of ε (FGSM-RS's α = 1.25ε, ...)
     keep it when only ε is set (`--epsilon 16` gives α = 20/255); an explicit flag always wins. With
     --resume the flags come from the run's checkpoint, and one given with it that would change the
-    training is refused (FastatError). Starts nothing: harness.setup(args) does."""
+    training is refused (FastatError). The evaluation's attacks left out are the device's (eval_defaults).
+    Starts nothing: harness.setup(args) does."""
     from imagenet import IMAGENET, linear_lr
 
     _show_recipes(parser, recipes)
@@ -256,15 +326,11 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
         parser.error(
             f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
-    if args.autoattack:
-        try:
-            import autoattack  # noqa: F401  (now, not after hours of training)
-        except ImportError:
-            parser.error(f"--autoattack needs the official package: {AUTOATTACK_INSTALL}")
+    for key, value in eval_defaults(device).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_autoattack(parser, args)
     return args
-
-
-AUTOATTACK_INSTALL = "pip install git+https://github.com/fra31/auto-attack"
 
 
 def _show(value):

@@ -102,13 +102,14 @@ class _Print(logging.Handler):
         print(self.format(record), flush=True)
 
 
-def setup(args):
+def setup(args, training=True):
     """What a run needs before its data: under torchrun the process group (one GPU per process, its
     LOCAL_RANK's) and the same flags in every process; the first process's log lines on stdout; and
     every random generator seeded with --seed + rank (each process draws its own random starts; the
     networks start from the first process's weights, DDP). Raises FastatError, before any data is read,
-    if the processes were started with different flags, the batch does not split evenly over them, or
-    the run folder is held by another run."""
+    if the processes were started with different flags, the training batch does not split evenly over
+    them, or the run folder is held by another run. training False: evaluate.py, whose processes take
+    whole evaluation batches and write no run folder."""
     _end_previous_run()
     logger = common.logger
     logger.propagate = False  # its lines go to stdout here, not through the root logger as well
@@ -126,13 +127,13 @@ def setup(args):
     if not rank():
         logger.addHandler(_Early())
     _same_flags(args)
-    if args.batch_size % world() or args.batch_size < 2 * world():
+    if training and (args.batch_size % world() or args.batch_size < 2 * world()):
         raise FastatError(
             f"--batch-size {args.batch_size} does not give each of the {world()} processes the "
             f"same number of images, at least two: give a multiple of {world()}, at least "
             f"{2 * world()}"
         )
-    if not rank() and os.path.isdir(args.out_dir):
+    if training and not rank() and os.path.isdir(args.out_dir):
         # refused now, not after loading the data, if another run holds it
         hold(args.out_dir).close()
     for seed in (torch.manual_seed, np.random.seed, random.seed):
@@ -559,7 +560,7 @@ class Run:
     def _results(self):
         """results.json's content before the final evaluation."""
         args, data = self.args, self.data
-        step = common.eval_step(args.epsilon / 255, args.eval_iters, args.dataset)
+        step = 255 * common.eval_step(args.epsilon / 255, args.eval_iters, args.dataset)
         return {
             "method": args.method,
             "args": vars(args),
@@ -568,18 +569,26 @@ class Run:
             "best_epoch": self.best["epoch"] or len(self.rows),
             "stopped_early": len(self.rows) < args.epochs,
             "train_images": data.train_images,
+            # what evaluate.py checks data against: label i is class_names[i]
             "data": {
+                "dataset": args.dataset,
                 "classes": data.num_classes,
+                "class_names": list(data.class_names),
                 "shape": list(data.shape),
                 "mean": data.mean,
                 "std": data.std,
-            },  # fmt: skip
+            },
+            # what the final evaluation runs, evaluate.py's defaults
             "eval": {
-                "images": len(data.test_y),
-                "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step {255 * step:.4g}/255",
+                "images": data.test_size,
+                "pgd": f"PGD-{args.eval_iters}-{args.eval_restarts}, step {step:.4g}/255",
+                "iters": args.eval_iters,
+                "restarts": args.eval_restarts,
+                "step": step,
                 "cw_iters": args.eval_cw_iters,
                 "autoattack": args.autoattack,
                 "batch": data.eval_batch,
+                "seed": args.seed,
             },
             "device": torch.cuda.get_device_name(self.device)
             if self.device.type == "cuda"
@@ -596,7 +605,7 @@ class Run:
         """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the
         best model on the fixed test subset (common.evaluate's protocol; each process its part), write
         results.json and curves.png."""
-        args, out, data = self.args, self.args.out_dir, self.data
+        args, out = self.args, self.args.out_dir
         sync_buffers(model)
         last = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if self.best_weights is None and self.rows:
@@ -617,8 +626,7 @@ class Run:
                 final[name] = final["last"]
                 continue
             model.load_state_dict(weights)
-            log(f"# evaluating the {name} model (epoch {epoch}) on {len(data.test_y)} test images")
-            final[name] = self.evaluate(model)
+            final[name] = self.evaluate(model, f"the {name} model (epoch {epoch})")
             log(
                 f"# {name} model: "
                 + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items())
@@ -636,23 +644,25 @@ class Run:
         _end_previous_run()
         return results
 
-    def evaluate(self, model):
-        """common.evaluate's protocol on the test subset, each process its part, reduced over them."""
+    def evaluate(self, model, what="the model"):
+        """common.evaluate's protocol on the test subset (each process its share, data.test_x; the numbers
+        of one process), after a line that says what runs, on how many images, and about how long it takes.
+        The model must be one across the processes (finish() syncs its BatchNorm statistics)."""
         args, data = self.args, self.data
-        x, y = shard((data.test_x, data.test_y))
-        torch.manual_seed(
-            args.seed + rank()
-        )  # the evaluation's random starts do not depend on training
-        part = common.evaluate(
-            model, x, y, args.epsilon / 255, args.eval_iters, args.eval_restarts,
-            args.eval_cw_iters, args.autoattack, data.num_classes, data.eval_batch,
-            dataset=args.dataset, progress=args.progress_every,
+        attacks = (args.eval_iters, args.eval_restarts, args.eval_cw_iters)
+        seconds = common.eval_seconds(model, data.test_x, data.test_y, *attacks, data.eval_batch)
+        cpu = self.device.type == "cpu" and dict(zip(flags.CPU_EVAL, attacks)) == flags.CPU_EVAL
+        log(
+            f"# evaluating {what} on {data.test_size} test images with "
+            f"{common.protocol(*attacks, args.autoattack)}"
+            f"{flags.eval_note(args, 'CPU default' if cpu else None)}: {common.duration(seconds)}"
+            + (" and AutoAttack's time" if args.autoattack else "")
+        )
+        return common.evaluate(
+            model, data.test_x, data.test_y, args.epsilon / 255, *attacks, args.autoattack,
+            data.num_classes, data.eval_batch, dataset=args.dataset, progress=args.progress_every,
+            seed=args.seed, total=data.test_size,
         )  # fmt: skip
-        reduced = {}
-        for k, v in part.items():
-            correct = torch.tensor(v * len(y), dtype=torch.float64, device=y.device)
-            reduced[k] = global_sum(correct).item() / len(data.test_y)
-        return reduced
 
 
 def _cell(column, v):

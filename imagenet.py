@@ -20,6 +20,7 @@ from common import (
     FastatError,
     Progress,
     decode_images,
+    eval_share,
     image_folders,
     log,
     monitor_size,
@@ -253,7 +254,10 @@ def get_data(args):
     pick = source[subset(len(source), monitor_size(args, len(train_idx)), 1)]
     monitor_x, monitor_y = decode_images(train_folder, args.workers, pick, resized)
     test = subset(len(test_folder), args.eval_samples)
-    test_x, test_y = decode_images(test_folder, args.workers, test, resized)
+    mine = test[
+        eval_share(len(test), run_phases[-1][2])
+    ]  # this process's batches of the evaluation
+    test_x, test_y = decode_images(test_folder, args.workers, mine, resized)
     if args.dataset in DATASETS:
         mean, std = DATASETS[args.dataset]["mean"], DATASETS[args.dataset]["std"]
     else:  # a folder's mean and std: its monitor images'
@@ -262,6 +266,7 @@ def get_data(args):
     return SimpleNamespace(
         name=args.dataset,
         num_classes=len(train_folder.classes),
+        class_names=train_folder.classes,
         shape=(3, size, size),
         mean=mean,
         std=std,
@@ -270,6 +275,7 @@ def get_data(args):
         val_size=len(val_idx),
         test_x=test_x.to(device),
         test_y=test_y.to(device),
+        test_size=len(test),
         monitor=(monitor_x.to(device).float() / 255, monitor_y.to(device)),
         train_size=len(train_folder),
         train_images=len(train_idx),

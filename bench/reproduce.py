@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -124,8 +126,8 @@ def evaluation(args):
 
 def evaluation_record(args):
     """The evaluation as reproduce.json records it: iters, restarts, cw_iters, samples, the scripts' defaults
-    filled in (None samples: every test image)."""
-    defaults = vars(flags.base_parser("").parse_args([]))
+    for the device filled in (None samples: every test image)."""
+    defaults = flags.eval_defaults(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ev = {k: v if v is not None else defaults[k] for k, v in evaluation(args).items()}
     return {
         "iters": ev["eval_iters"],

@@ -298,8 +298,10 @@ def test_quick_evaluates_quickly_unless_told_otherwise():
     assert record == {"iters": 20, "restarts": 1, "cw_iters": 20, "samples": None}
     given, record = flags("quick", 10.0, "eval_iters", 7, "eval_cw_iters", 0)
     assert given == {"--eval-iters": "7", "--eval-restarts": "1", "--eval-cw-iters": "0"}
-    given, record = flags()
+    given, record = flags("device", "cuda")
     assert given == {} and record == {"iters": 50, "restarts": 10, "cw_iters": 20, "samples": None}
+    given, record = flags("device", "cpu")  # the scripts' CPU default
+    assert given == {} and record == {"iters": 20, "restarts": 1, "cw_iters": 20, "samples": None}
 
 
 def write_folder(root, classes=3, per_class=8, n_test=2, size=16):

@@ -557,7 +557,15 @@ def _fake_autoattack(monkeypatch, attack, seen=None):
 
     class AutoAttack:
         def __init__(
-            self, model, norm, eps, version="standard", device=None, verbose=True, attacks_to_run=()
+            self,
+            model,
+            norm,
+            eps,
+            seed=None,
+            version="standard",
+            device=None,
+            verbose=True,
+            attacks_to_run=(),
         ):
             self.attacks_to_run = list(attacks_to_run) or ["apgd-ce", "apgd-t", "fab-t", "square"]
             self.version = version
@@ -791,7 +799,9 @@ def _tiny_data(x=None, y=None):
         monitor=(x, y),
         test_x=(x * 255).to(torch.uint8),
         test_y=y,
+        test_size=len(y),
         num_classes=10,
+        class_names=[f"c{i}" for i in range(10)],
         shape=(3, 32, 32),
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
