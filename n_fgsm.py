@@ -61,16 +61,16 @@ def get_args(argv=None):
     p = flags.base_parser(
         __doc__,
         lr="peak of the cyclic lr",
-        alpha="FGSM step size α, /255 units (paper: α = ε; keeps its ratio to ε when only --epsilon "
-        "is given)",
+        alpha="FGSM step size α, /255 units (paper: α = ε; keeps its ratio to ε when only "
+        "--epsilon is given)",
     )
     p.add_argument(
         "--noise",
         type=flags.per255("--noise", zero=True),
         default=None,
         metavar="K",
-        help="k, the noise magnitude: η ~ U(−k, k) per pixel, /255 units (paper: k = 2ε, the code's "
-        "--unif 2; keeps its ratio to ε when only --epsilon is given; 0: plain FGSM from x)",
+        help="k, the noise magnitude: η ~ U(−k, k) per pixel, /255 units (paper: k = 2ε, the "
+        "code's --unif 2; keeps its ratio to ε when only --epsilon is given; 0: plain FGSM from x)",
     )
     p.add_argument(
         "--lr-peak",
