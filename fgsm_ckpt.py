@@ -121,8 +121,9 @@ def fgsm_ckpt_input(model, x, y, eps, alpha, c=3, delta=None, autocast=None):
         underflow, which leaves its sign unchanged).
     Returns (x', k), detached: x' N×C×H×W, the input of the weight step, and k (N, int64) in 0 … c: x' = x where the
     prediction at the random start x + η is wrong (k = 0), else x + k·p/c for the smallest k < c whose checkpoint is
-    misclassified, else x + p (k = c), the FGSM point, with p = clamp(x + clamp(x + η + α·sign(∇), −ε, ε), 0, 1) − x.
-    Every x' lies between x and x + p: inside the ε-ball and [0, 1]."""
+    misclassified, else x + p (k = c), the FGSM point: p = clamp(x + clamp(x₀ + α·sign(∇) − x, −ε, ε), 0, 1) − x with
+    x₀ = clamp(x + η, 0, 1) and ∇ the CE's gradient there. Every x' lies between x and x + p: inside the ε-ball and
+    [0, 1]."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
