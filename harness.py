@@ -575,7 +575,8 @@ def main_guard(main):
 # are measured on the inputs the method trains on: the attacked ones (the clean ones for plain training).
 CURVE_TITLES = {
     "seconds": "seconds of training (wall clock)",
-    "cpu_s": "CPU seconds of the process while training\n(all its threads: above the wall clock if several)",
+    "cpu_s": "CPU seconds of the process while training\n"
+    "(all its threads: above the wall clock if several)",
     "monitor_s": "seconds of the PGD-10 monitor (not training)",
     "lr": "learning rate at the end of the epoch",
     "loss": "training loss on the attacked inputs",

@@ -229,8 +229,13 @@ def measure(spec, shared, out_dir, nproc=1):
 def main(argv=None):
     p = spec_parser(__doc__)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--nproc", type=int, nargs="+", default=[1],
-                   help="processes (torchrun --nproc_per_node); several: each spec with each count")  # fmt: skip
+    p.add_argument(
+        "--nproc",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="processes (torchrun): each spec with each",
+    )
     args = p.parse_args(argv)
     if not args.specs:
         p.error("give at least one script to time")

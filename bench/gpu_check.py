@@ -244,7 +244,8 @@ class Check:
         step, timeout = self.begin("epoch_time fgsm_rs", EPOCH_TIME_LIMIT)
         if step is None:
             return
-        a, out = self.args, os.path.join(self.args.out, "epoch_time.json")
+        a = self.args
+        out = os.path.join(a.out, "epoch_time.json")
         cmd = [sys.executable, os.path.join(ROOT, "bench", "epoch_time.py"), "--dataset", "folder"]
         cmd += [
             "--data-dir",
@@ -265,8 +266,8 @@ class Check:
                 rows = json.load(f)
         except (OSError, ValueError):
             rows = []
-        keep = "spec status precision seconds_per_epoch monitor_s_per_epoch images_per_s flops_per_image "
-        keep += "flops_source flops_per_s peak_flops peak_fraction"
+        keep = "spec status precision seconds_per_epoch monitor_s_per_epoch images_per_s "
+        keep += "flops_per_image flops_source flops_per_s peak_flops peak_fraction"
         step["rows"] = [{k: r.get(k) for k in keep.split()} for r in rows]
         if rows and rows[0].get("images_per_s"):
             step["images_per_s"] = rows[0]["images_per_s"]
@@ -352,13 +353,14 @@ def key_numbers(s):
 
 
 def markdown(summary):
+    gpu = f"GPU: {summary['gpu'] or 'none'} (--device {summary['device']})"
+    took = f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget"
     lines = [
-        f"GPU: {summary['gpu'] or 'none'} (--device {summary['device']}), torch {summary['torch']}; "
-        f"{summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget",
+        f"{gpu}, torch {summary['torch']}; {took}",
         "",
-        "images/s: training images per second of the step's last epoch (a one-epoch run includes its warm-up: "
-        "cuDNN autotuning, compilation); epoch_time's rows leave the first epoch out. Key numbers: the last "
-        "model's accuracies in %.",
+        "images/s: training images per second of the step's last epoch (a one-epoch run includes "
+        "its warm-up: cuDNN autotuning, compilation); epoch_time's rows leave the first epoch out. "
+        "Key numbers: the last model's accuracies in %.",
         "",
         "| step | status | seconds | images/s | key numbers |",
         "|---|---|---|---|---|",

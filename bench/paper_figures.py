@@ -104,7 +104,8 @@ FIGURES = (
     Figure("atlas", (), "cifar100", "WRN-28-8", "wrn-28-8",
            "60.98 clean / 26.30 PGD-20 / 23.42 AA", None, None, LU),
     Figure("amata", (), "cifar10", "PreActResNet18", "preact18",
-           "85.52 clean / 47.62 PGD-20 / 52.94 CW", "14,309 s", "GTX 1080 Ti", "Ye et al., AAAI 2021"),
+           "85.52 clean / 47.62 PGD-20 / 52.94 CW", "14,309 s", "GTX 1080 Ti",
+           "Ye et al., AAAI 2021"),
     Figure("amata", PGD10, "cifar10", "PreActResNet18", "preact18",
            "85.27 clean / 47.31 PGD-20 / 51.73 CW", "23,108 s", "GTX 1080 Ti",
            "Ye et al., AAAI 2021, their PGD-10 AT baseline"),
@@ -112,7 +113,8 @@ FIGURES = (
            "91.47 PGD-40, step 0.01", "698 s (PGD-40 AT: 90.56% in 1,086 s)", None,
            "Ye et al., AAAI 2021, Amata(5, 40)"),
     Figure("las_at", (), "cifar10", "ResNet18", None,
-           "82.00 clean / 53.53 PGD-10", "418 min (PGD-AT 261 min)", None, f"{LAS}, k = 20", TEST_BEST),
+           "82.00 clean / 53.53 PGD-10", "418 min (PGD-AT 261 min)", None, f"{LAS}, k = 20",
+           TEST_BEST),
     Figure("las_at", ("--strategy-every", "40"), "cifar10", "ResNet18", None,
            "82.3 clean / 54.29 PGD-10 / 49.89 AA", "365 min", None,
            f"{LAS}, k = 40 (the headline row)", TEST_BEST),
@@ -120,10 +122,12 @@ FIGURES = (
            "82.88 clean / 53.71 PGD-10", "1378 min", None, f"{LAS}, k = 1", TEST_BEST),
     # LAS-AT's own PGD-10 AT baseline ran LAS-AT's recipe, not Amata's: it matches none of our runs.
     Figure("las_at", None, "cifar10", "ResNet18", None,
-           "82.56 clean / 53.15 PGD-10", "261 min", None, f"{LAS}, their PGD-AT baseline", TEST_BEST),
+           "82.56 clean / 53.15 PGD-10", "261 min", None, f"{LAS}, their PGD-AT baseline",
+           TEST_BEST),
     # Our sources do not give the k of the wide-network row.
     Figure("las_at", None, "cifar10", "WRN34-10", "wrn-34-10",
-           "86.23 clean / 57.64 PGD-10 / 56.12 PGD-50 / 55.73 C&W / 53.58 AA", None, None, LAS, TEST_BEST),
+           "86.23 clean / 57.64 PGD-10 / 56.12 PGD-50 / 55.73 C&W / 53.58 AA",
+           None, None, LAS, TEST_BEST),
     # The paper gives one training time (200 epochs on a V100) without naming the dataset; it is put on CIFAR-10.
     Figure("rmcla", (), "cifar10", "WRN-28-10", "wrn-28-10",
            "90.8 clean / 69.3 FGSM / 54.6 PGD-20 / 52.9 PGD-100 / 51.9 CW-100",
@@ -143,9 +147,8 @@ def markdown_table():
     ]
     for f in FIGURES:
         command = f"`{f.label()}`" if f.flags is not None else f"({f.script}.py: recipe not stated)"
-        lines.append(
-            f"| {command} | {f.dataset} | {f.network} | {f.reported} | {f.when() or '–'} | {f.cite()} |"
-        )
+        cells = (command, f.dataset, f.network, f.reported, f.when() or "–", f.cite())
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

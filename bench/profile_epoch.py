@@ -60,7 +60,8 @@ def host_events(events):
 
 def _union(intervals):
     """Total length of the union of (start, end) intervals."""
-    total, end = 0.0, -float("inf")
+    total = 0.0
+    end = -float("inf")
     for s, e in sorted(intervals):
         if e <= end:
             continue
@@ -92,7 +93,8 @@ def summarize(events, window):
     inside = _union(fwd + bwd)
     # Top-level operators (no parent range) that lie outside the model's passes and the optimiser step.
     model_and_opt = sorted(fwd + bwd + opt)
-    outside_ops, by_name = [], defaultdict(float)
+    outside_ops = []
+    by_name = defaultdict(float)
     for e in events:
         marked = e.name == FORWARD or e.name.startswith((BACKWARD, OPTIMIZER))
         s, t = max(e.time_range.start, lo), min(e.time_range.end, hi)
@@ -184,8 +186,8 @@ def main(argv=None):
                 f"  {spec}: {100 * rows[-1]['outside']:.1f}% outside", file=sys.stderr, flush=True
             )
     print(
-        f"{args.dataset}, model {args.model or 'recipe default'}, {args.batches or 'all'} batches after "
-        f"{args.skip}; shares of the profiled steps' host time"
+        f"{args.dataset}, model {args.model or 'recipe default'}, {args.batches or 'all'} batches "
+        f"after {args.skip}; shares of the profiled steps' host time"
     )
     print_table(rows)
     if args.out:

@@ -43,16 +43,13 @@ import paper_figures  # noqa: E402  (bench/, this script's own folder)
 # Flags that are not part of a recipe: where and how the run was executed, and the evaluation, which the accuracy
 # columns' headers and the "eval images" column name instead. dataset and model have columns of their own.
 NOT_RECIPE = set(
-    "method dataset model data_dir phase_data_dirs out_dir device resume workers progress_every eval_samples "
-    "eval_iters eval_restarts eval_cw_iters autoattack".split()
+    "method dataset model data_dir phase_data_dirs out_dir device resume workers progress_every "
+    "eval_samples eval_iters eval_restarts eval_cw_iters autoattack".split()
 )
 # Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
 NEUTRAL = {"seed", "compile", "precision"}
-RUN_FILES = (
-    "results.json",
-    "checkpoint.pt",
-    "log.txt",
-)  # a directory holding one of these is a run
+# A directory holding one of these is a run.
+RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")
 
 
 def warn(message):
@@ -92,10 +89,7 @@ def read_results(run_dir):
         with open(path) as f:
             res = json.load(f)
     except (OSError, ValueError) as err:
-        return (
-            None,
-            f"{path}: unreadable ({type(err).__name__}: {(str(err) or '-').splitlines()[0]})",
-        )
+        return None, f"{path}: unreadable ({type(err).__name__}: {str(err)[:80]})"
     if not isinstance(res, dict):
         return None, f"{path}: malformed (not a JSON object)"
     missing = [k for k in ("method", "args", "epochs", "train_time", "final") if k not in res]
@@ -134,10 +128,8 @@ def stop_reason(run_dir, res):
     if not isinstance(planned, int) or ran >= planned:
         return None
     reason = None
-    with (
-        contextlib.suppress(OSError),
-        open(os.path.join(run_dir, "log.txt"), errors="replace") as f,
-    ):
+    log = os.path.join(run_dir, "log.txt")
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
         for line in f:
             if re.match(r"# (early )?stop\b", line):
                 reason = line[2:].strip()
@@ -171,22 +163,16 @@ def _get_args(method, argv):
     script = os.path.join(ROOT, f"{method}.py")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(script):
         raise RecipeUnknown(f"no script {method}.py")
-    try:
-        module = importlib.import_module(
-            method
-        )  # imports only: every script keeps its work in main()
+    try:  # imports only: every script keeps its work in main()
+        module = importlib.import_module(method)
     except Exception as exc:
         raise RecipeUnknown(f"{method}.py does not import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, "get_args") or not all(isinstance(w, str) for w in argv):
-        raise RecipeUnknown(
-            f"{method}.py has no get_args(), or the run's dataset or model is missing"
-        )
+        raise RecipeUnknown(f"{method}.py has no get_args(), or the run's dataset or model is gone")
     err = io.StringIO()
-    try:
+    try:  # parsing reads no data: the dataset need not be there
         with contextlib.redirect_stderr(err):
-            return vars(
-                module.get_args(list(argv))
-            )  # parsing reads no data: the dataset need not be there
+            return vars(module.get_args(list(argv)))
     except SystemExit:
         lines = err.getvalue().strip().splitlines()
         raise RecipeUnknown(lines[-1] if lines else "get_args refused the flags") from None
@@ -310,12 +296,11 @@ def describe(res, quick):
     if quick:
         return out  # a quick run did not run the recipe: no paper figure beside it
     for fig in paper_figures.FIGURES:
-        if fig.script != method or fig.flags is None or fig.dataset != dataset:
+        mine = fig.script == method and fig.dataset == dataset and fig.flags is not None
+        if not mine or model not in (recipe_model, fig.model):
             continue
         with contextlib.suppress(RecipeUnknown):
-            if model in (recipe_model, fig.model) and same_flags(
-                core, variant_diff(method, dataset, model, fig.flags)
-            ):
+            if same_flags(core, variant_diff(method, dataset, model, fig.flags)):
                 out["figures"].append(fig)
     return out
 
@@ -406,11 +391,8 @@ def per_epoch(run):
         return "–"
     wall = mean(rows, "seconds") or 0.0
     cpu = mean(rows, "cpu_s", "cpu_seconds")
-    return (
-        f"{wall:.1f} (CPU {cpu:.1f})"
-        if run["res"].get("device") == "cpu" and cpu
-        else f"{wall:.1f}"
-    )
+    on_cpu = run["res"].get("device") == "cpu" and cpu
+    return f"{wall:.1f} (CPU {cpu:.1f})" if on_cpu else f"{wall:.1f}"
 
 
 def ratio_cell(run):
@@ -500,18 +482,13 @@ def build_table(runs):
         ("monitor s / epoch", lambda r: number_or_dash(mean(r["res"]["epochs"], "monitor_s"))),
         ("eval images", eval_cell),
     ]
-    for which in ("last", "best"):
-        if which == "best":
-            columns.append(
-                ("best epoch", lambda r: str(r["res"]["best_epoch"] or len(r["res"]["epochs"])))
-            )
-        columns += [
-            (
-                f"{which} {metric_name(k)}",
-                lambda r, k=k, w=which: pct(final_of(r, w), k, eval_images(r)),
-            )
-            for k in keys
-        ]
+
+    def accuracy(which, k):
+        return f"{which} {metric_name(k)}", lambda r: pct(final_of(r, which), k, eval_images(r))
+
+    columns += [accuracy("last", k) for k in keys]
+    columns.append(("best epoch", lambda r: str(r["res"]["best_epoch"] or len(r["res"]["epochs"]))))
+    columns += [accuracy("best", k) for k in keys]
     columns.append(("paper (network: reported %, time)", paper_cell))
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for run in runs:
@@ -523,18 +500,20 @@ def number_or_dash(v):
     return "–" if v is None else f"{v:.1f}"
 
 
-NOTES = """Accuracies in % on `eval images` test images (a fixed random subset when fewer than the test set), for the
-last model and the best one ("best": the highest per-epoch monitor on training data, or ATLAS's validation
-accuracy; never the test set), each with its 95% interval in brackets: Wilson's score interval over the evaluated
-test images. It covers the draw of the test images only: a second training run (another seed) varies more.
-PGD-N-R: N steps and R restarts on the cross-entropy, with the step given beside the image count (ε/4, i.e. 2/255
-at ε = 8/255, MNIST ε/30; at least 1.5ε/N), a sample counts as robust only if it survives every restart; CW-N:
-PGD-N on the Carlini-Wagner margin; worst case: correct under every attack the run evaluated. s / epoch:
-wall-clock training seconds (on a CPU also the process's CPU seconds); × FGSM-RS: the ratio to the FGSM-RS run of
-the same dataset, model and device in this report (CPU seconds on a CPU); the per-epoch monitor (PGD-10 on the
-monitor images, which picks the best model) is not training and has its own column, monitor s / epoch;
-checkpoints are in neither. Paper figures (bench/paper_figures.py) are quoted from the papers, on the network and
-hardware they name, under the attacks they name: compare a figure only with our column of the same attack."""
+NOTES = """Accuracies in % on `eval images` test images (a fixed random subset when fewer than the
+test set), for the last model and the best one ("best": the highest per-epoch monitor on training
+data, or ATLAS's validation accuracy; never the test set), each with its 95% interval in brackets:
+Wilson's score interval over the evaluated test images. It covers the draw of the test images only:
+a second training run (another seed) varies more. PGD-N-R: N steps and R restarts on the
+cross-entropy, with the step given beside the image count (ε/4, i.e. 2/255 at ε = 8/255, MNIST ε/30;
+at least 1.5ε/N), a sample counts as robust only if it survives every restart; CW-N: PGD-N on the
+Carlini-Wagner margin; worst case: correct under every attack the run evaluated. s / epoch:
+wall-clock training seconds (on a CPU also the process's CPU seconds); × FGSM-RS: the ratio to the
+FGSM-RS run of the same dataset, model and device in this report (CPU seconds on a CPU); the
+per-epoch monitor (PGD-10 on the monitor images, which picks the best model) is not training and has
+its own column, monitor s / epoch; checkpoints are in neither. Paper figures
+(bench/paper_figures.py) are quoted from the papers, on the network and hardware they name, under
+the attacks they name: compare a figure only with our column of the same attack."""
 
 
 # ---- The figure
@@ -552,7 +531,8 @@ def monitor_images(res):
 def draw_run(ax_time, ax_mon, run, key, unit, colour):
     """One run's points: its last and best model's accuracy under `key` against training time, each with its 95%
     interval over the test images; its monitor by epoch, with the interval over the monitor images as a band."""
-    res, n = run["res"], eval_images(run)
+    res = run["res"]
+    n = eval_images(run)
     # The best model is placed at the time its epoch ended: that is what it cost to train. A filled dot for the
     # last model, a larger hollow diamond for the best: where they coincide, both stay visible.
     best_time = sum(r.get("seconds", 0) for r in res["epochs"][: res.get("best_epoch") or None])
@@ -562,14 +542,7 @@ def draw_run(ax_time, ax_mon, run, key, unit, colour):
         if acc is not None:
             low, high = interval(acc, n) if n else (acc, acc)
             bar = [[100 * (acc - low)], [100 * (high - acc)]]
-            style = {
-                "fmt": marker,
-                "ms": size,
-                "mfc": face,
-                "mew": 1.5,
-                "capsize": 4,
-                "elinewidth": 1,
-            }
+            style = dict(fmt=marker, ms=size, mfc=face, mew=1.5, capsize=4, elinewidth=1)
             ax_time.errorbar(seconds / unit, 100 * acc, yerr=bar, color=colour, **style)
     rows = [r for r in res["epochs"] if isinstance(r.get("pgd_monitor"), (int, float))]
     epochs = [r["epoch"] for r in rows]
@@ -603,28 +576,31 @@ def figure(runs):
         pgd_key[run["label"]] = keys[-1] if keys else None
     attacks = sorted({k for k in pgd_key.values() if k}, key=metric_order)
     longest = max((r["res"]["train_time"] for r in runs), default=1)
-    unit, unit_name = (1, "s") if longest < 600 else (60, "min") if longest < 36000 else (3600, "h")
+    # seconds up to 10 min, minutes up to 10 h, then hours
+    units = ((1, "s"), (60, "min"), (3600, "h"))
+    unit, unit_name = next((u, name) for u, name in units if longest < 600 * u or name == "h")
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     several_datasets = len({dataset_label(r["res"]) for r in runs}) > 1
     handles = []
     for i, run in enumerate(runs):
-        colour, key = colours(i % colours.N), pgd_key[run["label"]]
+        colour = colours(i % colours.N)
+        key = pgd_key[run["label"]]
         label = run["label"] + (f" on {dataset_label(run['res'])}" if several_datasets else "")
         label += " (quick)" if run["quick"] else ""
         label += f" [{metric_name(key)}]" if key and len(attacks) > 1 else ""
         handles.append(Line2D([], [], color=colour, marker="o", label=label))
         draw_run(ax_time, ax_mon, run, key, unit, colour)
     gray = {"ls": "", "color": "gray"}
-    key = [
+    legend_key = [
         Line2D([], [], marker="o", label="last model, at its training time", **gray),
         Line2D(
-            [], [], marker="D", mfc="none", ms=9, label="best model, when its epoch ended", **gray
+            [], [], marker="D", mfc="none", ms=9, label="best model, at its epoch's end", **gray
         ),
         Line2D([], [], marker="|", ms=14, label="95% interval over the test images", **gray),
         Patch(color="gray", alpha=0.3, label="95% interval over the monitor images"),
     ]
     # the runs in the first columns of the legend (padded with blank entries), the key in the last
-    rows = max(len(key), -(-len(handles) // 3))
+    rows = max(len(legend_key), -(-len(handles) // 3))
     handles += [Line2D([], [], ls="", label="")] * (-len(handles) % rows)
     times = [r["res"]["train_time"] for r in runs if r["res"]["train_time"] > 0]
     if times and max(times) / min(times) > 30:
@@ -643,7 +619,10 @@ def figure(runs):
     ax_mon.set_ylabel("PGD-10 accuracy on the monitor images (%)")
     ax_mon.set_title("per-epoch monitor: catastrophic overfitting is a sudden drop", fontsize=11)
     fig.legend(
-        handles=handles + key, loc="outside lower center", ncol=len(handles) // rows + 1, fontsize=8
+        handles=handles + legend_key,
+        loc="outside lower center",
+        ncol=len(handles) // rows + 1,
+        fontsize=8,
     )
     return fig
 

@@ -172,9 +172,7 @@ def run_one(args, name, cmd, factor=None):
         with open(marker) as f:
             before = json.load(f).get("command")
     if before is not None and before != shown:
-        print(
-            f"# {name}: note: started before as `{before}`; kept as it is (another --out for a new set)"
-        )
+        print(f"# {name}: note: started before as `{before}`; kept (another --out for a new set)")
     if report.finished(run_dir):
         return "done before", "results.json there, skipped"
     resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
@@ -264,7 +262,7 @@ def main(argv=None):
         nargs="?",
         const=10.0,
         metavar="FACTOR",
-        help="divide every recipe's length by FACTOR (default 10): epochs, milestones, ATLAS's ramp",
+        help="divide every recipe's length by FACTOR (10): epochs, milestones, ATLAS's ramp",
     )
     p.add_argument(
         "--epochs",

@@ -24,8 +24,20 @@ import harness  # noqa: E402
 METHOD = "method and flags that differ from its recipe"
 
 
-def write_run(run_dir, method, flags, final, epochs_run, train_time=100.0, best_epoch=None, log=None,
-              step="2/255", images=1000, dataset="cifar10", **fields):  # fmt: skip
+def write_run(
+    run_dir,
+    method,
+    flags,
+    final,
+    epochs_run,
+    train_time=100.0,
+    best_epoch=None,
+    log=None,
+    step="2/255",
+    images=1000,
+    dataset="cifar10",
+    **fields,
+):
     """A results.json as Run.finish writes it, for a run of METHOD.py FLAGS on DATASET (nothing is trained).
     final None: written before the evaluation. fields: more entries, or replacements."""
     os.makedirs(run_dir)
@@ -33,11 +45,12 @@ def write_run(run_dir, method, flags, final, epochs_run, train_time=100.0, best_
     argv = ["--dataset", dataset, "--device", "cpu", "--out-dir", str(run_dir)]
     args = report.get_args(method, argv + [f for f in flags if f != "--autoattack"])
     args["autoattack"] = "--autoattack" in flags
+    row = {"cpu_s": 1.0, "lr": 0.1, "loss": 1.0, "acc": 0.5}
     rows = [
-        {"epoch": e, "seconds": train_time / epochs_run, "cpu_s": 1.0, "monitor_s": 0.25 * e, "lr": 0.1,
-         "loss": 1.0, "acc": 0.5, "pgd_monitor": 0.1 + 0.3 * e / epochs_run}
+        {"epoch": e, "seconds": train_time / epochs_run, "monitor_s": 0.25 * e, **row}
+        | {"pgd_monitor": 0.1 + 0.3 * e / epochs_run}
         for e in range(1, epochs_run + 1)
-    ]  # fmt: skip
+    ]
     pgd = f"PGD-{args['eval_iters']}-{args['eval_restarts']}, step {step}"
     res = {
         "method": method,
@@ -224,8 +237,8 @@ def test_curves_panels_say_what_they_measure():
     1-epoch run on an axis from 0.5 to 1.5, not 0.96-1.04."""
     import matplotlib.pyplot as plt
 
-    row = {"epoch": 1, "seconds": 12.0, "cpu_s": 20.0, "monitor_s": 3.0, "lr": 0.1, "loss": 1.9,
-           "acc": 0.31, "pgd_monitor": 0.22, "val_acc": 0.4, "K_t": 2}  # fmt: skip
+    row = {"epoch": 1, "seconds": 12.0, "cpu_s": 20.0, "monitor_s": 3.0, "lr": 0.1, "loss": 1.9}
+    row.update(acc=0.31, pgd_monitor=0.22, val_acc=0.4, K_t=2)
     for rows in ([row], [{**row, "epoch": e} for e in range(1, 8)]):
         fig = harness.curves_figure(rows, "fgsm_rs on cifar10")
         panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
@@ -257,9 +270,9 @@ def test_paper_figures_name_flags_that_the_scripts_accept():
 
 def plan_args(**given):
     """reproduce.py's parsed flags, without a command line."""
-    args = argparse.Namespace(dataset="cifar10", data_dir="data", model=None, quick=None, epochs=None,
-                              out="out", device=None, eval_samples=None, eval_iters=None,
-                              eval_restarts=None, eval_cw_iters=None, autoattack=False, passthrough=[])  # fmt: skip
+    unset = "model quick epochs device eval_samples eval_iters eval_restarts eval_cw_iters".split()
+    args = argparse.Namespace(dataset="cifar10", data_dir="data", out="out", autoattack=False)
+    vars(args).update({k: None for k in unset}, passthrough=[])
     vars(args).update(given)
     return args
 
@@ -439,7 +452,8 @@ def test_run_one_resumes_skips_and_reports_failures(tmp_path, capsys):
 def test_reproduce_goes_on_after_a_failure_and_stops_at_an_interrupt(monkeypatch, tmp_path, jobs):
     """A failed run is reported and the others go on; after an interrupted one no run starts (side by side too:
     the run beside it goes on to its end), and no report is written."""
-    visited, reported = [], []
+    visited = []
+    reported = []
 
     def fake_run(args, name, cmd, factor=None):
         visited.append(name)
@@ -484,8 +498,9 @@ def test_step_flops_count_the_attack_and_the_weight_step(tmp_path):
     ):
         out = tmp_path / name
         argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out)]
-        argv += "--model wrn-10-1 --epochs 1 --batch-size 16 --device cpu --eval-samples 2 --eval-iters 1".split()
-        argv += "--eval-restarts 1 --eval-cw-iters 0 --monitor-size 8 --progress-every 0 --workers 0".split()
+        argv += "--model wrn-10-1 --epochs 1 --batch-size 16 --device cpu --eval-samples 2".split()
+        argv += "--eval-iters 1 --eval-restarts 1 --eval-cw-iters 0 --monitor-size 8".split()
+        argv += "--progress-every 0 --workers 0".split()
         with launch.count_flops():
             if (
                 name == "compiled"
