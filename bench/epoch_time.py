@@ -41,6 +41,7 @@ import sys
 import tempfile
 
 import launch  # bench/, beside this script
+import report
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak with fp32 accumulation (what PyTorch's bf16 convolutions and
 # matmuls use), TFLOP/s, from NVIDIA's data sheets (H100/H200, A100, L40S, L40, L4: half the "with sparsity"
@@ -216,8 +217,9 @@ def measure(spec, shared, out_dir, nproc=1):
     ok, why = run_spec(spec, shared, out_dir, ["--count-flops"], nproc)
     if not ok:
         return {"spec": spec, "status": why}
-    with open(os.path.join(out_dir, "results.json")) as f:
-        res = json.load(f)
+    res, problem = report.read_results(out_dir)
+    if res is None:
+        return {"spec": spec, "status": f"failed: {problem}"}
     flops_file = os.path.join(out_dir, launch.FLOPS_FILE)
     flops = None
     if os.path.exists(flops_file):

@@ -334,10 +334,11 @@ def metric_name(key):
 
 def interval(p, n, z=1.96):
     """The 95% interval (low, high) of an accuracy p measured on n images: Wilson's score interval for a binomial
-    proportion (Wilson, JASA 1927), which stays inside [0, 1] and is not empty at 0% or 100%."""
+    proportion (Wilson, JASA 1927), which stays inside [0, 1], holds p, and is not empty at 0% or 100%. At 0%
+    and 100% its near end is p itself (rounding would move it past p by 1e-17)."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def eval_images(run):

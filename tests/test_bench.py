@@ -163,6 +163,11 @@ def test_wilson_interval_reference_values():
     low, high = report.interval(0.0, 10)
     assert low == 0.0 and abs(high - 1.96**2 / (10 + 1.96**2)) < 1e-9
     assert report.pct({"pgd": 1.0}, "pgd", 10) == "100.0 (72.2–100.0)"
+    # it holds the accuracy, at 0% and 100% too (an error bar cannot be negative)
+    for n in range(1, 300):
+        for p in (0.0, 1.0, 0.5, 1 / 3):
+            low, high = report.interval(p, n)
+            assert 0.0 <= low <= p <= high <= 1.0, (p, n)
 
 
 def fractions(final):
