@@ -201,7 +201,8 @@ def profile(skip, batches, out):
                 prof.start()
                 with record_function("fastat::window_start"):
                     pass
-            profiled[0] += i >= skip
+            if i >= skip:
+                profiled[0] += 1
             yield item
         if not profiled[0]:
             raise SystemExit(
