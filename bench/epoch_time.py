@@ -17,8 +17,8 @@ The table gives per spec: the precision of training, seconds per epoch and the r
 monitor's seconds per epoch, images per second, and the achieved FLOP/s: the FLOPs of one training step (forward
 and backward passes of the attack, the weight step and the method's own networks), counted on the first batch
 with torch's FlopCounterMode, per image, times images per second. The count is made from outside the library:
-each run goes through this file's launcher (`--child`), which wraps common.DeviceLoader.epoch so that the whole
-step on the first training batch runs under the counter and writes RUN/step_flops.json. That one step is slowed
+each run goes through bench/launch.py --count-flops, which wraps the loader's epoch() so that the whole step on
+the first training batch runs under the counter and writes RUN/step_flops.json. That one step is slowed
 by the counting, a reason more to time with --epochs 2 or more. A step under --compile is not counted (under the
 counter it would not run compiled): a compiled spec takes the count of the same spec without --compile when the
 table has one, marked so. The count is of one batch: a method whose cost varies from batch to batch (LAS-AT's
@@ -32,30 +32,26 @@ On CUDA, with bf16 or fp16 training, the table also gives the fraction of the de
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOPS_FILE = "step_flops.json"  # written into the run's folder by the launcher
+import launch  # bench/, beside this script
+import report
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peak with fp32 accumulation (what PyTorch's bf16 convolutions and
 # matmuls use), TFLOP/s, from NVIDIA's data sheets (H100/H200, A100, L40S, L40, L4: half the "with sparsity"
 # figure) and architecture white papers (GeForce: the Ada and Ampere GA102 papers' "FP16 Tensor TFLOPS with
 # FP32 accumulate", which bf16 shares; not the FP32 or TF32 rate). The first pattern that matches the device's
-# name wins. None: a part whose figure was not verified here (no fraction of peak is printed for it).
+# name wins. None: a part whose figure was not verified here (no fraction of peak is printed for it): laptop
+# and NVL parts run at other clocks and power limits than the parts below.
 PEAK_BF16 = [
-    (
-        r"laptop|max-q|\bH100 NVL\b|\bH200 NVL\b",
-        None,
-    ),  # other clocks and power limits than the parts below
-    (r"\bH100\b.*\bPCIe\b", 756.0),  # H100 PCIe
+    (r"laptop|max-q|\bH100 NVL\b|\bH200 NVL\b", None),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
     (r"\bH100\b|\bH200\b", 989.0),  # SXM (the H200 has the H100 SXM's compute)
     (r"\bA100\b", 312.0),  # SXM and PCIe alike
     (r"\bL40S\b", 362.0),
@@ -64,6 +60,8 @@ PEAK_BF16 = [
     (r"\bRTX 4090\b(?! D)", 165.2),  # Ada white paper (the 4090 D has fewer SMs)
     (r"\bRTX 3090\b(?! Ti)", 71.0),  # GA102 white paper
 ]
+# The cheapest evaluation there is: the final evaluation is not what is timed.
+NO_EVAL = "--eval-samples 1 --eval-iters 1 --eval-restarts 1 --eval-cw-iters 0".split()
 
 
 def peak_bf16(device_name):
@@ -74,9 +72,25 @@ def peak_bf16(device_name):
     return None
 
 
+def spec_parser(doc):
+    """The command line of epoch_time.py and profile_epoch.py: specs and the flags shared by every spec."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("specs", nargs="*", help='a script and its flags, e.g. "fgsm_rs.py --compile"')
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--model")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--precision", help="given to every spec (a spec's own --precision wins)")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    return p
+
+
 def shared_flags(args, epochs):
     """The flags given to every spec: --dataset, --data-dir, --epochs, and --model, --batch-size, --device,
-    --precision if set (also used by profile_epoch.py)."""
+    --precision if set."""
     shared = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--epochs", str(epochs)]
     for flag in ("model", "batch_size", "device", "precision"):
         if getattr(args, flag, None) is not None:
@@ -84,68 +98,20 @@ def shared_flags(args, epochs):
     return shared
 
 
-# ---- The launcher: one spec's run, with its first training step counted
-
-
-@contextlib.contextmanager
-def count_first_step():
-    """While open, the next run in this process counts the FLOPs of its first training step: flags.parse_args is
-    wrapped to see the run's flags (its --out-dir, --compile), and common.DeviceLoader.epoch so that the step on the
-    first batch of the training split (the shuffled loader; ATLAS's validation slice is not) runs inside
-    FlopCounterMode. Everything the loop does with that batch (attack, weight step, the method's own networks)
-    happens between the batch's yield and the loop's request for the next one. The count goes to
-    OUT_DIR/step_flops.json: {"flops", "batch_size"}. Not under --compile. The library is restored on exit."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import common
-    import flags
-    import imagenet
-
-    real_parse = flags.parse_args
-    real_epochs = {cls: cls.epoch for cls in (common.DeviceLoader, imagenet.StreamLoader)}
-    seen = {"args": None, "counted": False}
-
-    def parse_args(*a, **kw):
-        seen["args"] = real_parse(*a, **kw)
-        return seen["args"]
-
-    def epoch(loader, e):
-        args = seen["args"]
-        batches = real_epochs[type(loader)](loader, e)
-        training = getattr(loader, "shuffle", True)  # a StreamLoader is always the training split
-        if seen["counted"] or not training or args is None or args.compile or common.rank():
-            yield from batches
-            return
-        first = next(batches, None)
-        if first is None:
-            return
-        seen["counted"] = True
-        with FlopCounterMode(display=False) as counter:
-            yield first
-        with open(os.path.join(args.out_dir, FLOPS_FILE), "w") as f:
-            json.dump({"flops": counter.get_total_flops(), "batch_size": len(first[1])}, f)
-        yield from batches
-
-    flags.parse_args = parse_args
-    for cls in real_epochs:
-        cls.epoch = epoch
-    try:
-        yield
-    finally:
-        flags.parse_args = real_parse
-        for cls, real in real_epochs.items():
-            cls.epoch = real
-
-
-def child(script, argv):
-    """Run SCRIPT ARGV in this process, as `python SCRIPT ARGV` would, with its first step counted."""
-    sys.path.insert(0, ROOT)
-    sys.argv = [script, *argv]
-    with count_first_step():
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-
-
-# ---- The table
+def run_spec(spec, shared, out_dir, patches, nproc=1):
+    """One spec through bench/launch.py with `patches`, in its own process; (True, "") or (False, why)."""
+    script, *own = shlex.split(spec)
+    cmd = launch.command(script, [*shared, *own, "--out-dir", out_dir], *patches, nproc=nproc)
+    proc = subprocess.run(cmd, cwd=launch.ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return True, ""
+    print(
+        f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    tail = (proc.stderr.strip().splitlines() or [""])[-1]
+    return False, f"failed: exit {proc.returncode}: {tail[:200]}"
 
 
 def spec_row(spec, res, flops):
@@ -155,7 +121,7 @@ def spec_row(spec, res, flops):
     timed = rows[1:] or rows
     per_epoch = sum(r["seconds"] for r in timed) / len(timed)
     monitor = [r["monitor_s"] for r in rows if isinstance(r.get("monitor_s"), (int, float))]
-    row = {
+    return {
         "spec": spec,
         "status": "ok",
         "seconds_per_epoch": per_epoch,
@@ -172,7 +138,6 @@ def spec_row(spec, res, flops):
         "flops_per_image": flops["flops"] / flops["batch_size"] if flops else None,
         "flops_source": "counted" if flops else None,
     }
-    return row
 
 
 def without_compile(spec):
@@ -185,21 +150,16 @@ def finish_rows(rows):
     done = [r for r in rows if r["status"] == "ok"]
     for r in done:
         if r["flops_per_image"] is None and r["compile"]:
-            twin = next(
-                (
-                    t
-                    for t in done
-                    if t["flops_source"] == "counted"
-                    and t.get("base", t["spec"]) == without_compile(r.get("base", r["spec"]))
-                    and t["processes"] == r["processes"]
-                ),
-                None,
-            )
+            eager = without_compile(r.get("base", r["spec"]))
+            twins = [
+                t
+                for t in done
+                if t["flops_source"] == "counted" and t["processes"] == r["processes"]
+            ]
+            twin = next((t for t in twins if t.get("base", t["spec"]) == eager), None)
             if twin:
-                r["flops_per_image"], r["flops_source"] = (
-                    twin["flops_per_image"],
-                    f"from '{twin['spec']}'",
-                )
+                r["flops_per_image"] = twin["flops_per_image"]
+                r["flops_source"] = f"from '{twin['spec']}'"
     base = done[0]["seconds_per_epoch"] if done and rows[0]["status"] == "ok" else None
     for r in done:
         r["ratio"] = r["seconds_per_epoch"] / base if base else None
@@ -207,132 +167,90 @@ def finish_rows(rows):
             r["flops_per_image"] * r["images_per_s"] if r["flops_per_image"] else None
         )
         # The peak is a bf16/fp16 tensor-core rate: an fp32 run is not compared with it.
-        peak = (
-            peak_bf16(r["device"])
-            if r["device"] != "cpu" and r["precision"] in ("bfloat16", "float16")
-            else None
-        )
-        r["peak_flops"] = peak
-        r["peak_fraction"] = r["flops_per_s"] / peak if peak and r["flops_per_s"] else None
+        half = r["device"] != "cpu" and r["precision"] in ("bfloat16", "float16")
+        r["peak_flops"] = peak_bf16(r["device"]) if half else None
+        r["peak_fraction"] = r["flops_per_s"] / r["peak_flops"] if r["peak_flops"] else None
     return rows
 
 
 def table(rows):
     width = max([len(r["spec"]) for r in rows] + [4])
-    lines = [
-        f"{'spec':<{width}} {'precision':>9} {'s/epoch':>9} {'ratio':>7} {'monitor s':>9} {'images/s':>9} "
-        f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'of peak':>8}"
-    ]
+    head = (
+        "precision",
+        "s/epoch",
+        "ratio",
+        "monitor s",
+        "images/s",
+        "GFLOP/img",
+        "TFLOP/s",
+        "of peak",
+    )
+    lines = [f"{'spec':<{width}} " + " ".join(f"{h:>9}" for h in head)]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['spec']:<{width}} {r['status']}")
             continue
-        gflop = f"{r['flops_per_image'] / 1e9:>9.3f}" if r["flops_per_image"] else f"{'–':>9}"
-        tflops = f"{r['flops_per_s'] / 1e12:>8.3f}" if r["flops_per_s"] else f"{'–':>8}"
-        peak = f"{100 * r['peak_fraction']:>7.1f}%" if r["peak_fraction"] else f"{'–':>8}"
-        ratio = f"{r['ratio']:>6.2f}x" if r["ratio"] else f"{'–':>7}"
-        monitor = (
-            f"{r['monitor_s_per_epoch']:>9.2f}"
-            if r["monitor_s_per_epoch"] is not None
-            else f"{'–':>9}"
-        )
-        lines.append(
-            f"{r['spec']:<{width}} {str(r['precision']):>9} {r['seconds_per_epoch']:>9.2f} {ratio} "
-            f"{monitor} {r['images_per_s']:>9.1f} {gflop} {tflops} {peak}"
-        )
-    borrowed = [r for r in rows if str(r.get("flops_source", "")).startswith("from")]
+        cells = [
+            str(r["precision"]),
+            f"{r['seconds_per_epoch']:.2f}",
+            f"{r['ratio']:.2f}x" if r["ratio"] else "–",
+            f"{r['monitor_s_per_epoch']:.2f}" if r["monitor_s_per_epoch"] is not None else "–",
+            f"{r['images_per_s']:.1f}",
+            f"{r['flops_per_image'] / 1e9:.3f}" if r["flops_per_image"] else "–",
+            f"{r['flops_per_s'] / 1e12:.3f}" if r["flops_per_s"] else "–",
+            f"{100 * r['peak_fraction']:.1f}%" if r["peak_fraction"] else "–",
+        ]
+        lines.append(f"{r['spec']:<{width}} " + " ".join(f"{c:>9}" for c in cells))
     notes = [
         "s/epoch: training only; monitor s: the per-epoch PGD-10 monitor, apart (not training)."
     ]
+    borrowed = [r for r in rows if str(r.get("flops_source", "")).startswith("from")]
     notes += [
         f"{r['spec']}: FLOPs {r['flops_source']} (a compiled step is not counted)" for r in borrowed
     ]
     return "\n".join(lines + [""] + notes)
 
 
-def run_spec(spec, shared, out, nproc=1):
-    """Run one spec through the launcher (under torchrun with nproc > 1); its row (status "failed: ..." when the run
-    failed)."""
-    script, *own = shlex.split(spec)
-    launch = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-        ]
-        if nproc > 1
-        else [sys.executable]
-    )
-    cmd = [*launch, os.path.abspath(__file__), "--child", script, *shared, *own, "--out-dir", out]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or [""])[-1]
-        print(
-            f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return {"spec": spec, "status": f"failed: exit {proc.returncode}: {tail[:200]}"}
-    with open(os.path.join(out, "results.json")) as f:
-        res = json.load(f)
+def measure(spec, shared, out_dir, nproc=1):
+    """One spec's row: its run through the launcher with its first step counted (status "failed: ..." when the
+    run failed)."""
+    ok, why = run_spec(spec, shared, out_dir, ["--count-flops"], nproc)
+    if not ok:
+        return {"spec": spec, "status": why}
+    res, problem = report.read_results(out_dir)
+    if res is None:
+        return {"spec": spec, "status": f"failed: {problem}"}
+    flops_file = os.path.join(out_dir, launch.FLOPS_FILE)
     flops = None
-    with contextlib.suppress(OSError):
-        with open(os.path.join(out, FLOPS_FILE)) as f:
+    if os.path.exists(flops_file):
+        with open(flops_file) as f:
             flops = json.load(f)
     return spec_row(spec, res, flops)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "specs", nargs="+", help='a script and its flags, e.g. fgsm_rs.py or "fgsm_rs.py --compile"'
-    )
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--model", default=None)
+    p = spec_parser(__doc__)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument(
-        "--precision", default=None, help="given to every spec (a spec's own --precision wins)"
-    )
     p.add_argument(
         "--nproc",
         type=int,
         nargs="+",
         default=[1],
-        help="processes (torchrun --nproc_per_node); several: each spec with each count",
+        help="processes (torchrun): each spec with each",
     )
-    p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
-    shared = shared_flags(args, args.epochs) + [
-        "--eval-samples",
-        "1",
-        "--eval-iters",
-        "1",
-        "--eval-restarts",
-        "1",
-        "--eval-cw-iters",
-        "0",
-    ]
+    if not args.specs:
+        p.error("give at least one script to time")
+    shared = shared_flags(args, args.epochs) + NO_EVAL
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, (spec, n) in enumerate((s, n) for s in args.specs for n in args.nproc):
             label = spec if args.nproc == [1] else f"{spec} [{n} process{'es' if n > 1 else ''}]"
-            rows.append(run_spec(spec, shared, os.path.join(tmp, str(k)), n))
-            rows[-1].update(spec=label, base=spec)
-            spec = label
-            shown = (
-                f"{rows[-1]['seconds_per_epoch']:.2f} s/epoch"
-                if rows[-1]["status"] == "ok"
-                else rows[-1]["status"]
-            )
-            print(f"  {spec}: {shown}", file=sys.stderr, flush=True)
+            rows.append({**measure(spec, shared, os.path.join(tmp, str(k)), n), "spec": label})
+            rows[-1]["base"] = spec
+            done = rows[-1]["status"] == "ok"
+            shown = f"{rows[-1]['seconds_per_epoch']:.2f} s/epoch" if done else rows[-1]["status"]
+            print(f"  {label}: {shown}", file=sys.stderr, flush=True)
     finish_rows(rows)
     ok = [r for r in rows if r["status"] == "ok"]
     where = f"device {ok[0]['device']}, torch {ok[0]['torch']}" if ok else "no run finished"
@@ -345,7 +263,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:  # one spec, in its own process: --child SCRIPT ARGS...
-        child(sys.argv[2], sys.argv[3:])
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -5,21 +5,24 @@
 
 Writes OUT/report.md and OUT/report.png and prints the table. One row per run: the method and the flags that
 differ from its recipe (found by parsing the same dataset and model with the script's own get_args; no data is
-read and no training is run), dataset, model, epochs run and why the run stopped early if it did (the "# stop" or
-"# early stop" line in its log.txt), device and training precision, training time, seconds per epoch of training
-and, apart, of the per-epoch monitor, evaluation size and PGD step, the last and the best model's accuracy under
-each attack that was run, the best epoch, and, for a run of a method's default recipe (or a named variant) on a
-dataset its paper reports, the paper's figures from bench/paper_figures.py, with the paper's network.
+read and no training is run), dataset (an image folder named by its directory), model, epochs run and why the run
+stopped early if it did (the "# stop" or "# early stop" line in its log.txt), device and training precision,
+training time, seconds per epoch of training, its ratio to the FGSM-RS run of the same dataset, model and device
+(CPU seconds on a CPU: they hardly change when other work shares the machine), the per-epoch monitor's seconds
+apart, evaluation size and PGD step, the last and the best model's accuracy under each attack that was run with
+its 95% interval (Wilson's, over the test images evaluated: the chance of the draw of test images, not of
+training), the best epoch, and, for a run of a method's default recipe (or a named variant) on a dataset its
+paper reports, the paper's figures from bench/paper_figures.py, with the paper's network.
 
 Every attack has its own column, named with its settings: a run evaluated with PGD-20-1 never shares a column
 with one evaluated with PGD-50-10. The figure has robust accuracy against training time (last and best model of
-each run) and every run's pgd_monitor against epoch, where catastrophic overfitting shows as a sudden drop.
-A directory without a readable results.json (an unfinished or failed run) gets a one-line warning and is skipped.
-A run whose results.json has no final numbers yet (`"final": null`: written when training ends, before the
-evaluation; it stays so if the evaluation was interrupted or failed) gets a row marked "evaluating / unfinished"
-with its training figures; `python SCRIPT.py --resume --out-dir RUN` runs its evaluation again.
-Runs made by `bench/reproduce.py --quick` (a RUN/reproduce.json says so) are marked as quick runs, with the
-evaluation they ran, and get no paper figure: they did not run the recipe.
+each run, with their intervals) and every run's pgd_monitor against epoch, where catastrophic overfitting shows
+as a sudden drop. A directory without a readable results.json (an unfinished or failed run) gets a one-line
+warning and is skipped. A run whose results.json has no final numbers yet (`"final": null`: written when training
+ends, before the evaluation; it stays so if the evaluation was interrupted or failed) gets a row marked
+"evaluating / unfinished" with its training figures; `python SCRIPT.py --resume --out-dir RUN` evaluates it.
+Runs made by `bench/reproduce.py --quick` or `--epochs` (a RUN/reproduce.json says so) are marked as quick runs,
+with the evaluation they ran, and get no paper figure: they did not run the recipe.
 """
 
 import argparse
@@ -39,39 +42,21 @@ import paper_figures  # noqa: E402  (bench/, this script's own folder)
 
 # Flags that are not part of a recipe: where and how the run was executed, and the evaluation, which the accuracy
 # columns' headers and the "eval images" column name instead. dataset and model have columns of their own.
-NOT_RECIPE = {
-    "method",
-    "dataset",
-    "model",
-    "data_dir",
-    "phase_data_dirs",
-    "out_dir",
-    "device",
-    "resume",
-    "workers",
-    "progress_every",
-    "eval_samples",
-    "eval_iters",
-    "eval_restarts",
-    "eval_cw_iters",
-    "autoattack",
-}
+NOT_RECIPE = set(
+    "method dataset model data_dir phase_data_dirs out_dir device resume workers progress_every "
+    "eval_samples eval_iters eval_restarts eval_cw_iters autoattack".split()
+)
 # Shown when changed, but a run that changed only these still ran the recipe (a paper figure stays comparable).
 NEUTRAL = {"seed", "compile", "precision"}
-RUN_FILES = (
-    "results.json",
-    "checkpoint.pt",
-    "log.txt",
-)  # a directory holding one of these is a run
+# A directory holding one of these is a run.
+RUN_FILES = ("results.json", "checkpoint.pt", "log.txt")
 
 
 def warn(message):
     print(f"report.py: warning: {message}", file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Finding and reading runs
-# ----------------------------------------------------------------------------------------------
+# ---- Finding and reading runs
 
 
 def find_runs(paths):
@@ -94,47 +79,41 @@ def find_runs(paths):
     return list(dict.fromkeys(found))  # a run named twice is reported once
 
 
-def load_results(run_dir):
-    """results.json as a dict, or None with a one-line warning when it is missing or not what Run.finish writes."""
+def read_results(run_dir):
+    """(results.json as a dict, None), or (None, why not) when it is missing, unreadable or not what Run.finish
+    writes. The one reader of results.json: the report, reproduce.py, gpu_check.py and the tests use it."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.exists(path):
-        warn(f"{run_dir}: no results.json (an unfinished or failed run), skipped")
-        return None
+        return None, f"{run_dir}: no results.json (an unfinished or failed run)"
     try:
         with open(path) as f:
             res = json.load(f)
     except (OSError, ValueError) as err:
-        warn(
-            f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}), skipped"
-        )
-        return None
-    problem = None
+        return None, f"{path}: unreadable ({type(err).__name__}: {str(err)[:80]})"
     if not isinstance(res, dict):
-        problem = "not a JSON object"
-    else:
-        missing = [k for k in ("method", "args", "epochs", "train_time", "final") if k not in res]
-        final = res.get("final")
-        if missing:
-            problem = f"no {', '.join(missing)}"
-        elif not (
-            (
-                final is None
-                or isinstance(final, dict)
-                and all(isinstance(final.get(k), dict) for k in ("last", "best"))
-            )
-            and isinstance(res["epochs"], list)
-            and isinstance(res["args"], dict)
-        ):
-            problem = "final.last / final.best, epochs or args are not what a run writes"
-    if problem:
-        warn(f"{path}: malformed ({problem}), skipped")
-        return None
-    return res
+        return None, f"{path}: malformed (not a JSON object)"
+    missing = [k for k in ("method", "args", "epochs", "train_time", "final") if k not in res]
+    if missing:
+        return None, f"{path}: malformed (no {', '.join(missing)})"
+    final = res["final"]
+    final_ok = final is None or (
+        isinstance(final, dict) and all(isinstance(final.get(k), dict) for k in ("last", "best"))
+    )
+    if not (final_ok and isinstance(res["epochs"], list) and isinstance(res["args"], dict)):
+        return None, f"{path}: malformed (final.last / final.best, epochs or args are not a run's)"
+    return res, None
+
+
+def finished(run_dir):
+    """Evaluated: results.json holds the final numbers (it is written with "final": null before the
+    evaluation, and stays so if the evaluation was interrupted)."""
+    res, _ = read_results(run_dir)
+    return res is not None and res["final"] is not None
 
 
 def reproduce_info(run_dir):
-    """RUN/reproduce.json, written by reproduce.py ({} when there is none): "quick" (the --quick factor, None for
-    a full recipe) and "eval" (the evaluation a quick run was given)."""
+    """RUN/reproduce.json, written by reproduce.py ({} when there is none): "quick" (the factor the recipe's
+    length was divided by, None for a full recipe) and "eval" (the evaluation a quick run was given)."""
     try:
         with open(os.path.join(run_dir, "reproduce.json")) as f:
             info = json.load(f)
@@ -143,30 +122,21 @@ def reproduce_info(run_dir):
         return {}
 
 
-def quick_factor(run_dir):
-    """The --quick factor of a run made by reproduce.py (None: a full recipe, or not made by reproduce.py)."""
-    return reproduce_info(run_dir).get("quick")
-
-
 def stop_reason(run_dir, res):
     """Why a run ran fewer epochs than --epochs: the last '# stop' / '# early stop' line of its log."""
     planned, ran = res["args"].get("epochs"), len(res["epochs"])
     if not isinstance(planned, int) or ran >= planned:
         return None
     reason = None
-    with (
-        contextlib.suppress(OSError),
-        open(os.path.join(run_dir, "log.txt"), errors="replace") as f,
-    ):
+    log = os.path.join(run_dir, "log.txt")
+    with contextlib.suppress(OSError), open(log, errors="replace") as f:
         for line in f:
             if re.match(r"# (early )?stop\b", line):
                 reason = line[2:].strip()
     return reason or "stopped early (log.txt gives no reason)"
 
 
-# ----------------------------------------------------------------------------------------------
-# The flags that differ from the recipe: ask the script's own get_args()
-# ----------------------------------------------------------------------------------------------
+# ---- The flags that differ from the recipe: ask the script's own get_args()
 
 
 class RecipeUnknown(Exception):
@@ -190,26 +160,19 @@ def get_args(method, argv):
 
 
 def _get_args(method, argv):
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(
-        os.path.join(ROOT, f"{method}.py")
-    ):
+    script = os.path.join(ROOT, f"{method}.py")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", str(method)) or not os.path.exists(script):
         raise RecipeUnknown(f"no script {method}.py")
-    try:
-        module = importlib.import_module(
-            method
-        )  # imports only: every script keeps its work in main()
+    try:  # imports only: every script keeps its work in main()
+        module = importlib.import_module(method)
     except Exception as exc:
         raise RecipeUnknown(f"{method}.py does not import: {type(exc).__name__}: {exc}") from None
     if not hasattr(module, "get_args") or not all(isinstance(w, str) for w in argv):
-        raise RecipeUnknown(
-            f"{method}.py has no get_args(), or the run's dataset or model is missing"
-        )
+        raise RecipeUnknown(f"{method}.py has no get_args(), or the run's dataset or model is gone")
     err = io.StringIO()
-    try:
+    try:  # parsing reads no data: the dataset need not be there
         with contextlib.redirect_stderr(err):
-            return vars(
-                module.get_args(list(argv))
-            )  # parsing reads no data: the dataset need not be there
+            return vars(module.get_args(list(argv)))
     except SystemExit:
         lines = err.getvalue().strip().splitlines()
         raise RecipeUnknown(lines[-1] if lines else "get_args refused the flags") from None
@@ -252,11 +215,7 @@ def to_argv(flags):
 
 
 def show_flags(flags):
-    words = []
-    for key, value in flags.items():
-        expressible = to_argv({key: value})
-        words += expressible if expressible else [f"{key}={value}"]
-    return " ".join(words)
+    return " ".join(" ".join(to_argv({k: v})) or f"{k}={v}" for k, v in flags.items())
 
 
 def derived_val_size(train_images, val_size):
@@ -269,6 +228,10 @@ def derived_val_size(train_images, val_size):
 DERIVED = {"val_size": derived_val_size}
 
 
+def base_argv(dataset, model=None):
+    return ["--dataset", dataset, *(["--model", model] if model else []), "--device", "cpu"]
+
+
 def recipe_diff(method, dataset, model, args, train_images=None):
     """The smallest set of flags that, given to METHOD.py with --dataset DATASET --model MODEL, reproduces `args`
     (every key but NOT_RECIPE). A flag that follows from another is left out: with --epsilon 16, FGSM-RS's α
@@ -276,7 +239,7 @@ def recipe_diff(method, dataset, model, args, train_images=None):
     A recipe value None is derived from the data when the run starts (ATLAS's --val-size: a tenth of the training
     split): the run's value is the derived one unless a flag set it. With `train_images` (results.json's, the
     images it trained on) the derived value is computed and a different one shown; without it, never shown."""
-    base = ["--dataset", dataset, "--model", model, "--device", "cpu", "--out-dir", os.devnull]
+    base = base_argv(dataset, model) + ["--out-dir", os.devnull]
     recipe = get_args(method, base)
 
     def derived(key, value):  # the run's value is what the data made of the recipe's None
@@ -301,20 +264,7 @@ def recipe_diff(method, dataset, model, args, train_images=None):
 
 def variant_diff(method, dataset, model, flags):
     """recipe_diff() of the run that METHOD.py FLAGS would make."""
-    args = get_args(
-        method,
-        [
-            "--dataset",
-            dataset,
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--out-dir",
-            os.devnull,
-            *flags,
-        ],
-    )
+    args = get_args(method, base_argv(dataset, model) + ["--out-dir", os.devnull, *flags])
     return recipe_diff(method, dataset, model, args)
 
 
@@ -329,9 +279,7 @@ def describe(res, quick):
     out = {"flags": "", "variant": None, "figures": [], "recipe_error": None}
     try:
         diff = recipe_diff(method, dataset, model, args, res.get("train_images"))
-        recipe_model = get_args(
-            method, ["--dataset", dataset, "--device", "cpu", "--out-dir", os.devnull]
-        )["model"]
+        recipe_model = get_args(method, base_argv(dataset) + ["--out-dir", os.devnull])["model"]
     except RecipeUnknown as err:
         out["recipe_error"] = str(err)
         return out
@@ -348,12 +296,8 @@ def describe(res, quick):
     if quick:
         return out  # a quick run did not run the recipe: no paper figure beside it
     for fig in paper_figures.FIGURES:
-        if (
-            fig.script != method
-            or fig.flags is None
-            or fig.dataset != dataset
-            or model not in (recipe_model, fig.model)
-        ):
+        mine = fig.script == method and fig.dataset == dataset and fig.flags is not None
+        if not mine or model not in (recipe_model, fig.model):
             continue
         with contextlib.suppress(RecipeUnknown):
             if same_flags(core, variant_diff(method, dataset, model, fig.flags)):
@@ -361,9 +305,7 @@ def describe(res, quick):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The table
-# ----------------------------------------------------------------------------------------------
+# ---- The table
 
 
 def metric_order(key):
@@ -390,13 +332,34 @@ def metric_name(key):
     return {"autoattack": "AutoAttack", "worst_case": "worst case"}.get(key, key)
 
 
-def pct(final, key):
+def interval(p, n, z=1.96):
+    """The 95% interval (low, high) of an accuracy p measured on n images: Wilson's score interval for a binomial
+    proportion (Wilson, JASA 1927), which stays inside [0, 1], holds p, and is not empty at 0% or 100%. At 0%
+    and 100% its near end is p itself (rounding would move it past p by 1e-17)."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def eval_images(run):
+    """The number of test images the run was evaluated on (None when results.json does not say)."""
+    res = run["res"]
+    ev = res.get("eval") if isinstance(res.get("eval"), dict) else {}
+    n = ev.get("images", res.get("eval_samples"))  # eval_samples: runs made before "eval"
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def pct(final, key, n):
+    """An accuracy in %, with its 95% interval over the n test images when n is known."""
     if key not in final:
         return "–"  # this run did not run that attack
     v = final[key]
-    return (
-        "n/a" if v is None else f"{100 * v:.2f}"
-    )  # None: requested but not available (AutoAttack)
+    if v is None:
+        return "n/a"  # requested but not available (AutoAttack)
+    if not n:
+        return f"{100 * v:.1f}"
+    low, high = interval(v, n)
+    return f"{100 * v:.1f} ({100 * low:.1f}–{100 * high:.1f})"
 
 
 def duration(seconds):
@@ -407,28 +370,45 @@ def duration(seconds):
     return f"{seconds / 3600:.2f} h"
 
 
-def _mean(rows, *keys):
+def mean(rows, *keys):
     """Mean over the rows of the first of `keys` a row has as a number (None if no row has one)."""
     values = [next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None) for r in rows]
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
+def cost(run):
+    """Seconds per epoch of training: the process's CPU seconds on a CPU (they measure the epoch even when other
+    work shares the machine), wall-clock seconds on a GPU."""
+    rows = run["res"]["epochs"]
+    cpu = mean(rows, "cpu_s", "cpu_seconds")  # cpu_seconds: runs made before the rename
+    return cpu if run["res"].get("device") == "cpu" and cpu else mean(rows, "seconds")
+
+
 def per_epoch(run):
-    """Training seconds per epoch (the monitor is apart: monitor_cell)."""
-    rows, device = run["res"]["epochs"], run["res"].get("device", "?")
+    """Training seconds per epoch (the monitor is apart: its own column)."""
+    rows = run["res"]["epochs"]
     if not rows:
         return "–"
-    wall = _mean(rows, "seconds") or 0.0
-    cpu = _mean(rows, "cpu_s", "cpu_seconds")  # cpu_seconds: runs made before the rename
-    # On a CPU the process's CPU time measures the epoch even when other work shares the machine.
-    return f"{wall:.1f} (CPU {cpu:.1f})" if device == "cpu" and cpu is not None else f"{wall:.1f}"
+    wall = mean(rows, "seconds") or 0.0
+    cpu = mean(rows, "cpu_s", "cpu_seconds")
+    on_cpu = run["res"].get("device") == "cpu" and cpu
+    return f"{wall:.1f} (CPU {cpu:.1f})" if on_cpu else f"{wall:.1f}"
 
 
-def monitor_cell(run):
-    """Seconds per epoch of the per-epoch monitor (PGD-10 on the monitor images), not part of training."""
-    monitor = _mean(run["res"]["epochs"], "monitor_s")
-    return "–" if monitor is None else f"{monitor:.1f}"
+def ratio_cell(run):
+    base = run.get("base")
+    if base is None or not cost(base) or cost(run) is None:
+        return "–"
+    return f"{cost(run) / cost(base):.2f}"
+
+
+def dataset_label(res):
+    """The dataset's name; an image folder is named by its directory (runs on two folders are two datasets)."""
+    args = res["args"]
+    if args.get("dataset") == "folder" and args.get("data_dir"):
+        return f"folder {os.path.basename(os.path.normpath(args['data_dir']))}"
+    return str(args.get("dataset"))
 
 
 def device_cell(run):
@@ -438,10 +418,9 @@ def device_cell(run):
 
 def eval_cell(run):
     """The number of test images, and the PGD step of the evaluation (it follows ε)."""
-    res = run["res"]
-    ev = res.get("eval") if isinstance(res.get("eval"), dict) else {}
-    images = ev.get("images", res.get("eval_samples", "?"))  # eval_samples: runs made before "eval"
+    ev = run["res"].get("eval") if isinstance(run["res"].get("eval"), dict) else {}
     step = re.search(r"step ([^,]+)", str(ev.get("pgd", "")))
+    images = eval_images(run) or "?"
     return f"{images} (step {step[1]})" if step else str(images)
 
 
@@ -453,9 +432,9 @@ def final_of(run, which):
 
 def epochs_cell(run):
     res = run["res"]
-    ran, planned = len(res["epochs"]), res["args"].get("epochs")
     reason = stop_reason(run["dir"], res)
-    return f"{ran} of {planned}: {reason}" if reason else str(ran)
+    ran = len(res["epochs"])
+    return f"{ran} of {res['args'].get('epochs')}: {reason}" if reason else str(ran)
 
 
 def quick_eval(run):
@@ -476,9 +455,7 @@ def method_cell(run):
         text += f" (recipe not known: {info['recipe_error']})"
     if run["quick"]:
         ev = quick_eval(run)
-        text += (
-            f" **quick (recipe ÷ {number(run['quick'])}{'; evaluated with ' + ev if ev else ''})**"
-        )
+        text += f" **quick (recipe ÷ {run['quick']:.3g}{'; evaluated with ' + ev if ev else ''})**"
     if res["final"] is None:
         text += " **evaluating / unfinished (no final numbers)**"
     return text
@@ -491,31 +468,28 @@ def paper_cell(run):
 
 
 def build_table(runs):
-    keys = sorted(
-        {k for run in runs for which in ("last", "best") for k in final_of(run, which)},
-        key=metric_order,
-    )
+    keys = {k for run in runs for which in ("last", "best") for k in final_of(run, which)}
+    keys = sorted(keys, key=metric_order)
     columns = [
         ("run", lambda r: r["label"]),
         ("method and flags that differ from its recipe", method_cell),
-        ("dataset", lambda r: str(r["res"]["args"].get("dataset"))),
+        ("dataset", lambda r: dataset_label(r["res"])),
         ("model", lambda r: str(r["res"]["args"].get("model"))),
         ("epochs", epochs_cell),
         ("device", device_cell),
         ("train time", lambda r: duration(r["res"]["train_time"])),
         ("s / epoch", per_epoch),
-        ("monitor s / epoch", monitor_cell),
+        ("× FGSM-RS", ratio_cell),
+        ("monitor s / epoch", lambda r: number_or_dash(mean(r["res"]["epochs"], "monitor_s"))),
         ("eval images", eval_cell),
     ]
-    columns += [
-        (f"last {metric_name(k)}", lambda r, k=k: pct(final_of(r, "last"), k)) for k in keys
-    ]
-    columns.append(
-        ("best epoch", lambda r: str(r["res"].get("best_epoch") or len(r["res"]["epochs"])))
-    )
-    columns += [
-        (f"best {metric_name(k)}", lambda r, k=k: pct(final_of(r, "best"), k)) for k in keys
-    ]
+
+    def accuracy(which, k):
+        return f"{which} {metric_name(k)}", lambda r: pct(final_of(r, which), k, eval_images(r))
+
+    columns += [accuracy("last", k) for k in keys]
+    columns.append(("best epoch", lambda r: str(r["res"]["best_epoch"] or len(r["res"]["epochs"]))))
+    columns += [accuracy("best", k) for k in keys]
     columns.append(("paper (network: reported %, time)", paper_cell))
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for run in runs:
@@ -523,113 +497,176 @@ def build_table(runs):
     return "\n".join(lines)
 
 
-NOTES = """Accuracies in % on `eval images` test images (a fixed random subset when fewer than the test set), for the
-last model and the best one ("best": the highest per-epoch monitor on training data, or ATLAS's validation
-accuracy; never the test set). PGD-N-R: N steps and R restarts on the cross-entropy, with the step given beside
-the image count (ε/4, i.e. 2/255 at ε = 8/255, MNIST ε/30; at least 1.5ε/N), a sample counts as robust only if it
-survives every restart; CW-N: PGD-N on the Carlini-Wagner margin; worst case: correct under every attack the run
-evaluated. s / epoch: wall-clock training seconds (on a CPU also the process's CPU seconds); the per-epoch monitor
-(PGD-10 on the monitor images, which picks the best model) is not training and has its own column, monitor
-s / epoch; checkpoints are in neither. Paper figures (bench/paper_figures.py) are quoted from the papers, on the
-network and hardware they name, under the attacks they name: compare a figure only with our column of the same
-attack."""
+def number_or_dash(v):
+    return "–" if v is None else f"{v:.1f}"
 
 
-# ----------------------------------------------------------------------------------------------
-# The figure
-# ----------------------------------------------------------------------------------------------
+NOTES = """Accuracies in % on `eval images` test images (a fixed random subset when fewer than the
+test set), for the last model and the best one ("best": the highest per-epoch monitor on training
+data, or ATLAS's validation accuracy; never the test set), each with its 95% interval in brackets:
+Wilson's score interval over the evaluated test images. It covers the draw of the test images only:
+a second training run (another seed) varies more. PGD-N-R: N steps and R restarts on the
+cross-entropy, with the step given beside the image count (ε/4, i.e. 2/255 at ε = 8/255, MNIST ε/30;
+at least 1.5ε/N), a sample counts as robust only if it survives every restart; CW-N: PGD-N on the
+Carlini-Wagner margin; worst case: correct under every attack the run evaluated. s / epoch:
+wall-clock training seconds (on a CPU also the process's CPU seconds); × FGSM-RS: the ratio to the
+FGSM-RS run of the same dataset, model and device in this report (CPU seconds on a CPU); the
+per-epoch monitor (PGD-10 on the monitor images, which picks the best model) is not training and has
+its own column, monitor s / epoch; checkpoints are in neither. Paper figures
+(bench/paper_figures.py) are quoted from the papers, on the network and hardware they name, under
+the attacks they name: compare a figure only with our column of the same attack."""
 
 
-def plot(runs, path):
+# ---- The figure
+
+
+def monitor_images(res):
+    """How many images the per-epoch monitor attacked: --monitor-size of the held-out slice (ATLAS) or of the
+    training images (common.get_data)."""
+    args = res["args"]
+    pool = args.get("val_size") or res.get("train_images")
+    size = args.get("monitor_size")
+    return min(size, pool) if isinstance(size, int) and isinstance(pool, int) else None
+
+
+def draw_run(ax_time, ax_mon, run, key, unit, colour):
+    """One run's points: its last and best model's accuracy under `key` against training time, each with its 95%
+    interval over the test images; its monitor by epoch, with the interval over the monitor images as a band."""
+    res = run["res"]
+    n = eval_images(run)
+    # The best model is placed at the time its epoch ended: that is what it cost to train. A filled dot for the
+    # last model, a larger hollow diamond for the best: where they coincide, both stay visible.
+    best_time = sum(r.get("seconds", 0) for r in res["epochs"][: res.get("best_epoch") or None])
+    points = (("last", res["train_time"], "o", 6, colour), ("best", best_time, "D", 13, "none"))
+    for which, seconds, marker, size, face in points if key else ():
+        acc = final_of(run, which).get(key)
+        if acc is not None:
+            low, high = interval(acc, n) if n else (acc, acc)
+            bar = [[100 * (acc - low)], [100 * (high - acc)]]
+            style = dict(fmt=marker, ms=size, mfc=face, mew=1.5, capsize=4, elinewidth=1)
+            ax_time.errorbar(seconds / unit, 100 * acc, yerr=bar, color=colour, **style)
+    rows = [r for r in res["epochs"] if isinstance(r.get("pgd_monitor"), (int, float))]
+    epochs = [r["epoch"] for r in rows]
+    acc = [100 * r["pgd_monitor"] for r in rows]
+    ax_mon.plot(epochs, acc, marker="o", ms=3, color=colour)
+    m = monitor_images(res)
+    if rows and m:
+        low, high = zip(*[[100 * v for v in interval(r["pgd_monitor"], m)] for r in rows])
+        if len(rows) == 1:  # a band needs two epochs
+            bar = [[acc[0] - low[0]], [high[0] - acc[0]]]
+            ax_mon.errorbar(epochs, acc, yerr=bar, color=colour, capsize=4)
+        ax_mon.fill_between(epochs, low, high, color=colour, alpha=0.15, lw=0)
+
+
+def figure(runs):
+    """The report's figure (a matplotlib Figure): robust accuracy against training time, every point with its 95%
+    interval; the per-epoch monitor, with its interval as a band. Runs are told apart by colour, named in one
+    legend under both panels (no label or legend covers a point)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_time, ax_mon) = plt.subplots(1, 2, figsize=(14, 5.5))
-    pgd_key = {}
-    for run in (
-        runs
-    ):  # the robust accuracy of the left panel: the run's PGD column (none before its evaluation)
+    fig, (ax_time, ax_mon) = plt.subplots(1, 2, figsize=(14, 6), layout="constrained")
+    pgd_key = {}  # the robust accuracy of the left panel: the run's strongest PGD (none before its evaluation)
+    for run in runs:
         keys = sorted((k for k in final_of(run, "last") if k.startswith("pgd")), key=metric_order)
-        if keys:
-            pgd_key[run["label"]] = keys[-1]
-    attacks = sorted(set(pgd_key.values()), key=metric_order)
+        pgd_key[run["label"]] = keys[-1] if keys else None
+    attacks = sorted({k for k in pgd_key.values() if k}, key=metric_order)
     longest = max((r["res"]["train_time"] for r in runs), default=1)
-    unit, unit_name = (1, "s") if longest < 600 else (60, "min") if longest < 36000 else (3600, "h")
+    # seconds up to 10 min, minutes up to 10 h, then hours
+    units = ((1, "s"), (60, "min"), (3600, "h"))
+    unit, unit_name = next((u, name) for u, name in units if longest < 600 * u or name == "h")
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    several_datasets = len({dataset_label(r["res"]) for r in runs}) > 1
+    handles = []
     for i, run in enumerate(runs):
-        colour, res = colours(i % colours.N), run["res"]
-        label = run["label"] + (" (quick)" if run["quick"] else "")
-        key = pgd_key.get(run["label"])
-        if key:
-            # The best model is placed at the time its epoch ended: that is what it cost to train.
-            best_epoch = res.get("best_epoch") or len(res["epochs"])
-            best_time = sum(r.get("seconds", 0) for r in res["epochs"][:best_epoch])
-            last_acc, best_acc = (final_of(run, w).get(key) for w in ("last", "best"))
-            text = label if len(attacks) == 1 else f"{label} [{metric_name(key)}]"
-            if last_acc is not None:
-                ax_time.plot(res["train_time"] / unit, 100 * last_acc, "o", color=colour, ms=7)
-                ax_time.annotate(
-                    text,
-                    (res["train_time"] / unit, 100 * last_acc),
-                    textcoords="offset points",
-                    xytext=(5, 4),
-                    fontsize=8,
-                )
-            if best_acc is not None:
-                ax_time.plot(best_time / unit, 100 * best_acc, "*", color=colour, ms=12)
-        points = [
-            (r["epoch"], 100 * r["pgd_monitor"])
-            for r in res["epochs"]
-            if isinstance(r.get("pgd_monitor"), (int, float))
-        ]
-        if points:
-            ax_mon.plot(*zip(*points), marker="o", ms=3, color=colour, label=label)
-    ax_time.plot([], [], "o", color="gray", label="last model, at the run's training time")
-    ax_time.plot([], [], "*", color="gray", ms=12, label="best model, at the time its epoch ended")
-    ax_time.legend(fontsize=8, loc="lower right")
-    ax_time.margins(x=0.15, y=0.1)  # room for the labels of the outermost markers
-    ax_time.set_xlabel(f"training time ({unit_name})")
+        colour = colours(i % colours.N)
+        key = pgd_key[run["label"]]
+        label = run["label"] + (f" on {dataset_label(run['res'])}" if several_datasets else "")
+        label += " (quick)" if run["quick"] else ""
+        label += f" [{metric_name(key)}]" if key and len(attacks) > 1 else ""
+        handles.append(Line2D([], [], color=colour, marker="o", label=label))
+        draw_run(ax_time, ax_mon, run, key, unit, colour)
+    gray = {"ls": "", "color": "gray"}
+    legend_key = [
+        Line2D([], [], marker="o", label="last model, at its training time", **gray),
+        Line2D(
+            [], [], marker="D", mfc="none", ms=9, label="best model, at its epoch's end", **gray
+        ),
+        Line2D([], [], marker="|", ms=14, label="95% interval over the test images", **gray),
+        Patch(color="gray", alpha=0.3, label="95% interval over the monitor images"),
+    ]
+    # the runs in the first columns of the legend (padded with blank entries), the key in the last
+    rows = max(len(legend_key), -(-len(handles) // 3))
+    handles += [Line2D([], [], ls="", label="")] * (-len(handles) % rows)
     times = [r["res"]["train_time"] for r in runs if r["res"]["train_time"] > 0]
     if times and max(times) / min(times) > 30:
         ax_time.set_xscale("log")
-    ax_time.set_ylabel(
-        f"{metric_name(attacks[0])} accuracy (%)"
-        if len(attacks) == 1
-        else "PGD accuracy (%), the attack in [ ] of each label"
+    ax_time.margins(x=0.1, y=0.1)
+    if ax_time.get_xscale() == "linear":
+        ax_time.set_xlim(left=max(0, ax_time.get_xlim()[0]))  # no negative time
+    attack = metric_name(attacks[0]) if len(attacks) == 1 else "PGD (attack in [ ])"
+    ax_time.set(
+        xlabel=f"training time ({unit_name})", ylabel=f"{attack} accuracy on the test images (%)"
     )
-    ax_time.set_title("robust accuracy against training time")
-    ax_mon.set_xlabel("epoch")
-    ax_mon.set_ylabel("pgd_monitor: PGD-10 accuracy on a fixed training batch (%)")
-    ax_mon.set_title("per-epoch monitor: catastrophic overfitting is a sudden drop")
-    if runs:
-        ax_mon.legend(fontsize=7, ncol=2 if len(runs) > 8 else 1)
-    fig.tight_layout()
+    ax_time.set_title("robust accuracy against training time", fontsize=11)
+    last_epoch = max((r["epoch"] for run in runs for r in run["res"]["epochs"]), default=1)
+    ax_mon.set(xlabel="epoch", xlim=(0.5, last_epoch + 0.5), ylim=(0, None))
+    ax_mon.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax_mon.set_ylabel("PGD-10 accuracy on the monitor images (%)")
+    ax_mon.set_title("per-epoch monitor: catastrophic overfitting is a sudden drop", fontsize=11)
+    fig.legend(
+        handles=handles + legend_key,
+        loc="outside lower center",
+        ncol=len(handles) // rows + 1,
+        fontsize=8,
+    )
+    return fig
+
+
+def plot(runs, path):
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
+# ----
 
 
 def collect(paths):
-    """The finished runs at or below `paths`, each with its results, label, quick factor and recipe facts."""
-    dirs = find_runs(paths)
+    """The finished runs at or below `paths`, each with its results, label, quick factor, recipe facts and the
+    FGSM-RS run that its cost is compared with."""
     runs = []
-    for d in dirs:
-        res = load_results(d)
-        if res is not None:
-            info = reproduce_info(d)
-            runs.append({"dir": d, "res": res, "quick": info.get("quick"), "reproduce": info})
-    if len(runs) == 1:
-        runs[0]["label"] = os.path.basename(runs[0]["dir"])
-    elif runs:
-        top = os.path.commonpath([r["dir"] for r in runs])
-        for r in runs:
-            r["label"] = os.path.relpath(r["dir"], top)
+    for d in find_runs(paths):
+        res, problem = read_results(d)
+        if problem:
+            warn(f"{problem}, skipped")
+            continue
+        info = reproduce_info(d)
+        runs.append({"dir": d, "res": res, "quick": info.get("quick"), "reproduce": info})
+    top = os.path.commonpath([r["dir"] for r in runs]) if len(runs) > 1 else None
     for r in runs:
+        r["label"] = os.path.relpath(r["dir"], top) if top else os.path.basename(r["dir"])
         r["info"] = describe(r["res"], r["quick"])
+
+    def where(r):
+        return dataset_label(r["res"]), r["res"]["args"].get("model"), r["res"].get("device")
+
+    # The FGSM-RS run at each place that is not a named variant (plain training is one): one of the recipe's
+    # (no flag differs) if there is one, a finished one before one still evaluating, else the first.
+    fgsm_rs = [b for b in runs if b["res"]["method"] == "fgsm_rs" and not b["info"]["variant"]]
+    fgsm_rs.sort(key=lambda b: (bool(b["info"]["flags"]), b["res"]["final"] is None))
+    bases = {}
+    for b in fgsm_rs:
+        bases.setdefault(where(b), b)
+    for r in runs:
+        r["base"] = bases.get(where(r))
     return runs
 
 
@@ -656,9 +693,7 @@ def main(argv=None):
         help="run directories, directories to search for runs below, or results.json files",
     )
     p.add_argument(
-        "--out",
-        default=None,
-        help="where report.md and report.png go (default: the RUN_DIR when one is given, else .)",
+        "--out", help="where report.md and report.png go (default: the RUN_DIR if one, else .)"
     )
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] if len(args.runs) == 1 and os.path.isdir(args.runs[0]) else ".")
@@ -667,9 +702,7 @@ def main(argv=None):
         print("report.py: no finished run (results.json) found; nothing written", file=sys.stderr)
         return 1
     print(write_report(runs, out, args.runs))
-    print(
-        f"\nwrote {os.path.join(out, 'report.md')} and {os.path.join(out, 'report.png')} ({len(runs)} runs)"
-    )
+    print(f"\nwrote {out}/report.md and {out}/report.png ({len(runs)} runs)")
     return 0
 
 

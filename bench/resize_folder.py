@@ -71,7 +71,8 @@ def main(argv=None):
         for n in loader:
             done += n
         print(
-            f"{split}: {done} images resized to {args.size} px (shorter side) in {args.dst}/{split}",
+            f"{split}: {done} images resized to {args.size} px (shorter side) in "
+            f"{args.dst}/{split}",
             flush=True,
         )
 

@@ -4,7 +4,6 @@ The images are learnable on purpose: each class is a fixed random colour pattern
 small network reaches high clean accuracy within an epoch or two and attacks have something to break.
 """
 
-import json
 import logging
 import os
 import pickle
@@ -15,13 +14,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision.datasets.cifar
-import torchvision.datasets.svhn
-
-tvd = torchvision.datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+import launch  # noqa: E402  (bench/: the launcher every test run of a script goes through)
+import report  # noqa: E402  (bench/: the one reader of results.json)
+from launch import comparable  # noqa: E402  (what a resumed run must share with an uninterrupted one)
 
 
 def class_images(n, num_classes, shape, seed, noise=40):
@@ -164,10 +162,10 @@ def log_lines():
 
 
 @pytest.fixture
-def no_checksum(monkeypatch):
+def no_checksum():
     """torchvision checks the official md5 of CIFAR/SVHN files; test-made files cannot match it."""
-    for module in (tvd.cifar, tvd.svhn):
-        monkeypatch.setattr(module, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    with launch.no_checksum():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -222,14 +220,7 @@ def run_script(script, args, env=None, expect=0, timeout=600):
     """Run a method script in a subprocess (through tests/_launch.py) and check its exit code."""
     # One thread: float reductions then run in one fixed order, so two runs of the same command are
     # bitwise equal whatever the machine's load (with several threads, MKL may change its thread count).
-    full_env = {
-        **os.environ,
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "MKL_DYNAMIC": "FALSE",
-        **(env or {}),
-    }
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -238,7 +229,7 @@ def run_script(script, args, env=None, expect=0, timeout=600):
             *args,
         ],
         cwd=ROOT,
-        env=full_env,
+        env={**os.environ, "PYTHONHASHSEED": "0", **one_thread, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -251,18 +242,10 @@ def run_script(script, args, env=None, expect=0, timeout=600):
 
 
 def load_results(out_dir):
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return json.load(f)
-
-
-def comparable(results):
-    """What must be identical between an uninterrupted and a resumed run: every per-epoch figure
-    except the timings, the best epoch, and the final evaluation."""
-    rows = [
-        {k: v for k, v in r.items() if k not in ("seconds", "cpu_s", "monitor_s")}
-        for r in results["epochs"]
-    ]
-    return rows, results["best_epoch"], results["final"]
+    """A run's results.json (report.read_results: the one reader), which must be there and read."""
+    res, problem = report.read_results(str(out_dir))
+    assert res is not None, problem
+    return res
 
 
 def check_outputs(out_dir, epochs):
@@ -294,33 +277,12 @@ def check_resume(script, data_dir, tmp_path, epochs=2, in_process=True, **extra)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     if in_process:
         import importlib
-        from unittest import mock
-
-        import harness
 
         main = importlib.import_module(script[:-3]).main
-        end_epoch = harness.Run.end_epoch
-
-        def interrupted(run, epoch, *args, **kwargs):
-            end_epoch(run, epoch, *args, **kwargs)
-            if epoch == 0:
-                raise KeyboardInterrupt
-
-        with (
-            mock.patch.object(
-                tvd.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)
-            ),
-            mock.patch.object(
-                tvd.svhn, "check_integrity", lambda path, md5=None: os.path.isfile(path)
-            ),
-        ):
+        with launch.no_checksum():
             main(small_args(data_dir, full, epochs, **extra))
-            with (
-                mock.patch.object(harness.Run, "end_epoch", interrupted),
-                pytest.raises(KeyboardInterrupt),
-            ):
+            with launch.interrupt_after(1), pytest.raises(KeyboardInterrupt):
                 main(small_args(data_dir, part, epochs, **extra))
-
             assert not os.path.exists(os.path.join(part, "results.json"))
             main(small_args(data_dir, part, epochs, resume=True, **extra))
     else:

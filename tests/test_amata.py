@@ -206,7 +206,8 @@ def test_arguments():
         (["--epochs", "2", "--milestones", "2", "2"], "--milestones: 2 is not below --epochs 2"),
         (
             ["--epochs", "80"],
-            "the recipe's milestones 75 90: 90 is not below --epochs 80, so the lr would never drop",
+            "the recipe's milestones 75 90: 90 is not below --epochs 80, "
+            "so the lr would never drop",
         ),
         (
             ["--dataset", "mnist", "--epochs", "10"],

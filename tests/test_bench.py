@@ -1,5 +1,6 @@
-"""bench/: report.py on hand-written runs; reproduce.py end to end on a tiny image folder; epoch_time.py's FLOP
-counter and peak table; profile_epoch.py's timeline; real_data.py's plan and table; gpu_check.py's CPU dry run."""
+"""bench/: report.py on hand-written runs (its table, its figure and curves.png, each checked through matplotlib's
+objects); reproduce.py end to end on a tiny image folder, its --quick and --epochs plans, side by side; the
+launcher's FLOP counter, epoch_time.py's peak table; profile_epoch.py's timeline; gpu_check.py's CPU dry run."""
 
 import argparse
 import json
@@ -8,13 +9,19 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 from PIL import Image
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import launch  # noqa: E402
 import paper_figures  # noqa: E402
 import report  # noqa: E402
 import reproduce  # noqa: E402
+
+import harness  # noqa: E402
+
+METHOD = "method and flags that differ from its recipe"
 
 
 def write_run(
@@ -27,38 +34,24 @@ def write_run(
     best_epoch=None,
     log=None,
     step="2/255",
+    images=1000,
+    dataset="cifar10",
     **fields,
 ):
-    """A results.json as Run.finish writes it, for a run of METHOD.py FLAGS on CIFAR-10 (nothing is trained).
+    """A results.json as Run.finish writes it, for a run of METHOD.py FLAGS on DATASET (nothing is trained).
     final None: written before the evaluation. fields: more entries, or replacements."""
     os.makedirs(run_dir)
     # --autoattack is checked at parse time (the package may not be installed here): set after parsing
-    args = report.get_args(
-        method,
-        [
-            "--dataset",
-            "cifar10",
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(run_dir),
-            *[f for f in flags if f != "--autoattack"],
-        ],
-    )
+    argv = ["--dataset", dataset, "--device", "cpu", "--out-dir", str(run_dir)]
+    args = report.get_args(method, argv + [f for f in flags if f != "--autoattack"])
     args["autoattack"] = "--autoattack" in flags
+    row = {"cpu_s": 1.0, "lr": 0.1, "loss": 1.0, "acc": 0.5}
     rows = [
-        {
-            "epoch": e,
-            "seconds": train_time / epochs_run,
-            "cpu_s": 1.0,
-            "monitor_s": 0.25 * e,
-            "lr": 0.1,
-            "loss": 1.0,
-            "acc": 0.5,
-            "pgd_monitor": 0.1 + 0.3 * e / epochs_run,
-        }
+        {"epoch": e, "seconds": train_time / epochs_run, "monitor_s": 0.25 * e, **row}
+        | {"pgd_monitor": 0.1 + 0.3 * e / epochs_run}
         for e in range(1, epochs_run + 1)
     ]
+    pgd = f"PGD-{args['eval_iters']}-{args['eval_restarts']}, step {step}"
     res = {
         "method": method,
         "args": args,
@@ -69,10 +62,10 @@ def write_run(
         "train_images": 50000,
         "data": {"classes": 10, "shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
         "eval": {
-            "images": 1000,
-            "pgd": f"PGD-{args['eval_iters']}-{args['eval_restarts']}, step {step}",
+            "images": images,
+            "pgd": pgd,
             "cw_iters": args["eval_cw_iters"],
-            "autoattack": args["autoattack"],
+            "autoattack": False,
         },
         "device": "NVIDIA H100",
         "precision": "bfloat16",
@@ -99,39 +92,19 @@ def test_report_table_attack_columns_paper_figures_and_skipped_runs(tmp_path, ca
     runs = tmp_path / "runs"
     last = {"clean": 0.8, "pgd50_10": 0.45, "cw20": 0.44, "worst_case": 0.43}
     best = {"clean": 0.78, "pgd50_10": 0.47, "cw20": 0.46, "worst_case": 0.45}
-    write_run(
-        runs / "rs",
-        "fgsm_rs",
-        [],
-        {"last": last, "best": best},
-        15,
-        train_time=720.0,
-        best_epoch=12,
-    )
+    write_run(runs / "rs", "fgsm_rs", [], {"last": last, "best": best}, 15, 720.0, best_epoch=12)
     # Another evaluation (PGD-20, 1 restart), another ε, and an early stop after 3 of 15 epochs.
     short = {"clean": 0.7, "pgd20_1": 0.3, "cw20": 0.25, "worst_case": 0.2}
-    write_run(
-        runs / "rs16",
-        "fgsm_rs",
-        ["--epsilon", "16", "--early-stop", "--eval-iters", "20", "--eval-restarts", "1"],
-        {"last": short, "best": short},
-        3,
-        log="# python ...\n# early stop: PGD-5 accuracy fell from 40.0% to 5.0%; keeping the weights of epoch 2\n",
-    )
+    stop = "# early stop: PGD-5 accuracy fell from 40.0% to 5.0%; keeping the weights of epoch 2\n"
+    flags = "--epsilon 16 --early-stop --eval-iters 20 --eval-restarts 1".split()
+    write_run(runs / "rs16", "fgsm_rs", flags, {"last": short, "best": short}, 3, log=stop)
     pgd = {"clean": 0.85, "pgd50_10": 0.5, "cw20": 0.49, "autoattack": None, "worst_case": 0.48}
-    write_run(
-        runs / "pgd",
-        "amata",
-        list(paper_figures.VARIANTS["pgd10"][1]) + ["--autoattack"],
-        {"last": pgd, "best": pgd},
-        100,
-    )
+    flags = list(paper_figures.VARIANTS["pgd10"][1]) + ["--autoattack"]
+    write_run(runs / "pgd", "amata", flags, {"last": pgd, "best": pgd}, 100)
     # Training done, evaluation not (yet): a row of its own, without accuracies.
     write_run(runs / "evaluating", "fgsm_rs", [], None, 15)
     os.makedirs(runs / "broken")
-    (runs / "broken" / "results.json").write_text(
-        '{"method": "fgsm_rs", "args": {'
-    )  # cut off mid-write
+    (runs / "broken" / "results.json").write_text('{"method": "fgsm_rs", "args": {')  # cut off
     os.makedirs(runs / "unfinished")
     (runs / "unfinished" / "log.txt").write_text("# python fgsm_rs.py\n")
 
@@ -140,43 +113,36 @@ def test_report_table_attack_columns_paper_figures_and_skipped_runs(tmp_path, ca
     captured = capsys.readouterr()
     warnings = captured.err.strip().splitlines()
     assert len(warnings) == 2 and "broken" in warnings[0] and "unfinished" in warnings[1]
-    markdown = (out / "report.md").read_text()
-    header, rows = table_rows(markdown)
+    header, rows = table_rows((out / "report.md").read_text())
     assert header[0] in captured.out and set(rows) == {"rs", "rs16", "pgd", "evaluating"}
 
-    # One column per attack and its settings: PGD-50-10 and PGD-20-1 never share one.
+    # One column per attack and its settings: PGD-50-10 and PGD-20-1 never share one. Every accuracy has its
+    # 95% interval over the 1,000 test images (Wilson: 45% of 1,000 is 41.9-48.1).
     assert "last PGD-50-10" in header and "last PGD-20-1" in header and "best PGD-20-1" in header
-    assert rows["rs"]["last PGD-50-10"] == "45.00" and rows["rs"]["last PGD-20-1"] == "–"
-    assert rows["rs16"]["last PGD-20-1"] == "30.00" and rows["rs16"]["last PGD-50-10"] == "–"
-    assert rows["rs"]["best PGD-50-10"] == "47.00" and rows["rs"]["best epoch"] == "12"
+    assert rows["rs"]["last PGD-50-10"] == "45.0 (41.9–48.1)" and rows["rs"]["last PGD-20-1"] == "–"
+    assert (
+        rows["rs16"]["last PGD-20-1"].startswith("30.0 (") and rows["rs16"]["last PGD-50-10"] == "–"
+    )
+    assert rows["rs"]["best PGD-50-10"].startswith("47.0 (") and rows["rs"]["best epoch"] == "12"
     assert rows["pgd"]["last AutoAttack"] == "n/a" and rows["rs"]["last AutoAttack"] == "–"
 
     # The flags that differ from the recipe: α follows ε, so only --epsilon is shown; evaluation flags are not.
-    assert rows["rs"]["method and flags that differ from its recipe"] == "`fgsm_rs`"
-    flags = rows["rs16"]["method and flags that differ from its recipe"]
-    assert (
-        "--epsilon 16" in flags
-        and "--early-stop" in flags
-        and "--alpha" not in flags
-        and "--eval" not in flags
-    )
+    assert rows["rs"][METHOD] == "`fgsm_rs`"
+    flags = rows["rs16"][METHOD]
+    assert "--epsilon 16" in flags and "--early-stop" in flags
+    assert "--alpha" not in flags and "--eval" not in flags
     assert rows["rs16"]["epochs"].startswith("3 of 15: early stop: PGD-5 accuracy fell")
     assert rows["rs"]["epochs"] == "15" and rows["rs"]["train time"] == "12.0 min"
     # Seconds per epoch are training; the monitor has its own column (the mean of 0.25, 0.5, ... 3.75 s).
     assert rows["rs"]["s / epoch"] == "48.0" and rows["rs"]["monitor s / epoch"] == "2.0"
-    assert (
-        rows["rs"]["device"] == "NVIDIA H100 (bfloat16)"
-        and rows["rs"]["eval images"] == "1000 (step 2/255)"
-    )
-    method = "method and flags that differ from its recipe"
-    assert (
-        "evaluating / unfinished" in rows["evaluating"][method]
-        and "unfinished" not in rows["rs"][method]
-    )
+    assert rows["rs"]["device"] == "NVIDIA H100 (bfloat16)"
+    assert rows["rs"]["eval images"] == "1000 (step 2/255)" and rows["rs"]["dataset"] == "cifar10"
+    assert "evaluating / unfinished" in rows["evaluating"][METHOD]
+    assert "unfinished" not in rows["rs"][METHOD]
     assert rows["evaluating"]["last PGD-50-10"] == "–" and rows["evaluating"]["s / epoch"] == "6.7"
-    assert rows["pgd"]["method and flags that differ from its recipe"].startswith(
-        "PGD-10 AT: `amata"
-    )
+    assert rows["pgd"][METHOD].startswith("PGD-10 AT: `amata")
+    # The cost beside FGSM-RS's (the first FGSM-RS run of the same dataset, model and device): 1.0 s ÷ 48 s
+    assert rows["rs"]["× FGSM-RS"] == "1.00" and rows["pgd"]["× FGSM-RS"] == "0.02"
 
     # Paper figures only beside a recipe run, with the paper's network and attacks named.
     paper = "paper (network: reported %, time)"
@@ -186,16 +152,115 @@ def test_report_table_attack_columns_paper_figures_and_skipped_runs(tmp_path, ca
 
     with Image.open(out / "report.png") as img:
         pixels = np.asarray(img.convert("L"))
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600 and pixels.std() > 10  # not blank
+
+
+def test_wilson_interval_reference_values():
+    """Wilson's interval: 50 of 100 is 40.38-59.62%; 0 of 10 is 0 to z²/(n + z²) = 27.75%, not the empty interval
+    that a standard error gives at 0%."""
+    low, high = report.interval(0.5, 100)
+    assert abs(low - 0.40383) < 1e-4 and abs(high - 0.59617) < 1e-4
+    low, high = report.interval(0.0, 10)
+    assert low == 0.0 and abs(high - 1.96**2 / (10 + 1.96**2)) < 1e-9
+    assert report.pct({"pgd": 1.0}, "pgd", 10) == "100.0 (72.2–100.0)"
+    # it holds the accuracy, at 0% and 100% too (an error bar cannot be negative)
+    for n in range(1, 300):
+        for p in (0.0, 1.0, 0.5, 1 / 3):
+            low, high = report.interval(p, n)
+            assert 0.0 <= low <= p <= high <= 1.0, (p, n)
+
+
+def fractions(final):
+    return {"last": final, "best": final}
+
+
+def test_report_figure_shows_intervals_keeps_points_clear_and_names_folders(tmp_path):
+    """report.png: every point has its 95% interval as an error bar and the axis holds it (one image out of 200
+    cannot fill the plot); the legend sits under the panels (it covers no point) and no label is drawn inside
+    them, so six runs never overlap; the best model is a hollow marker larger than the last model's dot (both
+    stay visible where they coincide); the monitor's epochs are whole numbers, a 1-epoch run with room on either
+    side; runs on two image folders are named by their folders, in the table and the legend."""
+    runs = tmp_path / "runs"
+    for i, name in enumerate(["plain", "fgsm_rs", "fgsm_sdi", "fgsm_mep", "latent_at", "rmcla"]):
+        p = 0.18 + 0.001 * i
+        final = fractions({"clean": 0.3, "pgd50_10": p, "cw20": p, "worst_case": p})
+        write_run(
+            runs / name, name.replace("plain", "fgsm_rs"), [], final, 1, 100.0 + i, images=200
+        )
+    collected = report.collect([str(runs)])
+    fig = report.figure(collected)
+    ax_time, ax_mon = fig.axes
+    fig.canvas.draw()
+    legend = fig.legends[0]
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in (ax_time, ax_mon))
+    assert not ax_time.texts and not ax_time.get_legend() and not ax_mon.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][:6] == [r["label"] for r in collected]
+    bars = [c for c in ax_time.containers if hasattr(c, "has_yerr")]
+    assert len(bars) == 12  # the last and the best model of six runs
+    for run, (last, best) in zip(collected, zip(bars[::2], bars[1::2])):
+        acc = run["res"]["final"]["last"]["pgd50_10"]
+        low, high = (100 * v for v in report.interval(acc, 200))
+        (segment,) = last.lines[2][0].get_segments()
+        assert np.allclose(segment[:, 1], [low, high])
+        bottom, top = ax_time.get_ylim()
+        assert bottom <= low and top >= high and top - bottom > 10  # the intervals, not 0.5 points
+        dot, diamond = last.lines[0], best.lines[0]
+        assert (
+            diamond.get_markerfacecolor() == "none"
+            and diamond.get_markersize() > dot.get_markersize()
+        )
+    ticks = [t for t in ax_mon.get_xticks() if ax_mon.get_xlim()[0] <= t <= ax_mon.get_xlim()[1]]
+    assert ticks == [1.0] and ax_mon.get_xlim() == (0.5, 1.5)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+    # Two image folders: two datasets, each named by its folder.
+    folders = tmp_path / "folders"
+    final = fractions({"clean": 0.5, "pgd20_1": 0.3})
+    for name in ("slice-a", "slice-b"):
+        write_run(folders / name, "fgsm_rs", [], final, 2, dataset="folder")
+        res = json.loads((folders / name / "results.json").read_text())
+        res["args"]["data_dir"] = f"/data/{name}/"
+        (folders / name / "results.json").write_text(json.dumps(res))
+    collected = report.collect([str(folders)])
+    _, rows = table_rows(report.build_table(collected))
     assert (
-        pixels.shape[0] > 300 and pixels.shape[1] > 600 and pixels.std() > 10
-    )  # two panels, not blank
+        rows["slice-a"]["dataset"] == "folder slice-a"
+        and rows["slice-b"]["dataset"] == "folder slice-b"
+    )
+    fig = report.figure(collected)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "slice-a on folder slice-a" in labels and "slice-b on folder slice-b" in labels
+    plt.close(fig)
 
 
-def test_report_without_finished_runs_writes_nothing(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
-    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
-    assert "no results.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+def test_curves_panels_say_what_they_measure():
+    """curves.png: accuracies in % on a 0-100 axis (the log's unit), each panel titled with what it measures (the
+    training accuracy is on the attacked inputs; cpu_s is the process's CPU time), whole-number epoch ticks, and a
+    1-epoch run on an axis from 0.5 to 1.5, not 0.96-1.04."""
+    import matplotlib.pyplot as plt
+
+    row = {"epoch": 1, "seconds": 12.0, "cpu_s": 20.0, "monitor_s": 3.0, "lr": 0.1, "loss": 1.9}
+    row.update(acc=0.31, pgd_monitor=0.22, val_acc=0.4, K_t=2)
+    for rows in ([row], [{**row, "epoch": e} for e in range(1, 8)]):
+        fig = harness.curves_figure(rows, "fgsm_rs on cifar10")
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        acc = panels["training accuracy on the attacked inputs (%)"]
+        monitor = panels["PGD-10 accuracy on the monitor images (%)"]
+        assert list(acc.lines[0].get_ydata()) == [31.0] * len(rows) and acc.get_ylim() == (0, 100)
+        assert list(monitor.lines[0].get_ydata()) == [22.0] * len(rows)
+        assert list(panels["val_acc (%)"].lines[0].get_ydata()) == [40.0] * len(rows)
+        assert any(t.startswith("CPU seconds of the process") for t in panels)
+        assert "seconds of training (wall clock)" in panels and "K_t" in panels
+        for ax in panels.values():
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert (
+                (low, high) == (0.5, len(rows) + 0.5) and ticks and all(t == int(t) for t in ticks)
+            )
+        plt.close(fig)
 
 
 def test_paper_figures_name_flags_that_the_scripts_accept():
@@ -204,99 +269,78 @@ def test_paper_figures_name_flags_that_the_scripts_accept():
         if fig.flags is not None:
             report.get_args(fig.script, ["--dataset", fig.dataset, "--device", "cpu", *fig.flags])
     table = paper_figures.markdown_table()
-    assert (
-        table.count("\n") == len(paper_figures.FIGURES) + 1
-        and "85.52 clean / 47.62 PGD-20" in table
-    )
+    assert table.count("\n") == len(paper_figures.FIGURES) + 1
+    assert "85.52 clean / 47.62 PGD-20" in table
 
 
-def test_quick_shrinks_every_recipe_by_one_factor(tmp_path):
-    args = argparse.Namespace(model=None, quick=10.0, dataset="cifar10", data_dir=str(tmp_path))
-    assert reproduce.run_flags(args, "amata", ()) == [
-        "--epochs",
-        "10",
-        "--milestones",
-        "8",
-        "9",
-    ]  # 100; 75, 90
-    assert reproduce.run_flags(args, "rmcla", ()) == [
-        "--epochs",
-        "20",
-        "--milestones",
-        "10",
-        "15",
-    ]  # 200; 100, 150
-    assert reproduce.run_flags(args, "atlas", ()) == [
-        "--epochs",
-        "10",
-        "--ramp-epochs",
-        "1.5",
-    ]  # ≤ 100; ramp 15
-    assert reproduce.run_flags(args, "fgsm_sdi", ()) == [
-        "--epochs",
-        "11",
-    ]  # its milestones are fractions already
-    assert reproduce.run_flags(args, "fgsm_rs", ()) == ["--epochs", "2"]  # 1.5 rounds up
+def plan_args(**given):
+    """reproduce.py's parsed flags, without a command line."""
+    unset = "model quick epochs device eval_samples eval_iters eval_restarts eval_cw_iters".split()
+    args = argparse.Namespace(dataset="cifar10", data_dir="data", out="out", autoattack=False)
+    vars(args).update({k: None for k in unset}, passthrough=[])
+    vars(args).update(given)
+    return args
+
+
+def test_quick_shrinks_every_recipe_by_one_factor():
+    def words(args, script):
+        return reproduce.run_flags(args, script, script, ())[0]
+
+    args = plan_args(quick=10.0)
+    assert words(args, "amata") == "--epochs 10 --milestones 8 9".split()  # 100; 75, 90
+    assert words(args, "rmcla") == "--epochs 20 --milestones 10 15".split()  # 200; 100, 150
+    assert words(args, "atlas") == "--epochs 10 --ramp-epochs 1.5".split()  # ≤ 100; ramp 15
+    assert words(args, "fgsm_sdi") == ["--epochs", "11"]  # its milestones are fractions already
+    assert words(args, "fgsm_rs") == ["--epochs", "2"]  # 1.5 rounds up
     # Milestones stay below the shortened run's epochs (one at or past the end never fires; the scripts refuse it):
     # moved to the epoch before, merged, none left in a one-epoch run.
     args.quick = 100.0
-    assert reproduce.run_flags(args, "amata", ()) == [
-        "--epochs",
-        "1",
-        "--milestones",
-    ]  # 0.75, 0.9 → 1, 1
-    assert reproduce.run_flags(args, "rmcla", ()) == [
-        "--epochs",
-        "2",
-        "--milestones",
-        "1",
-    ]  # 1, 1.5 → 1, 2
+    assert words(args, "amata") == ["--epochs", "1", "--milestones"]  # 0.75, 0.9 → 1, 1
+    assert words(args, "rmcla") == ["--epochs", "2", "--milestones", "1"]  # 1, 1.5 → 1, 2
     for script in ("amata", "rmcla"):  # and the scripts accept them
-        report.get_args(
-            script,
-            ["--dataset", "cifar10", "--device", "cpu", *reproduce.run_flags(args, script, ())],
-        )
+        report.get_args(script, ["--dataset", "cifar10", "--device", "cpu", *words(args, script)])
     assert reproduce.fit_milestones([3, 8, 9, 12], 9) == [3, 8]
     # The network of every run, LAS-AT's strategy network included; a full run keeps the recipe's length.
-    args.quick, args.model = None, "wrn-16-2"
-    assert reproduce.run_flags(args, "las_at", ()) == [
-        "--model",
-        "wrn-16-2",
-        "--strategy-model",
-        "wrn-16-2",
-    ]
+    args = plan_args(model="wrn-16-2")
+    assert words(args, "las_at") == "--model wrn-16-2 --strategy-model wrn-16-2".split()
+    assert reproduce.run_flags(args, "las_at", "las_at", ())[1] is None
+
+
+def test_epochs_sets_each_runs_length_and_shrinks_its_schedule():
+    """--epochs 8 atlas=3 amata=2 pgd10=2 las_at=2 (the old bench/real_data.py's plan): every run gets its epochs,
+    its epoch-counted schedule shrunk by the factor that gives them, and the quick evaluation; every command
+    parses; --epochs refuses a name outside the plan."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=reproduce.epochs_item, nargs="+")
+    given = p.parse_args("--epochs 8 atlas=3 amata=2 pgd10=2 las_at=2".split()).epochs
+    args = plan_args(dataset="folder", model="wrn-16-2", epochs=given)
+    plan = {name: reproduce.command(args, name, s, f) for name, s, f in reproduce.PLAN}
+    for name, (cmd, factor) in plan.items():
+        epochs = cmd[cmd.index("--epochs") + 1]
+        assert epochs == {"atlas": "3", "amata": "2", "pgd10": "2", "las_at": "2"}.get(name, "8")
+        assert factor and cmd[cmd.index("--eval-iters") + 1] == "20"  # a quick run's evaluation
+        report.get_args(os.path.basename(cmd[1])[:-3], cmd[2:])
+    assert plan["amata"][0][-8:-6] == ["--milestones", "1"] and plan["amata"][1] == 50  # 100 → 2
+    assert "--milestones 4 6" in " ".join(plan["rmcla"][0])  # 200 → 8: 100, 150 → 4, 6
+    assert "--dropout 0" in " ".join(plan["latent_at"][0])  # one network for every method
+    with pytest.raises(SystemExit):
+        p.parse_args(["--epochs", "cifar=3"])
 
 
 def test_quick_evaluates_quickly_unless_told_otherwise():
     """--quick runs get PGD-20-1 and CW-20 (not the scripts' PGD-50-10) for every evaluation flag not given; a full
     run passes none, so each script evaluates with its default."""
 
-    def flags(*argv):
-        args = argparse.Namespace(
-            dataset="cifar10",
-            data_dir="data",
-            model=None,
-            quick=None,
-            out="out",
-            device=None,
-            eval_samples=None,
-            eval_iters=None,
-            eval_restarts=None,
-            eval_cw_iters=None,
-            autoattack=False,
-            passthrough=[],
-        )
-        for k, v in zip(argv[::2], argv[1::2]):
-            setattr(args, k, v)
-        cmd = reproduce.command(args, "fgsm_rs", "fgsm_rs", ())
-        return {
-            w: cmd[i + 1] for i, w in enumerate(cmd) if w.startswith("--eval")
-        }, reproduce.evaluation_record(args)
+    def flags(**given):
+        args = plan_args(**given)
+        cmd, _ = reproduce.command(args, "fgsm_rs", "fgsm_rs", ())
+        evals = {w: cmd[i + 1] for i, w in enumerate(cmd) if w.startswith("--eval")}
+        return evals, reproduce.evaluation_record(args)
 
-    given, record = flags("quick", 10.0)
+    given, record = flags(quick=10.0)
     assert given == {"--eval-iters": "20", "--eval-restarts": "1", "--eval-cw-iters": "20"}
     assert record == {"iters": 20, "restarts": 1, "cw_iters": 20, "samples": None}
-    given, record = flags("quick", 10.0, "eval_iters", 7, "eval_cw_iters", 0)
+    given, record = flags(quick=10.0, eval_iters=7, eval_cw_iters=0)
     assert given == {"--eval-iters": "7", "--eval-restarts": "1", "--eval-cw-iters": "0"}
     given, record = flags("device", "cuda")
     assert given == {} and record == {"iters": 50, "restarts": 10, "cw_iters": 20, "samples": None}
@@ -312,94 +356,61 @@ def write_folder(root, classes=3, per_class=8, n_test=2, size=16):
         for c in range(classes):
             os.makedirs(root / split / f"c{c}")
             for i in range(n):
-                pixels = np.clip(colours[c] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(
-                    np.uint8
+                pixels = colours[c] + rng.normal(0, 30, (size, size, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    root / split / f"c{c}" / f"{i}.png"
                 )
-                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
-
-
-def reproduce_cmd(data, out, methods, *extra):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "bench", "reproduce.py"),
-        "--dataset",
-        "folder",
-        "--data-dir",
-        str(data),
-        "--out",
-        str(out),
-        "--methods",
-        *methods,
-        "--quick",
-        "100",
-        "--model",
-        "wrn-10-1",
-        "--eval-samples",
-        "6",
-        "--eval-iters",
-        "2",
-        "--eval-restarts",
-        "1",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "32",
-        *extra,
-    ]
 
 
 def run(cmd, **env):
-    return subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_reproduce_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     write_folder(tmp_path / "data")
     out = tmp_path / "out"
-    cmd = reproduce_cmd(tmp_path / "data", out, ["plain", "fgsm_rs"])
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--dataset", "folder"]
+    cmd += [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--methods",
+        "plain",
+        "fgsm_rs",
+    ]
+    cmd += "--quick 100 --model wrn-10-1 --eval-samples 6 --eval-iters 2 --eval-restarts 1".split()
+    cmd += "--device cpu --batch-size 32 --jobs 2 --threads 1".split()
     first = run(cmd)
     assert first.returncode == 0, first.stdout + first.stderr
     for name in ("plain", "fgsm_rs"):
-        res = report.load_results(str(out / name))
-        assert (
-            len(res["epochs"]) == 1
-            and res["args"]["batch_size"] == 32
-            and res["eval"]["images"] == 6
-        )
-        assert "pgd2_1" in res["final"]["last"] and res["args"]["model"] == "wrn-10-1"
+        res, _ = report.read_results(str(out / name))
+        assert len(res["epochs"]) == 1 and res["args"]["batch_size"] == 32
+        assert res["eval"]["images"] == 6 and res["args"]["model"] == "wrn-10-1"
         # the given --eval-iters 2 --eval-restarts 1 win; CW is the quick run's CW-20
-        assert "cw20" in res["final"]["last"]
+        assert "pgd2_1" in res["final"]["last"] and "cw20" in res["final"]["last"]
         marker = json.loads((out / name / "reproduce.json").read_text())
-        assert marker["quick"] == 100 and marker["eval"] == {
-            "iters": 2,
-            "restarts": 1,
-            "cw_iters": 20,
-            "samples": 6,
-        }
-    assert report.load_results(str(out / "plain"))["args"]["alpha"] == 0
+        assert marker["quick"] == 100
+        assert marker["eval"] == {"iters": 2, "restarts": 1, "cw_iters": 20, "samples": 6}
+        # side by side, a run's output goes to its stdout.txt only
+        assert "# evaluating the last model" in (out / name / "stdout.txt").read_text()
+        assert "# evaluating the last model" not in first.stdout
+    assert report.read_results(str(out / "plain"))[0]["args"]["alpha"] == 0
     header, rows = table_rows((out / "report.md").read_text())
+    assert set(rows) == {"plain", "fgsm_rs"} and "last PGD-2-1" in header
+    assert (out / "report.png").stat().st_size
     assert (
-        set(rows) == {"plain", "fgsm_rs"}
-        and "last PGD-2-1" in header
-        and (out / "report.png").stat().st_size
+        rows["plain"][METHOD].startswith("plain training: `fgsm_rs")
+        and "--alpha 0" in rows["plain"][METHOD]
     )
-    method = "method and flags that differ from its recipe"
-    assert (
-        rows["plain"][method].startswith("plain training: `fgsm_rs")
-        and "--alpha 0" in rows["plain"][method]
-    )
-    assert all(
-        "quick (recipe ÷ 100; evaluated with PGD-2-1, CW-20)" in r[method]
-        and "--epochs 1" in r[method]
-        for r in rows.values()
-    )
-    assert all(r["paper (network: reported %, time)"] == "– (quick run)" for r in rows.values())
+    for r in rows.values():
+        assert (
+            "quick (recipe ÷ 100; evaluated with PGD-2-1, CW-20)" in r[METHOD]
+            and "--epochs 1" in r[METHOD]
+        )
+        assert r["paper (network: reported %, time)"] == "– (quick run)"
+    assert rows["plain"]["dataset"] == "folder data"
 
     before = {n: (out / n / "results.json").stat().st_mtime_ns for n in ("plain", "fgsm_rs")}
     second = run(cmd)
@@ -421,37 +432,37 @@ def test_run_one_resumes_skips_and_reports_failures(tmp_path, capsys):
         "import sys; print('ARGS', sys.argv[1:]); sys.exit(int(sys.argv[1]))",
     ]
     status, text = reproduce.run_one(args, "a", stub + ["2"])
-    assert (
-        status == "failed"
-        and "exit 2" in text
-        and "ARGS ['2']" in (tmp_path / "a" / "stdout.txt").read_text()
-    )
+    assert status == "failed" and "exit 2" in text
+    assert "ARGS ['2']" in (tmp_path / "a" / "stdout.txt").read_text()
     assert (
         reproduce.run_one(args, "b", stub + ["130"])[0] == "interrupted"
     )  # a script's exit code on Ctrl-C
     (tmp_path / "b" / "checkpoint.pt").write_bytes(b"")  # what the interrupted run left
     status, text = reproduce.run_one(args, "b", stub + ["0"])
-    assert (
-        status == "finished"
-        and "resumed" in text
-        and "ARGS ['0', '--resume']" in capsys.readouterr().out
-    )
+    assert status == "finished" and "resumed" in text
+    assert "ARGS ['0', '--resume']" in capsys.readouterr().out
+    results = {"method": "fgsm_rs", "args": {}, "epochs": [], "train_time": 1.0}
     (tmp_path / "b" / "results.json").write_text('{"final": {"last": {}}')  # cut off: not finished
     assert reproduce.run_one(args, "b", stub + ["0"])[0] == "finished"
     # written when training ended, before the evaluation: not finished, resumed (which evaluates again)
-    (tmp_path / "b" / "results.json").write_text('{"final": null}')
+    (tmp_path / "b" / "results.json").write_text(json.dumps({**results, "final": None}))
     status, text = reproduce.run_one(args, "b", stub + ["0"])
     assert status == "finished" and "resumed" in text
-    (tmp_path / "b" / "results.json").write_text('{"final": {}}')
+    final = {"last": {}, "best": {}}
+    (tmp_path / "b" / "results.json").write_text(json.dumps({**results, "final": final}))
     assert (
         reproduce.run_one(args, "b", stub + ["2"])[0] == "done before"
     )  # not run again: it would fail
 
 
-def test_reproduce_goes_on_after_a_failure_and_stops_at_an_interrupt(monkeypatch, tmp_path):
-    visited, reported = [], []
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_reproduce_goes_on_after_a_failure_and_stops_at_an_interrupt(monkeypatch, tmp_path, jobs):
+    """A failed run is reported and the others go on; after an interrupted one no run starts (side by side too:
+    the run beside it goes on to its end), and no report is written."""
+    visited = []
+    reported = []
 
-    def fake_run(args, name, cmd):
+    def fake_run(args, name, cmd, factor=None):
         visited.append(name)
         return {"fgsm_rs": ("failed", "FAILED"), "amata": ("interrupted", "")}.get(
             name, ("finished", "")
@@ -459,22 +470,20 @@ def test_reproduce_goes_on_after_a_failure_and_stops_at_an_interrupt(monkeypatch
 
     monkeypatch.setattr(reproduce, "run_one", fake_run)
     monkeypatch.setattr(report, "main", lambda argv: reported.append(argv))
-    common = ["--dataset", "cifar10", "--out", str(tmp_path)]
+    common = ["--dataset", "cifar10", "--out", str(tmp_path), "--jobs", str(jobs)]
     assert reproduce.main(common + ["--methods", "plain", "fgsm_rs", "latent_at"]) == 1
-    assert visited == ["plain", "fgsm_rs", "latent_at"] and reported == [
-        [str(tmp_path), "--out", str(tmp_path)]
-    ]
+    assert sorted(visited) == ["fgsm_rs", "latent_at", "plain"]
+    assert reported == [[str(tmp_path), "--out", str(tmp_path)]]
     visited.clear()
-    assert reproduce.main(common + ["--methods", "amata", "las_at"]) == 130
-    assert visited == ["amata"] and len(reported) == 1  # no report of a batch that was stopped
+    assert reproduce.main(common + ["--methods", "amata", "rmcla", "las_at"]) == 130
+    assert visited[0] == "amata" and "las_at" not in visited and len(reported) == 1
 
 
 def test_step_flops_count_the_attack_and_the_weight_step(tmp_path):
-    """epoch_time.py's outside counter (common.DeviceLoader.epoch wrapped) counts the first training step inside the
-    loop: plain training is one forward and one backward (about 3 forwards; the first conv needs no input
-    gradient), FGSM-RS adds the attack's forward and input-only backward (about 2 forwards more). The library is
-    left as it was found."""
-    import epoch_time
+    """The launcher's FLOP counter (the loader's epoch() wrapped) counts the first training step inside the loop:
+    plain training is one forward and one backward (about 3 forwards; the first conv needs no input gradient),
+    FGSM-RS adds the attack's forward and input-only backward (about 2 forwards more). The library is left as it
+    was found."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -495,53 +504,23 @@ def test_step_flops_count_the_attack_and_the_weight_step(tmp_path):
         ("compiled", []),
     ):
         out = tmp_path / name
-        argv = [
-            "--dataset",
-            "folder",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--model",
-            "wrn-10-1",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--device",
-            "cpu",
-            "--eval-samples",
-            "2",
-            "--eval-iters",
-            "1",
-            "--eval-restarts",
-            "1",
-            "--eval-cw-iters",
-            "0",
-            "--monitor-size",
-            "8",
-            "--progress-every",
-            "0",
-            "--workers",
-            "0",
-            "--out-dir",
-            str(out),
-            *extra,
-        ]
-        with epoch_time.count_first_step():
+        argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out)]
+        argv += "--model wrn-10-1 --epochs 1 --batch-size 16 --device cpu --eval-samples 2".split()
+        argv += "--eval-iters 1 --eval-restarts 1 --eval-cw-iters 0 --monitor-size 8".split()
+        argv += "--progress-every 0 --workers 0".split()
+        with launch.count_flops():
             if (
                 name == "compiled"
             ):  # not counted under --compile (torch.compile made a no-op: nothing compiles)
-                real_compile, torch.compile = torch.compile, lambda module, **kw: module
-                try:
-                    fgsm_rs.main(argv + ["--compile"])
-                finally:
-                    torch.compile = real_compile
+                with launch.patched(torch, "compile", lambda module, **kw: module):
+                    fgsm_rs.main(argv + extra + ["--compile"])
             else:
-                fgsm_rs.main(argv)
+                fgsm_rs.main(argv + extra)
         assert (flags.parse_args, common.DeviceLoader.epoch) == real
         if name == "compiled":
-            assert not (out / epoch_time.FLOPS_FILE).exists() and (out / "results.json").exists()
+            assert not (out / launch.FLOPS_FILE).exists() and (out / "results.json").exists()
             continue
-        flops = json.loads((out / epoch_time.FLOPS_FILE).read_text())
+        flops = json.loads((out / launch.FLOPS_FILE).read_text())
         assert flops["batch_size"] == 16
         steps[name] = flops["flops"] / forward
     assert 2.5 < steps["plain"] <= 3.0
@@ -779,99 +758,30 @@ def test_report_recipe_values_derived_from_the_data(tmp_path):
     }
 
 
-def test_real_data_plan_and_table(tmp_path):
-    """Every run of bench/real_data.py's plan parses (milestones kept below the epochs: with 2 epochs Amata's go to
-    1), and the table shows training and monitor seconds apart, from cpu_s (and the old cpu_seconds)."""
-    import real_data
-
-    for epochs in (1, 2, 8):
-        for name, script, flags, e in real_data.runs(epochs, epochs):
-            report.get_args(
-                script[:-3], ["--dataset", "folder", "--device", "cpu", "--epochs", str(e), *flags]
-            )
-    plan = real_data.runs(2, 2)
-    assert dict((n, f) for n, _, f, _ in plan)["amata"] == ["--milestones", "1"]
-    assert dict((n, f) for n, _, f, _ in real_data.runs(1, 1))["rmcla"] == ["--milestones"]
-    args = argparse.Namespace(out=str(tmp_path), model="wrn-16-2", eval_iters=20, eval_restarts=1)
-    final = {"clean": 0.4, "worst_case": 0.2, "pgd20_1": 0.25, "cw20": 0.21}
-    for name, cpu_key, fin in (
-        ("plain", "cpu_s", final),
-        ("fgsm_rs", "cpu_s", final),
-        ("fgsm_sdi", "cpu_seconds", final),
-        ("fgsm_mep", "cpu_s", None),
-    ):
-        os.makedirs(tmp_path / name)
-        rows = [
-            {
-                "epoch": e,
-                "seconds": 20.0,
-                cpu_key: 10.0 * (2 if name == "fgsm_sdi" else 1),
-                "monitor_s": 3.0,
-            }
-            for e in (1, 2)
-        ]
-        (tmp_path / name / "results.json").write_text(
-            json.dumps(
-                {"epochs": rows, "best_epoch": 2, "final": fin and {"last": fin, "best": fin}}
-            )
-        )
-    lines = [
-        [c.strip() for c in line.strip()[1:-1].split("|")]
-        for line in real_data.table(args, plan).splitlines()
-    ]
-    header, rows = lines[0], {r[0]: dict(zip(lines[0], r)) for r in lines[2:]}
-    assert all(len(r) == len(header) for r in lines)
-    assert "monitor s / epoch" in header
-    rs = rows["`fgsm_rs.py`"]
-    assert rs["s / epoch (wall, CPU)"] == "20, 10" and rs["monitor s / epoch"] == "3"
-    assert rs["× FGSM-RS (CPU)"] == "1.00"
-    assert rows["`fgsm_sdi.py`"]["× FGSM-RS (CPU)"] == "2.00"
-    assert rows["`fgsm_mep.py`"][header[5]] == "evaluating / unfinished"
-    assert rows["`las_at.py --strategy-model wrn-16-2`"]["s / epoch (wall, CPU)"] == "not run"
-    assert real_data.finished(str(tmp_path / "fgsm_rs")) and not real_data.finished(
-        str(tmp_path / "fgsm_mep")
-    )
-
-
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     """bench/gpu_check.sh with a tiny network and folder on the CPU (without its --compile steps: compiling on a
-    CPU takes minutes): every step runs and is ok, the resumed run equals the uninterrupted one, and the one
-    summary file names every step with its command, time and numbers."""
+    CPU takes minutes), run by this interpreter ($PYTHON): every step runs and is ok, the resumed run equals the
+    uninterrupted one, and the one summary file names every step with its command, time and numbers."""
     write_folder(tmp_path / "data", classes=3, per_class=16)
     out = tmp_path / "check"
-    proc = subprocess.run(
-        [
-            "bash",
-            os.path.join(ROOT, "bench", "gpu_check.sh"),
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--model",
-            "wrn-10-1",
-            "--batch-size",
-            "16",
-            "--no-compile",
-            "--epoch-time-epochs",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    cmd = [
+        "bash",
+        os.path.join(ROOT, "bench", "gpu_check.sh"),
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+    ]
+    cmd += (
+        "--device cpu --model wrn-10-1 --batch-size 16 --no-compile --epoch-time-epochs 2".split()
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
     assert proc.returncode == 0, proc.stdout + proc.stderr + json.dumps(summary, indent=1)[-3000:]
     scripts = ["fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"]
-    assert list(steps) == scripts + [
-        "resume fgsm_rs",
-        "compile fgsm_rs",
-        "compile fgsm_mep",
-        "epoch_time fgsm_rs",
-    ]
+    others = ["resume fgsm_rs", "compile fgsm_rs", "compile fgsm_mep", "epoch_time fgsm_rs"]
+    assert list(steps) == scripts + others
     for name, step in steps.items():
         if name.startswith("compile"):
             assert step["status"] == "skipped (--no-compile)"
@@ -879,23 +789,19 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
         assert step["status"] == "ok", (name, step)
         assert step["seconds"] > 0 and step["commands"]
     for name in scripts:
-        assert (
-            steps[name]["epochs"] == 1
-            and steps[name]["images_per_s"] > 0
-            and steps[name]["device"] == "cpu"
-        )
-        assert set(steps[name]["last"]) == {"clean", "pgd10_1", "cw10", "worst_case"}
-        assert steps[name]["monitor_s"][0] >= 0
-    assert (
-        "--ramp-epochs 0" in steps["atlas"]["commands"][0]
-        and "--val-size 4" in steps["atlas"]["commands"][0]
-    )
+        step = steps[name]
+        assert step["epochs"] == 1 and step["images_per_s"] > 0 and step["device"] == "cpu"
+        assert set(step["last"]) == {"clean", "pgd10_1", "cw10", "worst_case"}
+        assert step["monitor_s"][0] >= 0
+    assert "--ramp-epochs 0" in steps["atlas"]["commands"][0]
+    assert "--val-size 4" in steps["atlas"]["commands"][0]
     assert steps["resume fgsm_rs"]["equal"] and steps["resume fgsm_rs"]["exit"] == [0, 130, 0]
-    rows = steps["epoch_time fgsm_rs"]["rows"]
     assert (
-        [r["spec"] for r in rows] == ["fgsm_rs.py"]
-        and rows[0]["images_per_s"] > 0
-        and rows[0]["flops_per_s"] > 0
+        "bench/launch.py --deterministic --interrupt-after 1"
+        in steps["resume fgsm_rs"]["commands"][1]
     )
+    rows = steps["epoch_time fgsm_rs"]["rows"]
+    assert [r["spec"] for r in rows] == ["fgsm_rs.py"]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["flops_per_s"] > 0
     assert summary["torch"] and summary["seconds"] < summary["budget_s"]
     assert "| resume fgsm_rs | ok |" in proc.stdout
