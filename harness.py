@@ -635,7 +635,7 @@ class Run:
         if not rank():
             _write_json({**results, "final": final}, os.path.join(out, "results.json"))
             plot_curves(
-                self.rows, os.path.join(out, "curves.png"), f"{args.method} on {args.dataset}"
+                self.rows, os.path.join(out, "curves.png"), f"{args.method} on {data_name(args)}"
             )
             log(
                 f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, "
@@ -663,6 +663,13 @@ class Run:
             data.num_classes, data.eval_batch, dataset=args.dataset, progress=args.progress_every,
             seed=args.seed, total=data.test_size,
         )  # fmt: skip
+
+
+def data_name(args):
+    """The data a run trained on, as a title names it (a folder by its name)."""
+    if args.dataset == "folder":
+        return f"folder {os.path.basename(os.path.normpath(args.data_dir))}"
+    return args.dataset
 
 
 def _cell(column, v):
