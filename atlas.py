@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import evaluation
 import flags
 import harness
 
@@ -371,7 +372,7 @@ def main(argv=None):
         # App. B: PGD on the held-out images (full ε, fp32, eval mode: BN statistics untouched) drives the lr, the
         # stop and "best".
         val_acc = harness.mean_over_ranks(
-            common.pgd_correct(
+            evaluation.pgd_correct(
                 model, data.val.images, data.val.labels, eps, val_step, args.val_iters
             )
             .float()

@@ -1,15 +1,19 @@
-"""Data, networks and the evaluation protocol that every fastat method script shares; nothing here is a method.
+"""Data and networks that every fastat method script shares; nothing here is a method.
 
 The modules beside the method scripts, one sentence each:
-    common.py    the datasets held in memory (CIFAR-10/100, SVHN, MNIST, image folders, Tiny ImageNet), the
-                 device loader, the networks, and the evaluation protocol (PGD, CW, AutoAttack);
-    imagenet.py  ImageNet (or any folder of mixed image sizes) streamed from disk, with Wong et al.'s phases
-                 of crop and batch and their learning-rate schedule;
-    flags.py     the command line: flag types, the flags every method shares, recipes, --resume's flags;
-    harness.py   the run around a method: torchrun, the run folder, checkpoints and resume, the per-epoch
-                 table, the final evaluation, results.json and curves.png.
+    common.py      the datasets held in memory (CIFAR-10/100, SVHN, MNIST, image folders, Tiny ImageNet), the
+                   device loader, and the networks;
+    evaluation.py  the evaluation protocol: PGD, CW, AutoAttack and the worst case over them, each process
+                   of torchrun attacking its share;
+    imagenet.py    ImageNet (or any folder of mixed image sizes) streamed from disk, with Wong et al.'s phases
+                   of crop and batch and their learning-rate schedule;
+    flags.py       the command line: flag types, the flags every method shares, recipes, --resume's flags,
+                   the same flags in every process;
+    harness.py     the run around a method: torchrun, the run folder, checkpoints and resume, the per-epoch
+                   table, the final evaluation, results.json;
+    plots.py       how a run shows its columns: the table's cells and curves.png.
 This file imports none of the others at import time (imagenet.py only for a streamed dataset): copy it
-alone for "their PreActResNet18" or "their evaluation protocol".
+alone for "their PreActResNet18" (or evaluation.py with it for "their evaluation protocol").
 
 Images are in [0, 1] inside the code and the networks normalise inside (RobustBench's convention), so ε and
 step sizes are [0, 1] units here; on the command line they are /255. Errors a user can fix raise FastatError
@@ -19,7 +23,6 @@ with a one-line message; the scripts print it and exit 2 (harness.main_guard).
 import contextlib
 import io
 import logging
-import math
 import os
 import re
 import shutil
@@ -57,6 +60,16 @@ def world():
 def part(size):
     """This process's slice of `size` items (all of them in one process)."""
     return slice(size * rank() // world(), size * (rank() + 1) // world())
+
+
+def eval_share(total, batch_size):
+    """This process's part of an evaluation of `total` images in batches of `batch_size`: whole batches,
+    contiguous (all of them in one process), so that each image is attacked in the batch, with the random
+    start, that one process would give it. The first processes take the extra batches: the first one, which
+    prints the progress, has the most to do."""
+    batches = -(-total // batch_size)
+    first, last = (-(-batches * r // world()) for r in (rank(), rank() + 1))
+    return slice(min(total, first * batch_size), min(total, last * batch_size))
 
 
 class Progress:
@@ -599,6 +612,27 @@ class WideResNet(Normalized):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1))
 
 
+class InputGradOnly(nn.Module):
+    """A compiled model as the attacks use it: model(x) with its parameters' requires_grad off during the
+    forward pass, so that a backward through it computes input gradients only. Eager autograd skips the
+    weight gradients anyway; a torch.compile'd backward computes every gradient its graph was traced with
+    (bench/RESULTS.md measures it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.model(x)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's, for ImageNet
 MODELS = (
     "preact18, wrn-DEPTH-WIDTH with depth = 6n+4 (wrn-34-10, wrn-16-2, ...), mnist-cnn, lenet, "
@@ -659,263 +693,3 @@ def get_model(args, data, dropout=0.0):
     model = make_model(args.model, data.num_classes, data.shape, data.mean, data.std, dropout)
     model = model.to(args.device)
     return model.to(memory_format=torch.channels_last) if uses_channels_last(args) else model
-
-
-# ---- Evaluation: fp32, model in eval mode
-
-
-def cw_margin(logits, y):
-    """Carlini-Wagner margin: max_{k≠y} z_k − z_y, per sample (> 0 ⇔ misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return others.amax(1) - true
-
-
-def attack_pgd(model, x, y, eps, step, iters, restarts=1, loss="ce", rand_init=True, progress=None,
-               generator=None):  # fmt: skip
-    """L∞ PGD on the cross-entropy (loss="ce") or the CW margin ("cw"); x N×C×H×W in [0, 1], eps and step
-    in [0, 1] units. Returns (δ, robust): per sample the restart whose final δ has the highest loss, and
-    whether the sample was classified correctly after *every* restart. Gradients flow to δ only; the model
-    stays in its mode. progress: called with (restart, iteration) after each step. generator: where the
-    random starts come from (None: the global generator)."""
-
-    def value(logits):
-        if loss == "ce":
-            return F.cross_entropy(logits, y, reduction="none")
-        return cw_margin(logits, y)
-
-    best_delta = torch.zeros_like(x)
-    best_loss = torch.full((len(y),), -math.inf, device=x.device)
-    robust = torch.ones(len(y), dtype=torch.bool, device=x.device)
-    for restart in range(restarts):
-        delta = torch.zeros_like(x)
-        if rand_init:
-            delta = delta.uniform_(-eps, eps, generator=generator)
-        delta = (x + delta).clamp(0, 1) - x
-        for i in range(iters):
-            delta.requires_grad_(True)
-            grad, = torch.autograd.grad(value(model(x + delta)).sum(), delta)  # fmt: skip
-            delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x
-            if progress:
-                progress(restart, i)
-        with torch.no_grad():
-            logits = model(x + delta)
-            final = value(logits)
-            robust = robust & (logits.argmax(1) == y)
-            # torch.where, not boolean-mask indexing, whose data-dependent size makes the host wait for
-            # the GPU
-            better = final > best_loss
-            best_delta = torch.where(better.view(-1, *[1] * (x.dim() - 1)), delta, best_delta)
-            best_loss = torch.where(better, final, best_loss)
-    return best_delta, robust
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """The model in eval mode inside, and back in the mode it was found in afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def eval_share(total, batch_size):
-    """This process's part of an evaluation of `total` images in batches of `batch_size`: whole batches,
-    contiguous (all of them in one process), so that each image is attacked in the batch, with the random
-    start, that one process would give it. The first processes take the extra batches: the first one, which
-    prints the progress, has the most to do."""
-    batches = -(-total // batch_size)
-    first, last = (-(-batches * r // world()) for r in (rank(), rank() + 1))
-    return slice(min(total, first * batch_size), min(total, last * batch_size))
-
-
-def pgd_correct(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size=500, label=None,
-                progress=0.0, seed=None, first_batch=0):  # fmt: skip
-    """Per sample, whether it is classified correctly under PGD-iters-restarts (iters 0: clean), in
-    batches, in eval mode: the BN statistics are left alone and the model comes back in its mode. x: uint8
-    or [0, 1] float. label: the name of the progress lines, printed every `progress` seconds, also inside a
-    batch's attack (its restart and step; the host's clock only, no GPU sync). seed: batch b's random
-    starts come from a generator seeded by (seed, first_batch + b, loss), the same in whichever process
-    attacks the batch (None: from the global generator)."""
-    out = []
-    meter = Progress(label, len(y), progress if label else 0)
-    generator = None if seed is None else torch.Generator(device=y.device)
-    batches = -(-len(y) // batch_size)
-    with eval_mode(model):
-        for b in range(batches):
-            xb = x[b * batch_size : (b + 1) * batch_size]
-            yb = y[b * batch_size : (b + 1) * batch_size]
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-            if iters == 0:
-                with torch.no_grad():
-                    out.append(model(xb).argmax(1) == yb)
-                meter.update(len(yb))
-                continue
-            if generator is not None:
-                generator.manual_seed((seed * 1_000_003 + first_batch + b) * 2 + (loss == "cw"))
-
-            def inside(restart, i, n=len(yb), where=f" (batch {b + 1}/{batches}"):
-                done = (restart * iters + i + 1) / (restarts * iters)
-                at = f"{where}, restart {restart + 1}/{restarts}, step {i + 1}/{iters})"
-                meter.update(0, at, partial=n * done)
-
-            watch = inside if meter.every else None
-            out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss, True, watch,
-                                  generator)[1])  # fmt: skip
-            meter.update(len(yb))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
-
-
-def autoattack_correct(model, x, y, eps, num_classes, batch_size=500, seed=0):
-    """Per sample, correct under standard L∞ AutoAttack (the official package, github.com/fra31/auto-attack),
-    and the attacks that ran. Its targeted attacks get min(9, C − 1) target classes; below 4 classes, where
-    its DLR losses are not defined, APGD-CE and Square run (with the standard version's settings). It runs
-    batch by batch with its seed set again in each (its own way), so that a batch gets the same attack in
-    whichever process runs it."""
-    from autoattack import AutoAttack
-
-    with eval_mode(model):
-        few = num_classes < 4
-        adversary = AutoAttack(
-            model, "Linf", eps, seed=seed, version="custom" if few else "standard",
-            device=y.device, verbose=False, attacks_to_run=["apgd-ce", "square"] if few else [],
-        )  # fmt: skip
-        if few:
-            adversary.apgd.n_restarts = 1
-            adversary.square.n_queries = 5000
-        targets = min(9, num_classes - 1)
-        adversary.apgd_targeted.n_target_classes = targets
-        adversary.fab.n_target_classes = targets
-        mask = [torch.zeros(0, dtype=torch.bool, device=y.device)]
-        for i in range(0, len(y), batch_size):
-            xb = x[i : i + batch_size]
-            yb = y[i : i + batch_size]
-            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-            x_adv = adversary.run_standard_evaluation(xb, yb, bs=batch_size)
-            with torch.no_grad():
-                mask.append(model(x_adv).argmax(1) == yb)
-    return torch.cat(mask), adversary.attacks_to_run
-
-
-def eval_step(eps, iters, dataset):
-    """PGD step of the evaluation: 2/255 at ε = 8/255 (MNIST: 0.01 at 0.3), in proportion to ε, and at
-    least 1.5ε/iters so that a short attack can still cross the ball from its random start."""
-    step = eps / 30 if dataset == "mnist" else eps / 4
-    return max(step, 1.5 * eps / iters)
-
-
-def protocol(iters, restarts, cw_iters, autoattack=False):
-    """The attacks of evaluate() in words: "PGD-50-10, CW-20, AutoAttack"."""
-    words = [f"PGD-{iters}-{restarts}"] + [f"CW-{cw_iters}"] * bool(cw_iters)
-    return ", ".join(words + ["AutoAttack"] * bool(autoattack))
-
-
-def eval_seconds(model, x, y, iters, restarts, cw_iters, batch_size):
-    """About how long evaluate() takes on x, y, AutoAttack aside: one attack step (forward and input
-    gradient) timed on the first batch after an untimed one (cuDNN's autotuning, the allocator's first
-    blocks), times the steps of the protocol, a forward pass counted as a third of a step. Two GPU syncs."""
-    if not len(y):
-        return 0.0
-    xb = x[:batch_size]
-    yb = y[:batch_size]
-    xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
-    with eval_mode(model):
-        for _ in range(2):
-            if xb.is_cuda:
-                torch.cuda.synchronize(xb.device)
-            start = time.time()
-            delta = torch.zeros_like(xb, requires_grad=True)
-            torch.autograd.grad(F.cross_entropy(model(xb + delta), yb), delta)
-            if xb.is_cuda:
-                torch.cuda.synchronize(xb.device)
-    step = time.time() - start
-    forwards = restarts + 1 + bool(cw_iters)  # each restart's last, the CW attack's, the clean pass
-    return len(y) / len(yb) * step * (iters * restarts + cw_iters + forwards / 3)
-
-
-def duration(seconds):
-    """A duration as the line that starts a long computation says it: "about 4 min"."""
-    if seconds < 60:
-        return "under a minute"
-    if seconds < 5400:
-        return f"about {seconds / 60:.0f} min"
-    return f"about {seconds / 3600:.1f} h"
-
-
-def check_same_data(run, data, where):
-    """Refuse (FastatError, one line naming what differs) to evaluate weights on data they were not trained
-    for. run: results.json's "data" record; data: the data's class_names (label i is class_names[i]) and
-    shape (C, H, W), as load_dataset's info; where: the data's name in the message. The image shape and the
-    class names, in their order, must be the run's; another dataset with the run's classes is accepted (a
-    CIFAR-10.1 folder for CIFAR-10 weights). A record without class names (a run made before they were
-    recorded) cannot be checked: returns False, else True."""
-    trained = f"the network was trained on {run.get('dataset', 'its run')}'s"
-    if list(data["shape"]) != list(run["shape"]):
-        shown = ["×".join(map(str, s)) for s in (data["shape"], run["shape"])]
-        raise FastatError(f"{where} has {shown[0]} images (C×H×W); {trained}, {shown[1]}")
-    names = run.get("class_names")
-    if names is None:
-        return False
-    if len(data["class_names"]) != len(names):
-        raise FastatError(f"{where} has {len(data['class_names'])} classes; {trained} {len(names)}")
-    differ = [i for i, (a, b) in enumerate(zip(data["class_names"], names)) if a != b]
-    if differ:
-        i = differ[0]
-        raise FastatError(
-            f"{where}: class {i} is '{data['class_names'][i]}' but {trained} class {i} is "
-            f"'{names[i]}' ({len(differ)} of {len(names)} classes differ: renamed or reordered "
-            f"class folders, or another dataset)"
-        )
-    return True
-
-
-def evaluate(model, x, y, eps, iters=50, restarts=10, cw_iters=20, autoattack=False, num_classes=10,
-             batch_size=500, step=None, dataset="cifar10", progress=0.0, seed=0, total=None):  # fmt: skip
-    """The evaluation protocol: clean, PGD-iters-restarts (CE, random start, per-sample worst restart), PGD
-    on the CW margin (cw_iters steps; 0: none), optional AutoAttack, and "worst_case": the share of samples
-    correct clean and under every attack that ran, per sample (as RobustBench counts). x uint8 N×C×H×W,
-    eps in [0, 1] units. A CE attack is weak against a model trained on soft labels: the worst case is the
-    honest headline. Returns {name: accuracy in [0, 1]}.
-
-    Under torchrun each process attacks whole batches (eval_share): x, y are all the images (total None) or
-    this process's share of `total` images. Each batch's random starts are seeded by (seed, batch) and the
-    counts are summed over the processes: every process returns the numbers one process would."""
-    if total is None:
-        total = len(y)
-        x = x[eval_share(total, batch_size)]
-        y = y[eval_share(total, batch_size)]
-    first_batch = eval_share(total, batch_size).start // batch_size
-    kw = dict(batch_size=batch_size, progress=progress, seed=seed, first_batch=first_batch)
-    masks = {"clean": pgd_correct(model, x, y, eps, 0, 0, label="clean", **kw)}
-    pgd_step = step or eval_step(eps, iters, dataset)
-    masks[f"pgd{iters}_{restarts}"] = pgd_correct(
-        model, x, y, eps, pgd_step, iters, restarts, label=f"PGD-{iters}-{restarts}", **kw
-    )
-    if cw_iters:
-        cw_step = step or eval_step(eps, cw_iters, dataset)
-        masks[f"cw{cw_iters}"] = pgd_correct(
-            model, x, y, eps, cw_step, cw_iters, loss="cw", label=f"CW-{cw_iters}", **kw
-        )
-    if autoattack:
-        if len(y):
-            masks["autoattack"], ran = autoattack_correct(
-                model, x, y, eps, num_classes, batch_size, seed
-            )
-        else:  # a process with no image to attack
-            masks["autoattack"], ran = masks["clean"], []
-        log(f"# AutoAttack ran {', '.join(ran)}")
-    masks["worst_case"] = torch.stack(list(masks.values())).all(0)
-    # exact counts, summed over the processes: the numbers of one process, to the last digit
-    counts = torch.stack(
-        [torch.tensor(len(y), device=y.device)] + [m.sum() for m in masks.values()]
-    )
-    counts = counts.double()
-    if world() > 1:
-        dist.all_reduce(counts)
-    images, *correct = counts.tolist()
-    if images != total:
-        raise ValueError(f"the processes hold {images:.0f} of the {total} images to evaluate")
-    return {k: c / images if images else 0.0 for k, c in zip(masks, correct)}

@@ -4,7 +4,7 @@
     python evaluate.py --weights runs/fgsm_rs-cifar10/model_last.pt --eval-restarts 20 --autoattack
     torchrun --nproc_per_node 8 evaluate.py --weights runs/fgsm_rs-imagenet/model_best.pt
 
-The protocol (common.evaluate): clean accuracy; PGD on the cross-entropy (random start, a sample counts as robust
+The protocol (evaluation.evaluate): clean accuracy; PGD on the cross-entropy (random start, a sample counts as robust
 only if it survives every restart); PGD on the Carlini-Wagner margin; with --autoattack, standard L∞ AutoAttack;
 and the worst case, per sample, over all of them. Everything comes from the results.json beside the weights (a run
 writes it before its own evaluation starts): the network, the data (its classes and image shape are checked), ε,
@@ -22,6 +22,7 @@ import zipfile
 import torch
 
 import common
+import evaluation
 import flags
 import harness
 import imagenet
@@ -100,6 +101,35 @@ def test_images(args, res):
     return x[mine], y[mine], len(pick), info
 
 
+def check_same_data(run, data, where):
+    """Refuse (FastatError, one line naming what differs) to evaluate weights on data they were not trained
+    for. run: results.json's "data" record; data: the data's class_names (label i is class_names[i]) and
+    shape (C, H, W), as load_dataset's info; where: the data's name in the message. The image shape and the
+    class names, in their order, must be the run's; another dataset with the run's classes is accepted (a
+    CIFAR-10.1 folder for CIFAR-10 weights). A record without class names (a run made before they were
+    recorded) cannot be checked: returns False, else True."""
+    trained = f"the network was trained on {run.get('dataset', 'its run')}'s"
+    if list(data["shape"]) != list(run["shape"]):
+        shown = ["×".join(map(str, s)) for s in (data["shape"], run["shape"])]
+        raise common.FastatError(f"{where} has {shown[0]} images (C×H×W); {trained}, {shown[1]}")
+    names = run.get("class_names")
+    if names is None:
+        return False
+    if len(data["class_names"]) != len(names):
+        raise common.FastatError(
+            f"{where} has {len(data['class_names'])} classes; {trained} {len(names)}"
+        )
+    differ = [i for i, (a, b) in enumerate(zip(data["class_names"], names)) if a != b]
+    if differ:
+        i = differ[0]
+        raise common.FastatError(
+            f"{where}: class {i} is '{data['class_names'][i]}' but {trained} class {i} is "
+            f"'{names[i]}' ({len(differ)} of {len(names)} classes differ: renamed or reordered "
+            f"class folders, or another dataset)"
+        )
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,20 +156,20 @@ def main(argv=None):
     model.to(args.device)
     x, y, total, info = test_images(args, res)
     where = f"--dataset {args.dataset} in {args.data_dir}"
-    if not common.check_same_data(res["data"], info, where):
+    if not check_same_data(res["data"], info, where):
         common.log("# results.json names no classes (an older run): the class order is not checked")
     x, y = x.to(args.device), y.to(args.device)
     attacks = (args.eval_iters, args.eval_restarts, args.eval_cw_iters)
-    seconds = common.eval_seconds(model, x, y, *attacks, args.batch_size)
+    seconds = evaluation.eval_seconds(model, x, y, *attacks, args.batch_size)
     origin = "the run's" if all(getattr(args, k) == run[k] for k in ATTACKS) else None
     common.log(
         f"# evaluating {args.weights} on {total} {args.dataset} test images at "
-        f"ε = {args.epsilon:g}/255 with {common.protocol(*attacks, args.autoattack)}"
-        f"{flags.eval_note(args, origin)}: {common.duration(seconds)}"
+        f"ε = {args.epsilon:g}/255 with {evaluation.protocol(*attacks, args.autoattack)}"
+        f"{flags.eval_note(args, origin)}: {evaluation.duration(seconds)}"
         + (" and AutoAttack's time" if args.autoattack else "")
     )
     step = args.eval_step and args.eval_step / 255
-    final = common.evaluate(
+    final = evaluation.evaluate(
         model, x, y, args.epsilon / 255, *attacks, args.autoattack, res["data"]["classes"],
         args.batch_size, step, args.dataset, args.progress_every, args.seed, total,
     )  # fmt: skip

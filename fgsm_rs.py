@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import evaluation
 import flags
 import harness
 import imagenet
@@ -205,7 +206,7 @@ def main(argv=None):
             # not reach the ball's surface at a larger ε, and the guard would miss the overfitting). Eval mode, so
             # that BN's statistics are left alone (Wong's code ran it in train mode).
             robust_acc = harness.mean_over_ranks(
-                common.pgd_correct(model, *first_batch, eps, eps / 4, 5).float().mean().item()
+                evaluation.pgd_correct(model, *first_batch, eps, eps / 4, 5).float().mean().item()
             )  # under torchrun: over every process's part of the batch
             extra["es_acc"] = robust_acc
             if robust_acc - guard["robust_acc"] < -0.2:

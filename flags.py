@@ -18,9 +18,10 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 import common
-from common import FastatError
+from common import FastatError, rank, world
 
 
 def _number(cast, low, strict, what):
@@ -433,3 +434,35 @@ def command_line(args):
             continue
         words.append(f"--{key.replace('_', '-')}" + ("" if value is True else " " + _show(value)))
     return " ".join(words)
+
+
+# Flags that may differ between torchrun's processes: where each one runs and reads its files.
+LOCAL_FLAGS = {"device", "data_dir", "phase_data_dirs", "workers", "progress_every"}
+
+
+def check_processes(args, training=True):
+    """Under torchrun every process must train the same run (a --seed, --lr or --epochs that differs on
+    one node would train other images, end with other weights or hang at the shorter run's end), and a
+    training batch must give each process the same number of images, two at least (DDP averages their
+    gradients with equal weights; train-mode BatchNorm needs two). Raises FastatError naming what is
+    wrong. training False: evaluate.py, whose processes take whole evaluation batches."""
+    if training and (args.batch_size % world() or args.batch_size < 2 * world()):
+        raise FastatError(
+            f"--batch-size {args.batch_size} does not give each of the {world()} processes the "
+            f"same number of images, at least two: give a multiple of {world()}, at least "
+            f"{2 * world()}"
+        )
+    if world() == 1:
+        return
+    mine = {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS}
+    every = [None] * world()
+    dist.all_gather_object(every, mine)
+    for other, theirs in enumerate(every):
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                flag = "--" + key.replace("_", "-")
+                raise FastatError(
+                    f"{flag} differs between the processes: {_show(theirs.get(key))} in "
+                    f"process {other}, {_show(mine.get(key))} in process {rank()}; start "
+                    f"every node with the same command"
+                )

@@ -36,7 +36,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import common
+import evaluation
 import flags
+import plots
 from common import FastatError, log, rank, world
 
 try:
@@ -126,39 +128,12 @@ def setup(args, training=True):
         logger.removeHandler(handler)
     if not rank():
         logger.addHandler(_Early())
-    _same_flags(args)
-    if training and (args.batch_size % world() or args.batch_size < 2 * world()):
-        raise FastatError(
-            f"--batch-size {args.batch_size} does not give each of the {world()} processes the "
-            f"same number of images, at least two: give a multiple of {world()}, at least "
-            f"{2 * world()}"
-        )
+    flags.check_processes(args, training)
     if training and not rank() and os.path.isdir(args.out_dir):
         # refused now, not after loading the data, if another run holds it
         hold(args.out_dir).close()
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(args.seed + rank())
-
-
-# Flags that may differ between torchrun's processes: where each one runs and reads its files.
-LOCAL_FLAGS = {"device", "data_dir", "phase_data_dirs", "workers", "progress_every"}
-
-
-def _same_flags(args):
-    """Under torchrun every process must train the same run: a --seed, --lr or --epochs that differs
-    on one node would train other images, end with other weights or hang at the shorter run's end."""
-    if world() == 1:
-        return
-    mine = {k: v for k, v in vars(args).items() if k not in LOCAL_FLAGS}
-    for other, theirs in enumerate(_gather(mine)):
-        for key in sorted(set(mine) | set(theirs)):
-            if mine.get(key) != theirs.get(key):
-                flag = "--" + key.replace("_", "-")
-                raise FastatError(
-                    f"{flag} differs between the processes: {flags._show(theirs.get(key))} in "
-                    f"process {other}, {flags._show(mine.get(key))} in process {rank()}; start "
-                    f"every node with the same command"
-                )
 
 
 def hold(folder):
@@ -194,27 +169,6 @@ def hold(folder):
 
 class NonFiniteLoss(Exception):
     pass
-
-
-class InputGradOnly(nn.Module):
-    """A compiled model as the attacks use it: model(x) with its parameters' requires_grad off during the
-    forward pass, so that a backward through it computes input gradients only. Eager autograd skips the
-    weight gradients anyway; a torch.compile'd backward computes every gradient its graph was traced with
-    (bench/RESULTS.md measures it)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            return self.model(x)
-        finally:
-            for p in params:
-                p.requires_grad_(True)
 
 
 class PerProcess:
@@ -256,12 +210,9 @@ class Run:
         # the autocast dtype of training (None: fp32), as the cores take it
         self.amp = self._precision()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.columns = "epoch seconds cpu_s monitor_s lr loss acc pgd_monitor".split() + list(
-            columns
-        )
-        torch.backends.cudnn.benchmark = (
-            True  # a step's shapes are fixed: cuDNN times its kernels once
-        )
+        self.columns = [*"epoch seconds cpu_s monitor_s lr loss acc pgd_monitor".split(), *columns]
+        # a step's shapes are fixed: cuDNN times its kernels once
+        torch.backends.cudnn.benchmark = True
         self.ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
         self.saved_epoch = 0  # the epoch of the last checkpoint written or resumed from
         self.rows = []
@@ -356,7 +307,7 @@ class Run:
         InputGradOnly), the weight step runs through the second (wrap_for_training: DDP under torchrun,
         compiled with --compile, except a loss that needs a double backward: torch.compile has none)."""
         compiled = torch.compile(model) if self.args.compile else model
-        attack_model = InputGradOnly(compiled) if self.args.compile else model
+        attack_model = common.InputGradOnly(compiled) if self.args.compile else model
         if world() == 1 and not double_backward:
             return attack_model, compiled
         return attack_model, self.wrap_for_training(model, compile=not double_backward)
@@ -422,9 +373,8 @@ class Run:
         logged = max(rows, default=0)
         line = f"# resumed from {self.ckpt_path} after epoch {done}"
         if logged > done:
-            line += (
-                f"; the rows of epochs {done + 1}-{logged} above were not checkpointed: discarded"
-            )
+            epochs = f"{done + 1}-{logged}"
+            line += f"; the rows of epochs {epochs} above were not checkpointed: discarded"
         log(line)
         self._log_early()
         changed = []
@@ -450,7 +400,7 @@ class Run:
         sync_buffers(model)
         mine_x, mine_y = shard((x, y))
         kw = dict(batch_size=self.data.eval_batch, label=label, progress=self.args.progress_every)
-        correct = common.pgd_correct(model, mine_x, mine_y, eps, step, iters, **kw)
+        correct = evaluation.pgd_correct(model, mine_x, mine_y, eps, step, iters, **kw)
         return global_sum(correct.sum().double().reshape(1)).item() / len(y)
 
     def _monitor(self, model):
@@ -460,12 +410,11 @@ class Run:
         eps = self.args.epsilon / 255
         accuracy = self.robust_accuracy(model, x, y, eps, eps / 4, 10, label="monitor")
         x, y = shard((x, y))
-        with torch.no_grad(), common.eval_mode(model):
+        with torch.no_grad(), evaluation.eval_mode(model):
             predictions = [model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]
         predictions = torch.cat([*predictions, y[:0]])  # y[:0]: a process with no image
-        class_counts = global_sum(
-            torch.bincount(predictions, minlength=self.data.num_classes).double()
-        )
+        counts = torch.bincount(predictions, minlength=self.data.num_classes).double()
+        class_counts = global_sum(counts)
         top_share = (class_counts.max() / class_counts.sum()).item()
         return accuracy, top_share
 
@@ -517,7 +466,7 @@ class Run:
         elif score > self.best["score"]:
             self.best = {"score": score, "epoch": epoch + 1}
             self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        log("  ".join(_cell(c, row.get(c)) for c in self.columns))
+        log("  ".join(plots.cell(c, row.get(c)) for c in self.columns))
         self.stopped = stop
         if save or stop or epoch + 1 == self.args.epochs:
             start = time.time()
@@ -560,7 +509,8 @@ class Run:
     def _results(self):
         """results.json's content before the final evaluation."""
         args, data = self.args, self.data
-        step = 255 * common.eval_step(args.epsilon / 255, args.eval_iters, args.dataset)
+        step = 255 * evaluation.eval_step(args.epsilon / 255, args.eval_iters, args.dataset)
+        cuda = self.device.type == "cuda"
         return {
             "method": args.method,
             "args": vars(args),
@@ -590,9 +540,7 @@ class Run:
                 "batch": data.eval_batch,
                 "seed": args.seed,
             },
-            "device": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else "cpu",
+            "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
             "precision": str(self.amp or torch.float32).replace("torch.", ""),
             "torch": torch.__version__,
             "processes": world(),
@@ -603,7 +551,7 @@ class Run:
 
     def finish(self, model):
         """Write the weights (first: no evaluation failure can lose them), then evaluate the last and the
-        best model on the fixed test subset (common.evaluate's protocol; each process its part), write
+        best model on the fixed test subset (evaluation.evaluate's protocol; each process its part), write
         results.json and curves.png."""
         args, out = self.args, self.args.out_dir
         sync_buffers(model)
@@ -634,9 +582,8 @@ class Run:
         model.load_state_dict(last)
         if not rank():
             _write_json({**results, "final": final}, os.path.join(out, "results.json"))
-            plot_curves(
-                self.rows, os.path.join(out, "curves.png"), f"{args.method} on {data_name(args)}"
-            )
+            title = f"{args.method} on {plots.data_name(args)}"
+            plots.plot_curves(self.rows, os.path.join(out, "curves.png"), title)
             log(
                 f"# train time {self.train_time:.1f} s; wrote {out}/results.json, curves.png, "
                 f"model_last.pt, model_best.pt"
@@ -645,41 +592,26 @@ class Run:
         return results
 
     def evaluate(self, model, what="the model"):
-        """common.evaluate's protocol on the test subset (each process its share, data.test_x; the numbers
+        """evaluation.evaluate's protocol on the test subset (each process its share, data.test_x; the numbers
         of one process), after a line that says what runs, on how many images, and about how long it takes.
         The model must be one across the processes (finish() syncs its BatchNorm statistics)."""
         args, data = self.args, self.data
         attacks = (args.eval_iters, args.eval_restarts, args.eval_cw_iters)
-        seconds = common.eval_seconds(model, data.test_x, data.test_y, *attacks, data.eval_batch)
+        seconds = evaluation.eval_seconds(
+            model, data.test_x, data.test_y, *attacks, data.eval_batch
+        )
         cpu = self.device.type == "cpu" and dict(zip(flags.CPU_EVAL, attacks)) == flags.CPU_EVAL
         log(
             f"# evaluating {what} on {data.test_size} test images with "
-            f"{common.protocol(*attacks, args.autoattack)}"
-            f"{flags.eval_note(args, 'CPU default' if cpu else None)}: {common.duration(seconds)}"
+            f"{evaluation.protocol(*attacks, args.autoattack)}"
+            f"{flags.eval_note(args, 'CPU default' if cpu else None)}: {evaluation.duration(seconds)}"
             + (" and AutoAttack's time" if args.autoattack else "")
         )
-        return common.evaluate(
+        return evaluation.evaluate(
             model, data.test_x, data.test_y, args.epsilon / 255, *attacks, args.autoattack,
             data.num_classes, data.eval_batch, dataset=args.dataset, progress=args.progress_every,
             seed=args.seed, total=data.test_size,
         )  # fmt: skip
-
-
-def data_name(args):
-    """The data a run trained on, as a title names it (a folder by its name)."""
-    if args.dataset == "folder":
-        return f"folder {os.path.basename(os.path.normpath(args.data_dir))}"
-    return args.dataset
-
-
-def _cell(column, v):
-    if isinstance(v, float) and _is_accuracy(column):
-        return f"{100 * v:>9.2f}%"
-    if isinstance(v, float) and column in ("seconds", "cpu_s", "monitor_s"):
-        return f"{v:>10.1f}"
-    if isinstance(v, float):
-        return f"{v:>10.4g}"
-    return f"{str(v):>10}"
 
 
 def _atomic_save(obj, path):
@@ -763,75 +695,3 @@ def _where_it_stands(run):
             f"the checkpoint of epoch {run.saved_epoch} in {out} is intact: continue with {again}"
         )
     return f"no epoch was checkpointed yet: {again} starts the run again with its own flags"
-
-
-# What each per-epoch column is, as curves.png titles its panel (a method's own column: its name). acc and loss
-# are measured on the inputs the method trains on: the attacked ones (the clean ones for plain training).
-CURVE_TITLES = {
-    "seconds": "seconds of training (wall clock)",
-    "cpu_s": "CPU seconds of the process while training\n"
-    "(all its threads: above the wall clock if several)",
-    "monitor_s": "seconds of the PGD-10 monitor (not training)",
-    "lr": "learning rate at the end of the epoch",
-    "loss": "training loss on the attacked inputs",
-    "acc": "training accuracy on the attacked inputs (%)",
-    "pgd_monitor": "PGD-10 accuracy on the monitor images (%)",
-}
-
-
-def _is_accuracy(column):
-    """A column that holds a fraction of images (logged and plotted in %)."""
-    return column in ("acc", "pgd_monitor") or column.endswith("_acc")
-
-
-def curves_figure(rows, title=""):
-    """curves.png as a matplotlib Figure: one panel per numeric column of the per-epoch rows (a column may be
-    None in some epochs), titled with what it measures (CURVE_TITLES); accuracies in % on a 0-100 axis, times
-    from 0, epochs on whole-number ticks with half an epoch of room on either side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    def numeric(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    keys = []
-    for k in rows[0] if rows else {}:
-        values = [r.get(k) for r in rows]
-        if (
-            k != "epoch"
-            and any(map(numeric, values))
-            and all(numeric(v) or v is None for v in values)
-        ):
-            keys.append(k)
-    panel_rows = max(1, -(-len(keys) // 3))
-    fig, axes = plt.subplots(panel_rows, 3, figsize=(13, 3.2 * panel_rows), squeeze=False)
-    last_epoch = max((r["epoch"] for r in rows), default=1)
-    for ax, k in zip(axes.flat, keys):
-        scale = 100 if _is_accuracy(k) else 1
-        points = [(r["epoch"], scale * r[k]) for r in rows if r.get(k) is not None]
-        ax.plot(*zip(*points), marker="o", ms=4)
-        ax.set_title(CURVE_TITLES.get(k, k + (" (%)" if scale == 100 else "")), fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_xlim(0.5, last_epoch + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        if scale == 100:
-            ax.set_ylim(0, 100)
-        elif k in ("seconds", "cpu_s", "monitor_s", "lr"):
-            ax.set_ylim(0, 1.1 * max(v for _, v in points) or 1)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(rows, path, title=""):
-    """curves_figure(rows, title) written to `path` (PNG)."""
-    import matplotlib.pyplot as plt
-
-    fig = curves_figure(rows, title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

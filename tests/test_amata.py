@@ -10,6 +10,7 @@ from conftest import check_outputs, check_resume, copy_of, load_results, small_a
 
 import amata
 import common
+import evaluation
 import flags
 
 
@@ -105,7 +106,7 @@ def test_the_core_copies_and_with_k_10_10_tau_20_is_pgd10_with_step_2(net, rando
     delta = amata_delta(net, x, y, eps, alpha, k, random_start)
     assert all(p.grad is None for p in net.parameters())  # only ∇δ was computed
     torch.manual_seed(5)  # the same random start, drawn the same way
-    reference, _ = common.attack_pgd(net, x, y, eps, 2 / 255, 10, rand_init=random_start)
+    reference, _ = evaluation.attack_pgd(net, x, y, eps, 2 / 255, 10, rand_init=random_start)
     torch.testing.assert_close(delta, reference)
     assert (delta != 0).any()
 

@@ -14,6 +14,7 @@ from torch.func import jacrev, vmap
 
 import atlas
 import common
+import evaluation
 
 
 def small_net(num_classes=5):
@@ -271,7 +272,7 @@ def test_main_validates_in_eval_mode_and_starts_counting_when_the_ramp_ends(
     # Validation accuracy falls every epoch. Ramp 3 epochs: epochs 1-2 end below full ε and are not counted;
     # plateau 1 / stop 2 then cut the lr after epoch 3 and stop after epoch 4 (counting from epoch 2 would
     # cut after epoch 2 and stop after epoch 3).
-    accs, calls, real = iter([0.5, 0.4, 0.3, 0.2, 0.1]), [], common.pgd_correct
+    accs, calls, real = iter([0.5, 0.4, 0.3, 0.2, 0.1]), [], evaluation.pgd_correct
 
     def falling_validation(model, x, y, eps, step, iters, *args, **kwargs):
         if len(y) != 50:  # 50: the validation images (the monitor and the test subset have 32)
@@ -279,7 +280,7 @@ def test_main_validates_in_eval_mode_and_starts_counting_when_the_ramp_ends(
         calls.append((x.dtype, eps, step, iters, model.training))
         return torch.arange(50) < round(50 * next(accs))
 
-    monkeypatch.setattr(common, "pgd_correct", falling_validation)
+    monkeypatch.setattr(evaluation, "pgd_correct", falling_validation)
     out = str(tmp_path / "run")
     atlas.main(
         small_args(

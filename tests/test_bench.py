@@ -19,8 +19,6 @@ import paper_figures  # noqa: E402
 import report  # noqa: E402
 import reproduce  # noqa: E402
 
-import harness  # noqa: E402
-
 METHOD = "method and flags that differ from its recipe"
 
 
@@ -242,10 +240,12 @@ def test_curves_panels_say_what_they_measure():
     1-epoch run on an axis from 0.5 to 1.5, not 0.96-1.04."""
     import matplotlib.pyplot as plt
 
+    import plots
+
     row = {"epoch": 1, "seconds": 12.0, "cpu_s": 20.0, "monitor_s": 3.0, "lr": 0.1, "loss": 1.9}
     row.update(acc=0.31, pgd_monitor=0.22, val_acc=0.4, K_t=2)
     for rows in ([row], [{**row, "epoch": e} for e in range(1, 8)]):
-        fig = harness.curves_figure(rows, "fgsm_rs on cifar10")
+        fig = plots.curves_figure(rows, "fgsm_rs on cifar10")
         panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
         acc = panels["training accuracy on the attacked inputs (%)"]
         monitor = panels["PGD-10 accuracy on the monitor images (%)"]

@@ -25,9 +25,11 @@ from conftest import (
 
 import common
 import evaluate
+import evaluation
 import fgsm_rs
 import flags
 import harness
+import plots
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -418,7 +420,7 @@ def _loss(model, x, y):
 def test_pgd_stays_in_the_ball_and_pixel_range(trained):
     model, x, y = trained
     for loss in ("ce", "cw"):
-        delta, _ = common.attack_pgd(model, x, y, 8 / 255, 2 / 255, 10, restarts=2, loss=loss)
+        delta, _ = evaluation.attack_pgd(model, x, y, 8 / 255, 2 / 255, 10, restarts=2, loss=loss)
         assert (
             delta.abs().max() <= 8 / 255 + 1e-6
             and (x + delta).min() >= 0
@@ -428,8 +430,10 @@ def test_pgd_stays_in_the_ball_and_pixel_range(trained):
 
 def test_pgd_loss_above_fgsm_above_clean(trained):
     model, x, y = trained
-    fgsm, _ = common.attack_pgd(model, x, y, 8 / 255, 8 / 255, 1, rand_init=False)  # one FGSM step
-    pgd, _ = common.attack_pgd(model, x, y, 8 / 255, 2 / 255, 20)
+    fgsm, _ = evaluation.attack_pgd(
+        model, x, y, 8 / 255, 8 / 255, 1, rand_init=False
+    )  # one FGSM step
+    pgd, _ = evaluation.attack_pgd(model, x, y, 8 / 255, 2 / 255, 20)
     assert (
         _loss(model, x, y).mean()
         < _loss(model, x + fgsm, y).mean()
@@ -442,7 +446,7 @@ def test_more_restarts_never_lower_the_per_sample_loss(trained):
     losses, robust = [], []
     for restarts in (1, 3):
         torch.manual_seed(5)  # the first restart of the 3-restart run is the 1-restart run
-        delta, ok = common.attack_pgd(model, x, y, 12 / 255, 2 / 255, 5, restarts=restarts)
+        delta, ok = evaluation.attack_pgd(model, x, y, 12 / 255, 2 / 255, 5, restarts=restarts)
         losses.append(_loss(model, x + delta, y))
         robust.append(ok)
     assert (losses[1] >= losses[0] - 1e-6).all() and (losses[1] > losses[0] + 1e-4).any()
@@ -456,7 +460,7 @@ def test_pgd_restarts_keep_the_best_without_a_host_sync(trained):
 
     model, x, y = trained
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        common.attack_pgd(model, x, y, 8 / 255, 2 / 255, 2, restarts=3)
+        evaluation.attack_pgd(model, x, y, 8 / 255, 2 / 255, 2, restarts=3)
     names = {e.name for e in prof.events()}
     assert "aten::where" in names and not names & {
         "aten::nonzero",
@@ -468,13 +472,13 @@ def test_pgd_restarts_keep_the_best_without_a_host_sync(trained):
 def test_cw_margin_and_its_attack(trained):
     logits = torch.tensor([[2.0, 5.0, 1.0], [0.0, -1.0, 3.0]])
     torch.testing.assert_close(
-        common.cw_margin(logits, torch.tensor([1, 0])), torch.tensor([-3.0, 3.0])
+        evaluation.cw_margin(logits, torch.tensor([1, 0])), torch.tensor([-3.0, 3.0])
     )
     model, x, y = trained
-    before = common.cw_margin(model(x), y)
-    delta, ok = common.attack_pgd(model, x, y, 8 / 255, 2 / 255, 10, loss="cw")
+    before = evaluation.cw_margin(model(x), y)
+    delta, ok = evaluation.attack_pgd(model, x, y, 8 / 255, 2 / 255, 10, loss="cw")
     with torch.no_grad():
-        after = common.cw_margin(model(x + delta), y)
+        after = evaluation.cw_margin(model(x + delta), y)
     assert after.mean() > before.mean() + 0.5 and torch.equal(ok, after <= 0)
 
 
@@ -493,28 +497,28 @@ def test_evaluation_helpers_restore_the_mode_and_leave_bn_alone(
     model, x, y = trained
     model.train(mode == "train")
     bn = _bn_state(model)
-    clean = common.pgd_correct(model, x, y, 8 / 255, 2 / 255, 0)
-    common.pgd_correct(model, (x * 255).to(torch.uint8), y, 48 / 255, 8 / 255, 3, batch_size=20)
-    common.evaluate(model, (x[:8] * 255).to(torch.uint8), y[:8], 8 / 255, 2, 1, 2)
+    clean = evaluation.pgd_correct(model, x, y, 8 / 255, 2 / 255, 0)
+    evaluation.pgd_correct(model, (x * 255).to(torch.uint8), y, 48 / 255, 8 / 255, 3, batch_size=20)
+    evaluation.evaluate(model, (x[:8] * 255).to(torch.uint8), y[:8], 8 / 255, 2, 1, 2)
     _fake_autoattack(monkeypatch, lambda x: x)
-    common.autoattack_correct(model, x[:8], y[:8], 8 / 255, 10)
+    evaluation.autoattack_correct(model, x[:8], y[:8], 8 / 255, 10)
     run = harness.Run(_run_args(tmp_path, epochs=1), _tiny_data(x, y))
     run.start_epoch()
     run.end_epoch(0, model, {}, lr=0.1, loss=1.0, acc=0.5)
     assert model.training == (mode == "train")
     assert all(torch.equal(v, _bn_state(model)[k]) for k, v in bn.items())
-    with torch.no_grad(), common.eval_mode(model):
+    with torch.no_grad(), evaluation.eval_mode(model):
         assert torch.equal(clean, model(x).argmax(1) == y)
 
 
 def test_pgd_correct_counts_batch_by_batch_as_one_attack(trained):
     model, x, y = trained
     torch.manual_seed(1)
-    robust = common.pgd_correct(model, x, y, 48 / 255, 8 / 255, 10, batch_size=20)
+    robust = evaluation.pgd_correct(model, x, y, 48 / 255, 8 / 255, 10, batch_size=20)
     torch.manual_seed(1)  # the same attack batch by batch gives the same mask
     direct = torch.cat(
         [
-            common.attack_pgd(model, x[i : i + 20], y[i : i + 20], 48 / 255, 8 / 255, 10)[1]
+            evaluation.attack_pgd(model, x[i : i + 20], y[i : i + 20], 48 / 255, 8 / 255, 10)[1]
             for i in range(0, len(y), 20)
         ]
     )
@@ -523,7 +527,7 @@ def test_pgd_correct_counts_batch_by_batch_as_one_attack(trained):
 
 def test_input_grad_only_gives_the_input_gradient_and_no_weight_gradient(trained):
     model, x, y = trained
-    view = harness.InputGradOnly(model)
+    view = common.InputGradOnly(model)
     xr = x.clone().requires_grad_(True)
     out = view(xr)
     (grad,) = torch.autograd.grad(F.cross_entropy(out, y), xr)
@@ -549,7 +553,7 @@ def test_input_grad_only_gives_the_input_gradient_and_no_weight_gradient(trained
 def test_the_evaluation_step_follows_epsilon(eps, iters, dataset, expected):
     """2/255 at ε = 8/255 (MNIST: 0.01 at 0.3), in proportion to ε, and long enough for iters steps to cross the
     ball (a fixed 2/255 for PGD-3 at ε = 8/255 could not reach its surface)."""
-    assert math.isclose(255 * common.eval_step(eps / 255, iters, dataset), expected)
+    assert math.isclose(255 * evaluation.eval_step(eps / 255, iters, dataset), expected)
 
 
 def _fake_autoattack(monkeypatch, attack, seen=None):
@@ -599,7 +603,7 @@ def test_autoattack_runs_the_attacks_defined_for_the_class_count(
     seen = []
     _fake_autoattack(monkeypatch, lambda x: x, seen)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, classes))
-    mask, ran = common.autoattack_correct(
+    mask, ran = evaluation.autoattack_correct(
         model, torch.rand(4, 3, 2, 2), torch.arange(4) % classes, 8 / 255, classes
     )
     assert ran == attacks and mask.shape == (4,)
@@ -612,7 +616,7 @@ def test_autoattack_runs_the_attacks_defined_for_the_class_count(
 def test_worst_case_is_the_per_sample_and_of_every_attack(trained, monkeypatch):
     model, x, y = trained
     torch.manual_seed(0)
-    res = common.evaluate(model, x, y, 16 / 255, 5, 1, 5)
+    res = evaluation.evaluate(model, x, y, 16 / 255, 5, 1, 5)
     assert res["worst_case"] <= min(res["clean"], res["pgd5_1"], res["cw5"])
     # two attacks that fail on different samples: the worst case is below both
     fake = {
@@ -626,7 +630,7 @@ def test_worst_case_is_the_per_sample_and_of_every_attack(trained, monkeypatch):
             torch.ones(4, dtype=torch.bool) if iters == 0 else fake[loss]
         ),
     )
-    res = common.evaluate(model, x[:4], y[:4], 8 / 255, 2, 1, 2)
+    res = evaluation.evaluate(model, x[:4], y[:4], 8 / 255, 2, 1, 2)
     assert (res["pgd2_1"], res["cw2"], res["worst_case"]) == (0.75, 0.75, 0.5)
 
 
@@ -899,7 +903,7 @@ def test_a_one_class_model_is_never_the_best(tmp_path):
 
 
 def test_the_monitor_runs_in_ordinary_batches_and_has_its_own_column(tmp_path, monkeypatch):
-    sizes, real = [], common.pgd_correct
+    sizes, real = [], evaluation.pgd_correct
     monkeypatch.setattr(
         common, "pgd_correct", lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k)
     )
@@ -922,7 +926,7 @@ def test_weights_are_written_before_the_evaluation(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("the evaluation broke")
 
-    monkeypatch.setattr(common, "evaluate", broken)
+    monkeypatch.setattr(evaluation, "evaluate", broken)
     model = _make("wrn-10-1")
     run = harness.Run(_run_args(tmp_path, epochs=1), _tiny_data())
     run.start_epoch()
@@ -1012,7 +1016,7 @@ def test_plot_has_a_panel_per_numeric_column(tmp_path):
         {"epoch": e, "seconds": 1.0, "loss": 2.0 - e / 10, "acc": 0.1 * e, "k": e, "r": None}
         for e in (1, 2, 3)
     ]
-    harness.plot_curves(rows, str(tmp_path / "c.png"))
+    plots.plot_curves(rows, str(tmp_path / "c.png"))
     from PIL import Image
 
     w, h = Image.open(tmp_path / "c.png").size

@@ -20,6 +20,7 @@ from test_folder import write_folder
 
 import common
 import evaluate
+import evaluation
 import fgsm_rs
 import flags
 import harness
@@ -106,12 +107,14 @@ def test_every_format_names_its_classes(tmp_path, no_checksum):
 def test_a_different_shape_or_class_count_is_refused_and_an_old_record_is_not_checked():
     run = {"dataset": "mnist", "shape": [1, 28, 28], "class_names": list("0123456789")}
     with pytest.raises(common.FastatError, match=r"has 3×32×32 images .*mnist's, 1×28×28"):
-        common.check_same_data(run, {"shape": (3, 32, 32), "class_names": list("0123456789")}, "x")
+        evaluate.check_same_data(
+            run, {"shape": (3, 32, 32), "class_names": list("0123456789")}, "x"
+        )
     with pytest.raises(common.FastatError, match="has 9 classes; .* 10"):
-        common.check_same_data(run, {"shape": (1, 28, 28), "class_names": list("012345678")}, "x")
+        evaluate.check_same_data(run, {"shape": (1, 28, 28), "class_names": list("012345678")}, "x")
     same = {"shape": (1, 28, 28), "class_names": list("0123456789")}
-    assert common.check_same_data(run, same, "x")
-    assert not common.check_same_data({"shape": [1, 28, 28]}, same, "x")  # an older results.json
+    assert evaluate.check_same_data(run, same, "x")
+    assert not evaluate.check_same_data({"shape": [1, 28, 28]}, same, "x")  # an older results.json
 
 
 # ------------------------------------------------------------------------------ the run's evaluation
@@ -133,7 +136,7 @@ def test_the_runs_autoattack_and_seed_are_defaults_and_flags_override(run, tmp_p
     (folder / "results.json").write_text(json.dumps(res))
     monkeypatch.setitem(sys.modules, "autoattack", SimpleNamespace())
     seen = []
-    monkeypatch.setattr(common, "evaluate", lambda *a, **k: seen.append(a) or {})
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: seen.append(a) or {})
     base = ["--weights", str(folder / "model_last.pt"), "--device", "cpu", "--workers", "0"]
     evaluate.main(base)
     evaluate.main(base + ["--no-autoattack", "--eval-iters", "7", "--seed", "1"])
@@ -203,12 +206,12 @@ def test_a_checkpoint_by_subprocess_is_one_line(run):
 LAUNCH = """import os, runpy, sys
 sys.path.insert(0, {root!r})
 import common
-real = common.pgd_correct
+real = evaluation.pgd_correct
 def counted(model, x, y, *a, **k):  # the images each process attacks
     with open(os.path.join({out!r}, f"rank{{common.rank()}}.txt"), "a") as f:
         f.write(f"{{len(y)}}\\n")
     return real(model, x, y, *a, **k)
-common.pgd_correct = counted
+evaluation.pgd_correct = counted
 sys.argv = ["evaluate.py", *sys.argv[1:]]
 runpy.run_path(os.path.join({root!r}, "evaluate.py"), run_name="__main__")
 """
@@ -296,7 +299,7 @@ def test_autoattack_runs_batch_by_batch_with_the_seed(monkeypatch):
     monkeypatch.setitem(sys.modules, "autoattack", SimpleNamespace(AutoAttack=AutoAttack))
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
     x = torch.rand(5, 3, 2, 2)
-    mask, _ = common.autoattack_correct(model, x, torch.arange(5), 8 / 255, 10, 2, seed=3)
+    mask, _ = evaluation.autoattack_correct(model, x, torch.arange(5), 8 / 255, 10, 2, seed=3)
     assert calls == [(3, 2), (3, 2), (3, 1)] and mask.shape == (5,)
 
 
@@ -320,7 +323,7 @@ def test_progress_lines_come_from_inside_a_batchs_attack(monkeypatch, logged):
     _clock(monkeypatch, 1.0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x = torch.rand(6, 3, 2, 2)
-    common.pgd_correct(model, x, torch.arange(6) % 3, 8 / 255, 2 / 255, 4, 2, batch_size=6,
+    evaluation.pgd_correct(model, x, torch.arange(6) % 3, 8 / 255, 2 / 255, 4, 2, batch_size=6,
                        label="PGD-4-2", progress=0.5)  # fmt: skip
     assert len(logged) == 7  # after every step but the last: inside the one batch
     assert logged[0].startswith("# PGD-4-2: 0/6 images (batch 1/1, restart 1/2, step 1/4)")
@@ -331,10 +334,13 @@ def test_the_duration_estimate_counts_every_step_of_the_protocol(monkeypatch):
     _clock(monkeypatch, 30.0)  # a timed step takes 30 s
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     x = torch.rand(10, 3, 2, 2)
-    seconds = common.eval_seconds(model, x, torch.arange(10) % 3, 3, 2, 4, batch_size=5)
+    seconds = evaluation.eval_seconds(model, x, torch.arange(10) % 3, 3, 2, 4, batch_size=5)
     # 2 batches × 30 s × (PGD 3 × 2 + CW 4 + (2 restarts' + CW's + clean forward) / 3)
     assert seconds == pytest.approx(2 * 30 * (3 * 2 + 4 + 4 / 3))
-    assert common.duration(seconds) == "about 11 min" and common.duration(20) == "under a minute"
+    assert (
+        evaluation.duration(seconds) == "about 11 min"
+        and evaluation.duration(20) == "under a minute"
+    )
 
 
 def test_the_run_says_what_it_evaluates_and_how_long_before_it_starts(tmp_path, monkeypatch):

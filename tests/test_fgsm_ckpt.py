@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import check_outputs, check_resume, copy_of, load_results, small_args
 
 import common
+import evaluation
 import fgsm_ckpt
 
 EPS = 8 / 255
@@ -99,7 +100,7 @@ def labelled_batch(model):
     """Random images labelled with the model's own predictions (most start correct), a quarter relabelled."""
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(64, 3, 32, 32, generator=gen)
-    with torch.no_grad(), common.eval_mode(model):
+    with torch.no_grad(), evaluation.eval_mode(model):
         y = model(x).argmax(1)
     y[:16] = (y[:16] + 1) % 10
     return x, y
@@ -113,7 +114,7 @@ def test_the_checkpoint_rule_holds_on_a_network(wrn):
     x_train, k = fgsm_ckpt.fgsm_ckpt_input(wrn, x, y, EPS, ALPHA, 3, start)
     assert len(set(k.tolist())) >= 3  # the batch exercises several cases
     x0 = (x + start).clamp(0, 1).requires_grad_(True)
-    with common.eval_mode(wrn):
+    with evaluation.eval_mode(wrn):
         logits = wrn(x0)
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x0)
         x_fgsm = (x + (x0.detach() + ALPHA * grad.sign() - x).clamp(-EPS, EPS)).clamp(0, 1)

@@ -19,6 +19,7 @@ from conftest import (
 )
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import common
 import fgsm_mep
 import harness
 
@@ -360,7 +361,7 @@ def test_compile_gives_the_eager_gradients(tmp_path, monkeypatch):
         handle.remove()
     prior_model, adv_model = models["compile"]
     assert not isinstance(
-        prior_model, (torch._dynamo.eval_frame.OptimizedModule, harness.InputGradOnly)
+        prior_model, (torch._dynamo.eval_frame.OptimizedModule, common.InputGradOnly)
     )
     assert isinstance(
         adv_model, torch._dynamo.eval_frame.OptimizedModule

@@ -15,8 +15,8 @@ from conftest import (
     write_cifar,
 )
 
-import common
 import evaluate
+import evaluation
 import fgsm_rs
 
 
@@ -120,14 +120,14 @@ def test_the_early_stop_guard_steps_by_a_quarter_of_epsilon(
 ):
     """Wong's guard is PGD-5 with step 2/255 at ε = 8/255; a fixed 2/255 could not reach the surface of a larger
     ball (5 steps: 10/255) and would miss the overfitting: the step is ε/4."""
-    steps, real = [], common.pgd_correct
+    steps, real = [], evaluation.pgd_correct
 
     def spy(model, x, y, eps, step, iters, *a, **k):
         if iters == 5:
             steps.append((eps, step))
         return real(model, x, y, eps, step, iters, *a, **k)
 
-    monkeypatch.setattr(common, "pgd_correct", spy)
+    monkeypatch.setattr(evaluation, "pgd_correct", spy)
     fgsm_rs.main(
         small_args(cifar_dir, str(tmp_path / "run"), epochs=1, early_stop=True, epsilon=epsilon)
     )
