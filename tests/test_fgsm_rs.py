@@ -202,8 +202,8 @@ LAUNCHER = """
 import json, os, runpy, sys
 import torch.distributed
 import common, harness
-pgd = common.attack_pgd
-common.attack_pgd = lambda *a, **k: pgd(*a, **{**k, "rand_init": False})
+attack_pgd = common.attack_pgd
+common.attack_pgd = lambda *a, **k: attack_pgd(*a, **{**k, "rand_init": False})
 end_epoch = harness.Run.end_epoch
 def end_epoch_then_interrupt(run, epoch, *a, **k):
     end_epoch(run, epoch, *a, **k)
@@ -226,12 +226,15 @@ if common.rank() == 0:
 """
 
 
-def run_plan_under_torchrun(plan, folder):
-    """Each [script, args] of `plan` in turn in two torchrun processes (one start); returns the exit codes."""
+def run_plan_under_torchrun(plan, folder, setup=""):
+    """Each [script, args] of `plan` in turn in two torchrun processes (one start); returns the exit codes. setup:
+    code the launcher runs first (after its imports: json, os, runpy, sys, torch.distributed, common, harness)."""
     from test_distributed import torchrun
 
     launcher = folder / "launcher.py"
-    launcher.write_text(LAUNCHER)
+    launcher.write_text(
+        LAUNCHER.replace("import common, harness\n", f"import common, harness\n{setup}\n")
+    )
     with open(folder / "plan.json", "w") as f:
         json.dump(plan, f)
     torchrun([str(launcher), str(folder / "plan.json")])
