@@ -89,10 +89,10 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--tau",
-        type=flags.pos_float,
+        type=flags.per255("--tau"),
         default=None,
-        help="τ = K_t·α_t, the total step length, /255 units (CIFAR-10: 20 = 2.5ε; MNIST: 102 = 0.4 = "
-        "1.33ε); follows --epsilon in proportion",
+        help="τ = K_t·α_t, the total step length, /255 units (CIFAR-10: 20 = 2.5ε; MNIST: "
+        "102 = 0.4 = 1.33ε); follows --epsilon in proportion",
     )
     p.add_argument(
         "--random-start",
@@ -105,8 +105,8 @@ def get_args(argv=None):
         type=flags.pos_int,
         nargs="*",
         default=None,
-        help="epochs after which the lr is multiplied by 0.1, each below --epochs (--milestones alone: "
-        "none)",
+        help="epochs after which the lr is multiplied by 0.1, each below --epochs "
+        "(--milestones alone: none)",
     )
     # τ is ε-relative (2.5ε on CIFAR-10): `--epsilon 16` keeps the ratio unless --tau is given.
     args = flags.parse_args(p, RECIPES, argv, script="amata", eps_relative=("tau",))
@@ -116,18 +116,7 @@ def get_args(argv=None):
         p.error(
             "--alpha: Amata's step size is α_t = τ/K_t; set --tau (and --k-min/--k-max) instead"
         )
-    late = [m for m in args.milestones if m >= args.epochs]
-    if late:  # MultiStepLR is stepped after each epoch: a milestone m lowers the lr from epoch m + 1 (1-based) on
-        given = p.parse_known_args(argv)[0].milestones is not None
-        where = (
-            "--milestones"
-            if given
-            else f"the recipe's milestones {' '.join(map(str, args.milestones))}"
-        )
-        p.error(
-            f"{where}: {late[0]} is not below --epochs {args.epochs}, so the lr would never drop during "
-            f"training; pass --milestones with epochs below {args.epochs} (--milestones alone: no drop)"
-        )
+    flags.milestones(args, p, argv, fractions=(0.75, 0.9))  # the recipe's drops: 75% and 90%
     return args
 
 
@@ -145,41 +134,35 @@ def annealing(t, epochs, k_min, k_max, tau):
     return k_t, tau / k_t
 
 
-def amata_delta(model, x, y, eps, step, steps, random_start=False, autocast=None):
+def amata_delta(model, x, y, eps, alpha_t, k_t, random_start=False, autocast=None):
     """Amata's perturbation for one batch: Algorithm 1's inner PGD loop (Ye et al., AAAI 2021, arXiv:2012.08112),
-    `steps` = K_t signed-gradient steps of size `step` = α_t on the cross-entropy, each projected onto the ε-ball
+    k_t = K_t signed-gradient steps of size alpha_t = α_t on the cross-entropy, each projected onto the ε-ball
     around x⁰ and onto [0, 1].
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it is used in
-        the mode it is in and left in it: in training here it is in train mode, so BatchNorm normalises with the
-        attacked batch's statistics and each of the K_t passes updates its running statistics, as our other scripts'
-        attacks do (the paper is silent; DECISIONS.md, 'Amata unstated details'); in eval mode nothing changes them.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, step: ε and α_t in [0, 1] units (CIFAR-10: 8/255 and τ/K_t = (20/255)/K_t); steps: K_t ≥ 0.
+    x: images N×C×H×W in [0, 1] (normalise inside the model: a range check raises otherwise); y: labels N, int64;
+    ε and steps in [0, 1] units; autocast: None (fp32) or torch.autocast's dtype (fp16: the loss is scaled by 2^10).
+    model: used in the mode it is in and left in it; in training here it is in train mode, so BatchNorm normalises
+        with the attacked batch's statistics and each of the K_t passes updates its running statistics, as our other
+        scripts' attacks do (the paper is silent; DECISIONS.md, 'Amata unstated details').
+    eps, alpha_t, k_t: ε, α_t and K_t ≥ 0 (annealing() gives the last two; CIFAR-10: 8/255, (20/255)/K_t).
     random_start: start from x⁰ + U(−ε, ε) clamped to [0, 1] (Madry et al.'s PGD-AT) instead of x⁰ (Algorithm 1).
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward passes (torch.bfloat16 or
-        torch.float16; under float16 the loss is scaled by 2^10 so that the input gradient does not underflow,
-        which leaves its sign unchanged).
     Returns δ = x^{K_t} − x⁰, detached, N×C×H×W: |δ| ≤ ε and x + δ in [0, 1]."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
+    # fp16 only: the loss ×2^10 keeps its input gradient from underflowing (its sign is unchanged).
+    scale = 1024.0 if autocast == torch.float16 else 1.0
     delta = torch.zeros_like(x)
     if random_start:
         delta = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x
-    for _ in range(steps):  # k = 1 … K_t
+    for _ in range(k_t):  # k = 1 … K_t
         delta.requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss = F.cross_entropy(model(x + delta), y)
-        (grad,) = torch.autograd.grad(
-            loss * (1024.0 if autocast == torch.float16 else 1.0), delta
-        )  # ∇δ only
-        delta = (delta.detach() + step * grad.sign()).clamp(
-            -eps, eps
-        )  # the step, clipped to x⁰ ± ε ...
-        delta = (x + delta).clamp(0, 1) - x  # ... and to the pixel range
+        (grad,) = torch.autograd.grad(loss * scale, delta)  # ∇δ only
+        # the step, clipped to x⁰ ± ε and to the pixel range
+        delta = (delta.detach() + alpha_t * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
     return delta.detach()
 
 
@@ -190,21 +173,22 @@ def main(argv=None):
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["K_t", "alpha_t"])
     attack_model, train_model = run.models(model)
-    eps, tau = args.epsilon / 255, args.tau / 255
+    if note := flags.milestones(args):
+        common.log(note)
+    eps = args.epsilon / 255
+    tau = args.tau / 255
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=args.milestones, gamma=0.1
-    )  # stepped per epoch
+    # stepped per epoch
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=0.1)
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 
     for t in range(start, args.epochs):
         run.start_epoch()
-        k_t, alpha_t = annealing(
-            t, args.epochs, args.k_min, args.k_max, tau
-        )  # Algorithm 1: K_t and α_t
+        # Algorithm 1: K_t and α_t
+        k_t, alpha_t = annealing(t, args.epochs, args.k_min, args.k_max, tau)
         model.train()
         total_loss = total_correct = total_n = 0
         for x, y, _ in data.train.epoch(t):
@@ -231,8 +215,8 @@ def main(argv=None):
             loss=(total_loss / total_n).item(),
             acc=(total_correct / total_n).item(),
             K_t=k_t,
-            alpha_t=alpha_t * 255,
-        )  # α_t in /255 units
+            alpha_t=alpha_t * 255,  # /255 units
+        )
     run.finish(model)
 
 

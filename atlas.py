@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-import evaluation
 import flags
 import harness
 
@@ -101,40 +100,41 @@ def get_args(argv=None):
         "--attack-iters",
         type=flags.pos_int,
         default=1,
-        help="signed-gradient steps of the attack: 1 = one-step ATLAS (FGSM-RS, step --alpha = 1.25ε), "
-        "10 = CIFAR's ten-step ATLAS (PGD, step 0.007 = 1.785/255), 20 = MNIST's multi-step "
-        "ATLAS (--dataset mnist --attack-iters 20: PGD, step 0.01 = 2.55/255). Any value > 1 "
-        "takes the multi-step recipe's step and loss weights",
+        help="signed-gradient steps of the attack: 1 = one-step ATLAS (FGSM-RS, step --alpha = "
+        "1.25ε), 10 = CIFAR's ten-step ATLAS (PGD, step 0.007 = 1.785/255), 20 = MNIST's "
+        "multi-step ATLAS (--dataset mnist --attack-iters 20: PGD, step 0.01 = 2.55/255). Any "
+        "value > 1 takes the multi-step recipe's step and loss weights",
     )
     p.add_argument(
         "--jac-alpha",
         type=flags.nonneg_float,
         default=None,
-        help="α of eq. (14), weight of the Jacobian term (0: ATLAS-g); -h --attack-iters 10 shows the "
-        "multi-step recipes' values",
+        help="α of eq. (14), weight of the Jacobian term (0: ATLAS-g); -h --attack-iters 10 shows "
+        "the multi-step recipes' values",
     )
     p.add_argument(
         "--kl-beta",
         type=flags.nonneg_float,
         default=None,
-        help="β of eq. (14), weight of the KL term (0: ATLAS-l); -h --attack-iters 10 shows the multi-step "
-        "recipes' values",
+        help="β of eq. (14), weight of the KL term (0: ATLAS-l); -h --attack-iters 10 shows the "
+        "multi-step recipes' values",
     )
     p.add_argument(
         "--ramp-epochs",
         type=flags.nonneg_float,
         default=None,
-        help="ε, α and β grow linearly from 0 over this many epochs (0: no ramp); --epochs must be longer",
+        help="ε, α and β grow linearly from 0 over this many epochs (0: no ramp); --epochs must "
+        "be longer",
     )
     p.add_argument(
         "--val-iters", type=flags.pos_int, default=None, help="PGD steps of the validation attack"
     )
     p.add_argument(
         "--val-step",
-        type=flags.pos_float,
+        type=flags.per255("--val-step"),
         default=None,
-        help="PGD step of the validation attack, /255 units (1.785 = 0.007; MNIST 2.55 = 0.01); follows "
-        "--epsilon in proportion",
+        help="PGD step of the validation attack, /255 units (1.785 = 0.007; MNIST 2.55 = 0.01); "
+        "follows --epsilon in proportion",
     )
     p.add_argument(
         "--plateau-epochs",
@@ -153,24 +153,26 @@ def get_args(argv=None):
     # The multi-step variants have their own step and loss weights: pick the recipe table before filling defaults.
     # (-h is left out of this first look, so that the help shows the recipe values parse_args adds to it.)
     words = sys.argv[1:] if argv is None else argv
-    multi_step = (
-        p.parse_known_args([w for w in words if w not in ("-h", "--help")])[0].attack_iters > 1
-    )
+    first_look = p.parse_known_args([w for w in words if w not in ("-h", "--help")])[0]
+    multi_step = first_look.attack_iters > 1
+    # in a fixed order, for -h
     recipes = {
         k: {**RECIPES.get(k, {}), **(MULTI_STEP.get(k, {}) if multi_step else {})}
         for k in [*RECIPES, *(k for k in MULTI_STEP if k not in RECIPES)]
-    }  # in a fixed order, for -h
+    }
     # The attack's step (1.25ε) and the validation PGD's step (0.007 ≈ 0.22ε) follow --epsilon unless given.
     args = flags.parse_args(p, recipes, argv, script="atlas", eps_relative=("alpha", "val_step"))
     if args.val_size == 0:
         p.error(
-            "--val-size 0: App. B's learning-rate rule, its stopping rule and the best model need held-out "
-            "images; leave --val-size out (a tenth of the training images, at most 5,000) or give a number"
+            "--val-size 0: App. B's learning-rate rule, its stopping rule and the best model need "
+            "held-out images; leave --val-size out (a tenth of the training images, at most 5,000) "
+            "or give a number"
         )
     if args.ramp_epochs and args.epochs <= args.ramp_epochs:
         p.error(
-            f"--epochs {args.epochs} is not longer than --ramp-epochs {args.ramp_epochs:g}: ε would never reach "
-            f"its full value; give a shorter --ramp-epochs (0: no ramp) or more --epochs"
+            f"--epochs {args.epochs} is not longer than --ramp-epochs {args.ramp_epochs:g}: "
+            f"ε would never reach its full value; give a shorter --ramp-epochs (0: no ramp) "
+            f"or more --epochs"
         )
     return args
 
@@ -218,14 +220,19 @@ class ValidationScheduler:
     start counting when the ramp has ended."""
 
     def __init__(self, opt, plateau=2, stop=10, factor=5.0):
-        self.opt, self.plateau, self.stop, self.factor = opt, plateau, stop, factor
-        self.best, self.epochs_since_best = -math.inf, 0
+        self.opt = opt
+        self.plateau = plateau
+        self.stop = stop
+        self.factor = factor
+        self.best = -math.inf
+        self.epochs_since_best = 0
 
     def step(self, val_acc, count=True):
         """Feed one epoch's validation accuracy; returns True when training should stop. count=False
         (an epoch of the ε ramp): a new best is kept, but an epoch without one is not counted."""
         if val_acc > self.best:
-            self.best, self.epochs_since_best = val_acc, 0
+            self.best = val_acc
+            self.epochs_since_best = 0
             return False
         if not count:
             return False
@@ -241,7 +248,8 @@ class ValidationScheduler:
         return {"best": self.best, "epochs_since_best": self.epochs_since_best}
 
     def load_state_dict(self, state):
-        self.best, self.epochs_since_best = state["best"], state["epochs_since_best"]
+        self.best = state["best"]
+        self.epochs_since_best = state["epochs_since_best"]
 
 
 def atlas_loss(
@@ -254,34 +262,34 @@ def atlas_loss(
     norm: jacobian_estimate, beside this function, which it needs when jac_alpha > 0) and the global term of
     eq. (13), whose base distribution is p(x′) (§5.2); gradients flow through both p(x′) and p(x).
 
-    model: takes images in [0, 1] and returns logits (normalisation inside the model). The loss passes (x′, and x
-        for the KL term) run through it, so it must support double backward when jac_alpha > 0 (an eager module:
-        torch.compile has no double backward).
+    x: images N×C×H×W in [0, 1] (normalise inside the model: a range check raises otherwise); y: labels N, int64;
+    ε and steps in [0, 1] units; autocast: None (fp32) or torch.autocast's dtype (fp16: the loss is scaled by 2^10).
+    model: the loss passes (x′, and x for the KL term) run through it, so it must support double backward when
+        jac_alpha > 0 (an eager module: torch.compile has no double backward).
     attack_model: the network the attack's passes run through (default: model): the same parameters, e.g. a view
         that computes input gradients only. Both are used in the mode they are in and left in it; in train mode (as
         in training here, and in Wong et al.'s code for the FGSM step) BatchNorm normalises with each pass's own
         batch statistics and its running statistics take the `iters` attack passes and the loss passes, as the
         method's training passes do; in eval mode nothing changes them.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, step: the full ε (v of §5.3) and the attack's step, [0, 1] units (CIFAR-10 one-step: 8/255 and 1.25ε =
-        10/255; multi-step: 0.007).
+    eps, step: the full ε (v of §5.3) and the attack's step (CIFAR-10 one-step: 8/255 and 1.25ε = 10/255;
+        multi-step: 0.007).
     jac_alpha, kl_beta: α and β of eq. (14); 0 skips that term (ATLAS-g: α = 0, ATLAS-l: β = 0, App. C).
     iters: signed-gradient steps of the attack (1: Wong et al.'s FGSM-RS step; more: PGD with step `step`).
     ramp: r in [0, 1], the ε ramp of §5.3: ε, the attack step (DECISIONS.md, 'ATLAS unstated details'), α and β
         are multiplied by it.
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward passes (torch.bfloat16 or
-        torch.float16). Under float16 the attack's loss is scaled by 2^10 before its input gradient (the sign is
-        unchanged), and the Jacobian estimate's v likewise, its vᵀJ divided back. The KL term is computed in fp32.
+    autocast applies to every forward pass; under float16 the Jacobian estimate's v is scaled by 2^10 too, its vᵀJ
+        divided back. The KL term is computed in fp32.
     Returns (loss, logits, terms): loss, a scalar with its graph to θ (backpropagate it); logits at x′, N×C, with
     graph; terms: the unweighted batch means, detached: 'ce', and 'jac' and 'kl' when their weight is not 0."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
     attack_model = model if attack_model is None else attack_model
+    # fp16 only: the loss ×2^10 keeps its input gradient from underflowing (its sign is unchanged).
     scale = 1024.0 if autocast == torch.float16 else 1.0
-    eps, step = ramp * eps, ramp * step  # §5.3: ε_t = r·v; the step keeps its ratio to ε_t
+    # §5.3: ε_t = r·v; the step keeps its ratio to ε_t
+    eps = ramp * eps
+    step = ramp * step
     # The weak attack (§6: "random initialization and a step size of 1.25ε"), projected onto the ε-ball and [0, 1].
     delta = torch.empty_like(x).uniform_(-eps, eps)
     delta = (x + delta).clamp(0, 1) - x
@@ -289,9 +297,8 @@ def atlas_loss(
         delta.requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             attack_ce = F.cross_entropy(attack_model(x + delta), y)
-        (grad,) = torch.autograd.grad(
-            attack_ce * scale, delta
-        )  # ∇δ only: x′ is a constant of the loss below
+        # ∇δ only: x′ is a constant of the loss below
+        (grad,) = torch.autograd.grad(attack_ce * scale, delta)
         delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
     # eq. (14) at x′. x′ needs a gradient only for the Jacobian term (its vᵀJ is a gradient w.r.t. x′).
@@ -299,16 +306,19 @@ def atlas_loss(
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)  # eq. (12), first local term
-        loss, terms = ce, {"ce": ce.detach()}
+        loss = ce
+        terms = {"ce": ce.detach()}
         if jac_alpha > 0:  # eq. (12), Jacobian term
             jac = jacobian_estimate(logits, x_adv, scale)
-            loss, terms["jac"] = loss + ramp * jac_alpha * jac, jac.detach()
+            loss = loss + ramp * jac_alpha * jac
+            terms["jac"] = jac.detach()
         if kl_beta > 0:  # eq. (13), the global term
             # x goes through its own forward pass (not concatenated with x′): BatchNorm normalises each on its own.
             log_p_adv = F.log_softmax(logits.float(), 1)
             log_p_clean = F.log_softmax(model(x).float(), 1)
             kl = (log_p_adv.exp() * (log_p_adv - log_p_clean)).sum(1).mean()
-            loss, terms["kl"] = loss + ramp * kl_beta * kl, kl.detach()
+            loss = loss + ramp * kl_beta * kl
+            terms["kl"] = kl.detach()
     return loss, logits, terms
 
 
@@ -317,14 +327,13 @@ def main(argv=None):
     harness.setup(args)  # torchrun's process group, the seeds
     # App. B: the validation images are held out of training before it starts (data.val, never in data.train).
     data = common.get_data(args)
-    last = data.train.batches(
-        args.epochs - 1
-    )  # the batches of the last epoch (ImageNet's phases change them)
+    # the batches of the last epoch (ImageNet's phases change them)
+    last = data.train.batches(args.epochs - 1)
     if ramp(args.epochs - 1, last - 1, last, args.ramp_epochs) < 1:
         raise common.FastatError(
-            f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the {data.train.steps(args.epochs)} "
-            f"iterations ({last} in the last epoch): ε would never reach its full value; give a shorter "
-            f"--ramp-epochs or more --epochs"
+            f"--ramp-epochs {args.ramp_epochs:g} ends after the last of the "
+            f"{data.train.steps(args.epochs)} iterations ({last} in the last epoch): ε would never "
+            f"reach its full value; give a shorter --ramp-epochs or more --epochs"
         )
     model = common.get_model(args, data)
     used = [name for name, weight in (("jac", args.jac_alpha), ("kl", args.kl_beta)) if weight > 0]
@@ -332,7 +341,9 @@ def main(argv=None):
     # torch.compile has no double backward: with the Jacobian term the loss passes run eagerly (through DDP under
     # torchrun) and --compile only speeds up the attack.
     attack_model, train_model = run.models(model, double_backward=args.jac_alpha > 0)
-    eps, step, val_step = args.epsilon / 255, args.alpha / 255, args.val_step / 255
+    eps = args.epsilon / 255
+    step = args.alpha / 255
+    val_step = args.val_step / 255
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
@@ -370,25 +381,19 @@ def main(argv=None):
             total_n += len(y)
 
         # App. B: PGD on the held-out images (full ε, fp32, eval mode: BN statistics untouched) drives the lr, the
-        # stop and "best".
-        val_acc = harness.mean_over_ranks(
-            evaluation.pgd_correct(
-                model, data.val.images, data.val.labels, eps, val_step, args.val_iters
-            )
-            .float()
-            .mean()
-            .item()
-        )
-        lr = opt.param_groups[0][
-            "lr"
-        ]  # the lr this epoch trained with, before the scheduler changes it
+        # stop and "best". Under torchrun: one model (the first process's BN statistics), each process attacks
+        # its share of the images, one accuracy.
+        val_x, val_y = data.val.images, data.val.labels
+        val_acc = run.robust_accuracy(model, val_x, val_y, eps, val_step, args.val_iters)
+        # the lr this epoch trained with, before the scheduler changes it
+        lr = opt.param_groups[0]["lr"]
         # Epochs without a new best count once ε has reached v by the end of the epoch (DECISIONS.md, 'ATLAS
         # patience after the ramp').
         stop = sched.step(val_acc, count=ramp(epoch + 1, 0, 1, args.ramp_epochs) == 1.0)
         if stop:
             common.log(
-                f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for {args.stop_epochs} "
-                f"epochs at full ε"
+                f"# stop: no better validation accuracy than {100 * sched.best:.2f}% for "
+                f"{args.stop_epochs} epochs at full ε"
             )
         means = {name: (totals[name] / total_n).item() for name in totals}
         run.end_epoch(

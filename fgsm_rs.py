@@ -36,7 +36,14 @@ import imagenet
 RECIPES = {
     # Wong's CIFAR-10 train_fgsm.py: α = 1.25ε, one cyclic lr triangle 0 → 0.2 → 0, SGD.
     "default": dict(
-        epochs=15, batch_size=128, lr=0.2, epsilon=8, alpha=10, weight_decay=5e-4, optimizer="sgd"
+        epochs=15,
+        batch_size=128,
+        lr=0.2,
+        epsilon=8,
+        alpha=10,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        lr_schedule="cyclic",
     ),
     # Wong's MNIST train_mnist.py: ε = 0.3, α = 0.375 (×255 here), Adam, lr 0 → 5e-3 (epoch 4) → 0.
     "mnist": dict(
@@ -47,9 +54,11 @@ RECIPES = {
         alpha=95.625,
         weight_decay=0.0,
         optimizer="adam",
+        lr_schedule="piecewise",
     ),
-    # ImageNet: imagenet.IMAGENET, the configuration released with the paper (α = 1.25ε = 2.5/255 at ε = 2/255; their
-    # 4/255 runs: --epsilon 4, α 5/255), with the lr of imagenet.imagenet_lr.
+    # ImageNet: imagenet.IMAGENET, the configuration released with the paper (α = 1.25ε = 2.5/255 at ε = 2/255;
+    # their 4/255 runs: --epsilon 4, α 5/255), with the lr of imagenet.imagenet_lr.
+    "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 
 
@@ -64,14 +73,25 @@ def get_args(argv=None):
     p.add_argument(
         "--early-stop",
         action="store_true",
-        help="Wong's catastrophic-overfitting guard: after each epoch, PGD-5 (step ε/4) on that epoch's "
-        "first batch; if its accuracy drops by more than 0.2, stop and keep the previous epoch's weights",
+        help="Wong's catastrophic-overfitting guard: after each epoch, PGD-5 (step ε/4) on that "
+        "epoch's first batch; if its accuracy drops by more than 0.2, stop and keep the previous "
+        "epoch's weights",
     )
     p.add_argument(
         "--optimizer",
         choices=["sgd", "adam"],
         default=None,
-        help="sgd with one cyclic lr triangle (CIFAR recipe) or adam with a piecewise-linear lr (MNIST)",
+        help="sgd (momentum 0.9; CIFAR and ImageNet recipes) or adam (MNIST recipe)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["cyclic", "piecewise", "imagenet"],
+        default=None,
+        help="set every iteration. cyclic: one triangle 0 → lr → 0 peaking half-way (Wong's "
+        "CIFAR-10; with sgd the momentum cycles 0.9 → 0.8 → 0.9 against it); piecewise: 0 → lr "
+        "at 2/5 of the epochs → 0 (Wong's MNIST); imagenet: Wong et al.'s ImageNet schedule "
+        "(imagenet.imagenet_lr), with no weight decay on BatchNorm's parameters, as his "
+        "ImageNet code",
     )
     args = flags.parse_args(p, RECIPES, argv, script="fgsm_rs")
     if args.delta_init == "previous" and args.dataset == "imagenet":
@@ -79,29 +99,38 @@ def get_args(argv=None):
     return args
 
 
+def guard_accuracy(model, x, y, eps):
+    """Wong's guard: PGD-5 accuracy (step ε/4, eval mode, fp32) on x, y, this process's part of a batch. Under
+    torchrun: one model (the first process's BatchNorm statistics), the correct count and the size summed over the
+    processes, so that the accuracy is the whole batch's, the same in every process."""
+    harness.sync_buffers(model)
+    correct = evaluation.pgd_correct(model, x, y, eps, eps / 4, 5)
+    counts = torch.stack([correct.sum(), torch.tensor(len(y), device=y.device)]).double()
+    total_correct, total_n = harness.global_sum(counts).tolist()
+    return total_correct / total_n
+
+
 def fgsm_rs_delta(model, x, y, eps, alpha, delta=None, autocast=None):
     """FGSM-RS's perturbation (Wong et al., ICLR 2020): one signed-gradient step of the cross-entropy from a random
     start in the ε-ball (or from `delta`), projected back onto the ball and the pixel range.
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it is used in
-        the mode it is in (train mode in Wong's code, so BatchNorm sees this pass).
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 and 10/255 = 1.25ε).
-    delta: the start, N×C×H×W with |δ| ≤ ε (default: uniform in [−ε, ε], FGSM-RS; zeros: plain FGSM).
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward pass (torch.bfloat16 or
-        torch.float16; under float16 the loss is scaled by 2^10 so that the input gradient does not underflow,
-        which leaves its sign unchanged).
+    x: images N×C×H×W in [0, 1] (normalise inside the model: a range check raises otherwise); y: labels N, int64;
+    ε and steps in [0, 1] units; autocast: None (fp32) or torch.autocast's dtype (fp16: the loss is scaled by 2^10).
+    model: used in the mode it is in (train mode in Wong's code, so BatchNorm sees this pass).
+    eps, alpha: ε and the step size α (CIFAR-10: 8/255 and 10/255 = 1.25ε).
+    delta: the start, N×C×H×W with |δ| ≤ ε (default: uniform in [−ε, ε], FGSM-RS; zeros: plain FGSM); x + δ is
+        clamped to [0, 1] before the gradient (DECISIONS.md, 'FGSM-RS random start').
     Returns δ, detached, N×C×H×W: |δ| ≤ ε and x + δ in [0, 1]."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
+    # fp16 only: the loss ×2^10 keeps its input gradient from underflowing (its sign is unchanged).
+    scale = 1024.0 if autocast == torch.float16 else 1.0
     delta = torch.empty_like(x).uniform_(-eps, eps) if delta is None else delta
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         loss = F.cross_entropy(model(x + delta), y)
-    (grad,) = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
+    (grad,) = torch.autograd.grad(loss * scale, delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
     return (x + delta).clamp(0, 1) - x
 
@@ -113,53 +142,51 @@ def main(argv=None):
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["es_acc"] if args.early_stop else [])
     attack_model, train_model = run.models(model)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     steps = data.train.steps(args.epochs)  # the batches the run yields
-    if args.dataset == "imagenet":
-        # Wong's ImageNet code (main_fast.py): SGD without weight decay on BatchNorm's parameters, and the
-        # piecewise-linear lr set at every iteration.
+    params = model.parameters()
+    if args.lr_schedule == "imagenet":
+        # Wong's ImageNet code (main_fast.py): no weight decay on BatchNorm's parameters. The groups keep the
+        # model's order, which a checkpoint relies on.
         bn = {
             id(p)
             for m in model.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
             for p in m.parameters()
         }
-        opt = torch.optim.SGD(
-            [
-                {
-                    "params": [p for p in model.parameters() if id(p) not in bn]
-                },  # in the model's order:
-                {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0},
-            ],
-            lr=args.lr,
-            momentum=0.9,
-            weight_decay=args.weight_decay,
-        )  # what a checkpoint relies on
+        params = [
+            {"params": [p for p in model.parameters() if id(p) not in bn]},
+            {"params": [p for p in model.parameters() if id(p) in bn], "weight_decay": 0.0},
+        ]
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    if args.lr_schedule == "imagenet":
+        # Wong's ImageNet schedule, piecewise linear, set at every iteration
         sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
-    elif args.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
-        )
-        # Wong's schedule, and his code's CyclicLR defaults: momentum cycles 0.9 → 0.8 → 0.9 against the lr.
+    elif args.lr_schedule == "cyclic":
+        # Wong's schedule, and his code's CyclicLR defaults: with SGD the momentum cycles 0.9 → 0.8 → 0.9.
         sched = torch.optim.lr_scheduler.CyclicLR(
-            opt, base_lr=0.0, max_lr=args.lr, step_size_up=steps / 2, step_size_down=steps / 2
+            opt,
+            base_lr=0.0,
+            max_lr=args.lr,
+            step_size_up=steps / 2,
+            step_size_down=steps / 2,
+            cycle_momentum=args.optimizer == "sgd",
         )
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # Wong's MNIST schedule 0 → lr at 2/5 of training → 0, set from epoch + (i+1)/len before each step.
+        peak = [0, args.epochs * 2 // 5, args.epochs]
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda it: np.interp(
-                (it + 1) / len(data.train), [0, args.epochs * 2 // 5, args.epochs], [0, 1, 0]
-            ),
+            opt, lambda it: np.interp((it + 1) / len(data.train), peak, [0, 1, 0])
         )
     checkpoint = dict(model=model, opt=opt, sched=sched)
-    if (
-        args.delta_init == "previous"
-    ):  # the last batch's δ starts the next batch's step (from zero, as Wong's code)
-        checkpoint["previous"] = previous = torch.zeros(
-            (args.batch_size, *data.shape), device=args.device
-        )
+    if args.delta_init == "previous":
+        # The last batch's δ starts the next batch's step (from zero, as Wong's code); each process keeps its own.
+        previous = torch.zeros((args.batch_size, *data.shape), device=args.device)
+        checkpoint["previous"] = harness.PerProcess(previous)
     if args.early_stop:  # the previous epoch's accuracy and weights
         checkpoint["guard"] = guard = {"robust_acc": 0.0, "weights": None}
     start = run.resume(checkpoint) if args.resume else 0
@@ -171,20 +198,18 @@ def main(argv=None):
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             if i == 0:
                 first_batch = (x, y)
-            start_delta = (
-                None
-                if args.delta_init == "random"
-                else torch.zeros_like(x)
-                if args.delta_init == "zero"
-                else previous[: len(y)]
-            )
+            if args.delta_init == "random":
+                start_delta = None
+            elif args.delta_init == "zero":
+                start_delta = torch.zeros_like(x)
+            else:
+                start_delta = previous[: len(y)]
             # The FGSM step; the model stays in train mode, as in Wong's code. With α = 0 from a zero start δ stays
             # 0: `--alpha 0 --delta-init zero` is plain training, and the attack's pass is skipped.
-            delta = (
-                torch.zeros_like(x)
-                if alpha == 0 and args.delta_init == "zero"
-                else fgsm_rs_delta(attack_model, x, y, eps, alpha, start_delta, run.amp)
-            )
+            if alpha == 0 and args.delta_init == "zero":
+                delta = torch.zeros_like(x)
+            else:
+                delta = fgsm_rs_delta(attack_model, x, y, eps, alpha, start_delta, run.amp)
             if args.delta_init == "previous":
                 previous[: len(y)] = delta
             # The weight step on the mean CE at x+δ.
@@ -200,14 +225,13 @@ def main(argv=None):
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
 
-        stop, extra = False, {}
+        stop = False
+        extra = {}
         if args.early_stop:
             # Wong's guard: PGD-5 on this epoch's first batch, step ε/4 (his 2/255 at ε = 8/255: a fixed step would
             # not reach the ball's surface at a larger ε, and the guard would miss the overfitting). Eval mode, so
             # that BN's statistics are left alone (Wong's code ran it in train mode).
-            robust_acc = harness.mean_over_ranks(
-                evaluation.pgd_correct(model, *first_batch, eps, eps / 4, 5).float().mean().item()
-            )  # under torchrun: over every process's part of the batch
+            robust_acc = guard_accuracy(model, *first_batch, eps)
             extra["es_acc"] = robust_acc
             if robust_acc - guard["robust_acc"] < -0.2:
                 model.load_state_dict(guard["weights"])

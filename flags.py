@@ -412,6 +412,34 @@ def _resumed_args(out, given, script):
     return argparse.Namespace(**{**saved, "device": None, **given, "out_dir": out})
 
 
+def milestones(args, parser=None, argv=None, fractions=()):
+    """args.milestones (epochs after which a per-epoch MultiStepLR multiplies the lr by 0.1) against
+    args.epochs. With `parser` (a script's get_args; argv: its command line): a milestone at or past
+    --epochs would never act during training and is refused with parser.error, the given or the recipe's
+    values named, and milestones at `fractions` of the run suggested. Returns the line a run logs when
+    several milestones fall on one epoch (a short run: their drops come at once), else None."""
+    late = [m for m in args.milestones if m >= args.epochs]
+    shown = " ".join(map(str, args.milestones))
+    if late and parser is not None:
+        given = parser.parse_known_args(argv)[0].milestones is not None
+        where = f"--milestones {shown}" if given else f"the recipe's milestones {shown}"
+        fit = [min(args.epochs - 1, max(1, round(f * args.epochs))) for f in fractions]
+        example = f"e.g. --milestones {' '.join(map(str, fit))}; " if args.epochs > 1 else ""
+        parser.error(
+            f"{where}: {late[0]} is not below --epochs {args.epochs}, so the lr would never drop "
+            f"during training; pass --milestones below {args.epochs} ({example}--milestones "
+            f"alone: no drop)"
+        )
+    shared = sorted({m for m in args.milestones if args.milestones.count(m) > 1})
+    if not shared:
+        return None
+    drops = [f"{args.milestones.count(m)} after epoch {m}" for m in shared]
+    return (
+        f"# milestones {shown}: lr drops at once, {', '.join(drops)} (×0.1 each); the run is too "
+        f"short to space them"
+    )
+
+
 def label_smoothing(true_prob, num_classes):
     """PyTorch's label_smoothing s for the soft labels of the SDI/PGI/LAS-AT authors' code (true class f,
     every other (1 − f)/(C − 1)): 1 − s + s/C = f, so s = (1 − f)·C/(C − 1). f outside [1/C, 1] is

@@ -46,6 +46,7 @@ RECIPES = {
         eta=8,
         weight_decay=5e-4,
         optimizer="sgd",
+        lr_schedule="cyclic",
     ),
     "tiny-imagenet": dict(batch_size=64),  # supplementary §2: 64 "to reduce the memory consumption"
     # No MNIST recipe in the sources (DECISIONS.md, 'Our MNIST recipes'): Wong's MNIST optimiser as in fgsm_rs.py
@@ -66,7 +67,7 @@ RECIPES = {
         optimizer="adam",
     ),
     # ImageNet: no recipe in the supplement: imagenet.IMAGENET, Wong et al.'s, with its lr (imagenet.imagenet_lr).
-    "imagenet": dict(optimizer="sgd"),
+    "imagenet": dict(optimizer="sgd", lr_schedule="imagenet"),
 }
 
 # The latent layers whose outputs are perturbed (the input is layer 0): the authors' model/preresnet.py perturbs
@@ -77,8 +78,9 @@ LATENT_LAYERS = {
     "wrn": ("conv1", "block1"),
     "mnist-cnn": ("net.0", "net.2"),
     "lenet": ("net.0", "net.3"),
+    # torchvision's (ImageNet)
     **{f"resnet{d}": ("net.conv1", "net.layer1") for d in (18, 34, 50, 101)},
-}  # torchvision's (ImageNet)
+}
 # Nets whose perturbed latents go (through a ReLU) straight into a conv or linear layer: under autocast its
 # half-precision input cast would round h_k + δ_k back onto h_k's grid. They train in fp32: the MNIST nets (tiny),
 # and torchvision's post-activation ResNets, whose layer1 output feeds layer2's first conv and its shortcut's.
@@ -94,25 +96,33 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--eta",
-        type=flags.nonneg_float,
+        type=flags.per255("--eta", zero=True),
         default=None,
-        help="η, the size of every latent δ_k: a plain number in the latent's own units, written in /255 "
-        "like ε (= ε, MNIST included: the authors' code sets both from one value; keeps its ratio to "
-        "ε when only --epsilon is given)",
+        help="η, the size of every latent δ_k: a plain number in the latent's own units, written "
+        "in /255 like ε (= ε, MNIST included: the authors' code sets both from one value; keeps "
+        "its ratio to ε when only --epsilon is given; 0: no latent perturbation)",
     )
     p.add_argument(
         "--optimizer",
         choices=["sgd", "adam"],
         default=None,
-        help="sgd (cycles its momentum 0.9 ↔ 0.8 against the lr, as the authors' CyclicLR) or adam",
+        help="sgd (momentum 0.9) or adam",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["cyclic", "imagenet"],
+        default=None,
+        help="set every iteration. cyclic: 0 → lr over the first 2/5 of the run, then → 0 (the "
+        "authors' CyclicLR; with sgd the momentum cycles 0.9 → 0.8 → 0.9 against it); imagenet: "
+        "Wong et al.'s ImageNet schedule (imagenet.imagenet_lr)",
     )
     p.add_argument(
         "--dropout",
         type=flags.nonneg_float,
         default=None,
-        help="WRN only: fraction of activations dropped between the two convs of every block, in training "
-        "(default 0.3 with --model wrn-*, the authors' WideResNet; 0: no dropout, the WRN of the "
-        "other scripts)",
+        help="WRN only: fraction of activations dropped between the two convs of every block, in "
+        "training (default 0.3 with --model wrn-*, the authors' WideResNet; 0: no dropout, the "
+        "WRN of the other scripts)",
     )
     args = flags.parse_args(p, RECIPES, argv, script="latent_at", eps_relative=("alpha", "eta"))
     wrn = args.model.startswith("wrn")
@@ -178,18 +188,14 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
     backward gives ∇x and every ∇h_k, then the pass with δ₀ at the input and δ_k at every latent layer (added by the
     hooks of LatentPerturbation, above: copy it along).
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model), with `latent`
-        (a LatentPerturbation) hooked on its latent layers. Both passes run in the mode it is in, which is left as
-        found (train mode in the authors' code: BatchNorm and dropout see both passes).
+    x: images N×C×H×W in [0, 1] (normalise inside the model: a range check raises otherwise); y: labels N, int64;
+    ε and steps in [0, 1] units; autocast: None (fp32) or torch.autocast's dtype (fp16: the loss is scaled by 2^10).
+    model: the network, with `latent` (a LatentPerturbation) hooked on its latent layers. Both passes run in the
+        mode it is in, which is left as found (train mode in the authors' code: BatchNorm and dropout see both).
     attack_model: the same network as pass 1 runs it (default: model); it needs input and latent gradients only
         (the script passes a view whose parameters do not require gradients during its forward).
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the input step (0.9ε) in [0, 1] units; η is latent.eta.
-    autocast: None (fp32, default) or the dtype of torch.autocast for both passes (torch.bfloat16 or torch.float16;
-        under float16 pass 1's loss is scaled by 2^10 before its backward so that the gradients do not underflow,
-        which leaves their signs, all that is used, unchanged). h_k + δ_k is formed in fp32 either way.
+    eps, alpha: ε and the input step (0.9ε); η is latent.eta.
+    autocast applies to both passes; h_k + δ_k is formed in fp32 either way.
     Returns (loss, logits) of pass 2: the mean CE at the perturbed pass, in the autograd graph of the weights (its
     backward is the weight step); logits N×classes. No weight gradient is accumulated by pass 1."""
     torch._assert_async(
@@ -204,10 +210,10 @@ def slat_loss(model, latent, x, y, eps, alpha, autocast=None, attack_model=None)
             loss = F.cross_entropy(attack_model(x + delta), y)
     finally:
         latent.recording = False
+    # fp16 only: the loss ×2^10 keeps the gradients from underflowing (their signs, all that is used, unchanged).
+    scale = 1024.0 if autocast == torch.float16 else 1.0
     # One backward gives ∇x and every ∇h_k at once (FGSM cost); autograd.grad leaves the weights' .grad alone.
-    grad_x, *grad_latents = torch.autograd.grad(
-        loss * (1024.0 if autocast == torch.float16 else 1.0), [delta, *latent.latents]
-    )
+    grad_x, *grad_latents = torch.autograd.grad(loss * scale, [delta, *latent.latents])
     latent.latents = [None] * len(latent.latents)  # drop the clean graph's tensors
     # δ₀ = 0.9ε·sign(∇x); the ε clamp binds only when alpha > ε (the code has it), then the pixel range.
     delta = (alpha * grad_x.sign()).clamp(-eps, eps)
@@ -234,10 +240,11 @@ def main(argv=None):
     amp = None if args.model in FP32_MODELS else run.amp
     if run.amp is not None and amp is None:
         common.log(
-            f"# {args.model} trains in fp32: its latents feed a conv or linear layer, whose half-precision "
-            f"input would round the latent step away"
+            f"# {args.model} trains in fp32: its latents feed a conv or linear layer, whose "
+            f"half-precision input would round the latent step away"
         )
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     steps = data.train.steps(args.epochs)  # the batches the run yields
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(
@@ -245,10 +252,13 @@ def main(argv=None):
         )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # Supplementary §2 and the authors' solver.py: lr 0 → lr over the first 2/5 of the iterations (12 of 30 epochs),
-    # then → 0, stepped every iteration. Their CyclicLR also cycles SGD's momentum 0.9 → 0.8 → 0.9; kept.
-    sched = (
-        torch.optim.lr_scheduler.CyclicLR(
+    if args.lr_schedule == "imagenet":
+        # No ImageNet recipe in the supplement: Wong et al.'s (imagenet.imagenet_lr).
+        sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
+    else:
+        # Supplementary §2 and the authors' solver.py: lr 0 → lr over the first 2/5 of the iterations (12 of 30
+        # epochs), then → 0, stepped every iteration. Their CyclicLR also cycles SGD's momentum 0.9 → 0.8 → 0.9; kept.
+        sched = torch.optim.lr_scheduler.CyclicLR(
             opt,
             base_lr=0.0,
             max_lr=args.lr,
@@ -256,9 +266,6 @@ def main(argv=None):
             step_size_down=0.6 * steps,
             cycle_momentum=args.optimizer == "sgd",
         )
-        if args.dataset != "imagenet"
-        else imagenet.imagenet_lr(opt, data.train, args.epochs)
-    )
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 

@@ -90,19 +90,19 @@ def get_args(argv=None):
         "--top-k",
         type=flags.pos_int,
         default=None,
-        help="spread ε_y over the K non-true classes with the largest v_k only (9: R-MC-LA9); at most "
-        "the number of classes − 1; default: over all of them",
+        help="spread ε_y over the K non-true classes with the largest v_k only (9: R-MC-LA9); "
+        "at most the number of classes − 1; default: over all of them",
     )
     p.add_argument(
         "--vmc-over",
         choices=["top-k", "all"],
         default="top-k",
-        help="with --top-k and --label-rule main, where v_MC of y′_k ∝ v_k − v_MC + γ is the minimum: "
-        "top-k (default) over the K classes, i.e. the formula restricted to them: the K-th class gets "
-        "only γ/D, so ε_y goes to K−1 classes; all: over every non-true class (the most confusing "
-        "one, outside the K): all K classes share, and ε_y is larger, about twice on CIFAR-100 (it "
-        "tends to 1/(1 + β/K) as the K shares even out). The supplement does not say which; the "
-        "authors' code has no R-MC-LA9",
+        help="with --top-k and --label-rule main, where v_MC of y′_k ∝ v_k − v_MC + γ is the "
+        "minimum: top-k (default) over the K classes, i.e. the formula restricted to them: the "
+        "K-th class gets only γ/D, so ε_y goes to K−1 classes; all: over every non-true class "
+        "(the most confusing one, outside the K): all K classes share, and ε_y is larger, about "
+        "twice on CIFAR-100 (it tends to 1/(1 + β/K) as the K shares even out). The supplement "
+        "does not say which; the authors' code has no R-MC-LA9",
     )
     p.add_argument(
         "--label-rule",
@@ -115,32 +115,18 @@ def get_args(argv=None):
         type=flags.pos_int,
         nargs="*",
         default=None,
-        help="epochs after which the lr is multiplied by 0.1, each under --epochs (none: a constant lr)",
+        help="epochs after which the lr is multiplied by 0.1, each below --epochs "
+        "(--milestones alone: a constant lr)",
     )
     p.add_argument(
         "--optimizer", choices=["sgd", "adam"], default=None, help="sgd with momentum 0.9, or adam"
     )
     args = flags.parse_args(p, RECIPES, argv, script="rmcla", eps_relative=("alpha",))
-    late = [m for m in args.milestones if m >= args.epochs]
-    if late:
-        # MultiStepLR steps once per epoch: a milestone m ≥ --epochs would act after the last epoch, i.e. never.
-        if p.parse_args(argv).milestones is None:  # the recipe's, for its own number of epochs
-            fit = sorted(
-                {m for m in (args.epochs // 2, 3 * args.epochs // 4) if 0 < m < args.epochs}
-            )
-            p.error(
-                f"--epochs {args.epochs}: the recipe's --milestones {' '.join(map(str, args.milestones))} are at "
-                f"or past it and would never take effect; pass --milestones for this run, in epochs ("
-                + (f"e.g. --milestones {' '.join(map(str, fit))}; " if fit else "")
-                + "--milestones alone: a constant lr)"
-            )
-        p.error(
-            f"--milestones {' '.join(map(str, late))}: at or past --epochs {args.epochs}, never takes effect "
-            f"(milestones are epochs after which the lr is multiplied by 0.1)"
-        )
+    flags.milestones(args, p, argv, fractions=(0.5, 0.75))  # the code's drops: 100 and 150 of 200
     if args.vmc_over == "all" and (args.top_k is None or args.label_rule != "main"):
         p.error(
-            "--vmc-over all: only with --top-k and --label-rule main (elsewhere the label is the same either way)"
+            "--vmc-over all: only with --top-k and --label-rule main (elsewhere the label is the "
+            "same either way)"
         )
     return args
 
@@ -161,18 +147,16 @@ def adversarial_label(logits, y, beta, gamma, top_k=None, rule="main", vmc_over=
     v_MC of the most confusing class over all non-true classes (the supplement calls the subtracted minimum the MC
     class's), which lies outside the set, so all K classes get a share, w is flatter and ε_y larger (about twice on
     CIFAR-100). Same v_LL, and D = Σ_set v_k − K(v_MC − γ), in both."""
-    v = -F.log_softmax(
-        logits.float(), 1
-    )  # exact −log p (the code adds 1e-8 inside the log instead)
+    # exact −log p (the code adds 1e-8 inside the log instead)
+    v = -F.log_softmax(logits.float(), 1)
     true = F.one_hot(y, logits.shape[1]).bool()
     share = ~true
     if top_k is not None:
         top = v.masked_fill(true, float("-inf")).topk(top_k, 1).indices
         share = torch.zeros_like(true).scatter_(1, top, True)
     if rule == "main":
-        pool = (
-            share if vmc_over == "top-k" else ~true
-        )  # where v_MC is the minimum (see vmc_over above)
+        # where v_MC is the minimum (see vmc_over above)
+        pool = share if vmc_over == "top-k" else ~true
         v_mc = v.masked_fill(~pool, float("inf")).amin(1, keepdim=True)
         w = (v - v_mc + gamma) * share
     else:
@@ -200,20 +184,17 @@ def rmcla_loss(
     eval mode gives the most confusing class y_MC and the adversarial label y′ (adversarial_label, above: copy it
     along); a random start and one step towards y_MC give x_adv; the loss is the soft-label CE of f(x_adv) against y′.
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model). The clean pass
-        and the attack run it in eval mode (its BatchNorm statistics are not moved by them, as the code's
-        is_train False), the loss pass in train mode (BatchNorm normalises with, and its running statistics take
-        in, x_adv's batch: the method's one training pass); it is handed back in the mode it was found in.
+    x: images N×C×H×W in [0, 1] (normalise inside the model: a range check raises otherwise); y: labels N, int64;
+    ε and steps in [0, 1] units; autocast: None (fp32) or torch.autocast's dtype (fp16: the loss is scaled by 2^10).
+    model: the clean pass and the attack run it in eval mode (its BatchNorm statistics are not moved by them, as
+        the code's is_train False), the loss pass in train mode (BatchNorm normalises with, and its running
+        statistics take in, x_adv's batch: the method's one training pass); it is handed back in the mode it was
+        found in.
     attack_model: the same network as the clean pass and the attack run it (default: model); they need input
         gradients only (the script passes a view whose parameters do not require gradients during its forward).
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the size of the targeted step (ε in the code) in [0, 1] units.
+    eps, alpha: ε and the size of the targeted step (ε in the code).
     beta, gamma, top_k, rule, vmc_over: the label's parameters (adversarial_label); top_k at most C − 1.
-    autocast: None (fp32, default) or the dtype of torch.autocast for the three passes (torch.bfloat16 or
-        torch.float16; under float16 the attack's loss is scaled by 2^10 before its input gradient so that it does
-        not underflow, which leaves its sign unchanged). The label and the loss are computed in fp32.
+    autocast applies to the three passes; the label and the loss are computed in fp32.
     Returns (loss, logits): the scalar soft-label CE at x_adv in the autograd graph of the weights (its backward is
     the weight step), and f(x_adv), N×C."""
     torch._assert_async(
@@ -239,7 +220,9 @@ def rmcla_loss(
         # MC: one targeted step, *down* the CE of y_MC, then projected onto the ε-ball and [0, 1].
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss = F.cross_entropy(attack_model(x + delta), y_mc)
-        (grad,) = torch.autograd.grad(loss * (1024.0 if autocast == torch.float16 else 1.0), delta)
+        # fp16 only: the loss ×2^10 keeps its input gradient from underflowing (its sign is unchanged).
+        scale = 1024.0 if autocast == torch.float16 else 1.0
+        (grad,) = torch.autograd.grad(loss * scale, delta)
         delta = (delta.detach() - alpha * grad.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0, 1)
         # The weight step's loss: soft-label CE at x_adv only (no clean term), BN in train mode.
@@ -264,7 +247,10 @@ def main(argv=None):
     model = common.get_model(args, data)
     run = harness.Run(args, data)
     attack_model, train_model = run.models(model)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    if note := flags.milestones(args):
+        common.log(note)
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     if args.optimizer == "sgd":
         # The code's wd is a loss term on conv/fc weights only; SGD's weight_decay also reaches BN and biases.
         opt = torch.optim.SGD(
@@ -272,9 +258,8 @@ def main(argv=None):
         )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, args.milestones, 0.1
-    )  # milestones in epochs, as the code's
+    # milestones in epochs, as the code's
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, 0.1)
     checkpoint = dict(model=model, opt=opt, sched=sched)
     start = run.resume(checkpoint) if args.resume else 0
 

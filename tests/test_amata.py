@@ -6,7 +6,7 @@ DECISIONS.md, 'Amata K_t end points') for both recipes, its copyable core (the i
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 
 import amata
 import common
@@ -201,15 +201,21 @@ def test_arguments():
         (["--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
         (["--alpha", "2"], "α_t = τ/K_t"),
         (["--tau", "0"], "--tau"),
+        # τ is in /255 units: 0.4 (MNIST's τ in [0, 1] units) is refused with the value to write
+        (["--tau", "0.4"], "write --tau 102"),
         (["--k-min", "0"], "--k-min"),
         # a milestone at or after the last epoch never lowers the lr during training: given, or the recipe's (75 90)
         # under a shorter --epochs
-        (["--epochs", "2", "--milestones", "2", "2"], "--milestones: 2 is not below --epochs 2"),
+        (
+            ["--epochs", "2", "--milestones", "2", "2"],
+            "--milestones 2 2: 2 is not below --epochs 2",
+        ),
         (
             ["--epochs", "80"],
-            "the recipe's milestones 75 90: 90 is not below --epochs 80, "
-            "so the lr would never drop",
+            "the recipe's milestones 75 90: 90 is not below --epochs 80, so the lr would",
         ),
+        # the error suggests the recipe's drops (75% and 90% of the run) for this run
+        (["--epochs", "80"], "e.g. --milestones 60 72;"),
         (
             ["--dataset", "mnist", "--epochs", "10"],
             "the recipe's milestones 50 55: 50 is not below --epochs 10",
@@ -266,9 +272,9 @@ def test_main_attacks_in_train_mode_and_drops_the_lr_at_each_milestone(
     last epoch trains at lr × 0.01)."""
     calls, real = [], amata.amata_delta
 
-    def recording(model, x, y, eps, step, steps, *a, **kw):
-        calls.append((type(model), model.training, steps, step, kw.get("autocast", a[-1])))
-        return real(model, x, y, eps, step, steps, *a, **kw)
+    def recording(model, x, y, eps, alpha_t, k_t, *a, **kw):
+        calls.append((type(model), model.training, k_t, alpha_t, kw.get("autocast", a[-1])))
+        return real(model, x, y, eps, alpha_t, k_t, *a, **kw)
 
     monkeypatch.setattr(amata, "amata_delta", recording)
     out = str(tmp_path / "run")
@@ -322,3 +328,21 @@ def test_end_to_end_logs_k_and_alpha_and_resumes(cifar_dir, tmp_path):
 def test_tau_follows_epsilon():
     assert amata.get_args(["--epsilon", "16"]).tau == 40  # τ = 2.5ε: PGD-10 at ε 16 steps 4/255
     assert amata.get_args(["--epsilon", "16", "--tau", "20"]).tau == 20
+
+
+def test_milestones_on_one_epoch_drop_the_lr_at_once_and_say_so(tmp_path, no_checksum):
+    """A run too short to space its milestones (--milestones 1 1 in 2 epochs): MultiStepLR applies both drops after
+    epoch 1 (×0.01), and the log says so in one line (129 images in batches of 128: one step per epoch)."""
+    write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
+    out = tmp_path / "run"
+    short = dict(batch_size=128, k_min=1, k_max=1, tau=4, monitor_size=8, eval_samples=8)
+    amata.main(
+        small_args(str(tmp_path / "d"), str(out), eval_iters=1, eval_cw_iters=0, **short)
+        + ["--milestones", "1", "1"]
+    )
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.05, 0.0005])
+    notes = [line for line in (out / "log.txt").read_text().splitlines() if "at once" in line]
+    assert notes == [
+        "# milestones 1 1: lr drops at once, 2 after epoch 1 (×0.1 each); the run is too short "
+        "to space them"
+    ]

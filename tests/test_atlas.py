@@ -1,6 +1,7 @@
 """atlas.py: its copyable core (the weak attack and the loss of eq. (14) of the ICLR 2021 submission, OpenReview
 k9GoaycDeio) against a hand computation, the Jacobian estimate, the ε ramp, App. B's validation scheduler, the flags
-it refuses, and the script end to end (in-process; resume equality by subprocess, tiny CIFAR-10, small WRN)."""
+it refuses, and the script end to end (in-process; resume equality by subprocess, tiny CIFAR-10, small WRN; its
+validation under torchrun)."""
 
 import math
 import os
@@ -14,6 +15,7 @@ from torch.func import jacrev, vmap
 
 import atlas
 import common
+import evaluate
 import evaluation
 
 
@@ -346,6 +348,8 @@ def test_recipes():
         # a run that never trains at full ε: the default 15-epoch ramp against 15 epochs or fewer
         (["--epochs", "15"], "--epochs 15 is not longer than --ramp-epochs 15"),
         (["--epochs", "3", "--ramp-epochs", "3.5"], "give a shorter --ramp-epochs"),
+        # /255 units, as ε: the paper's 0.007 is refused with the value to write
+        (["--val-step", "0.007"], "write --val-step 1.785"),
     ],
 )
 def test_flags_that_would_mislead_are_refused_at_parse_time(argv, message, capsys):
@@ -473,3 +477,38 @@ def test_steps_follow_epsilon():
     a = atlas.get_args(["--epsilon", "16"])
     assert a.alpha == 20 and abs(a.val_step - 2 * 1.785) < 1e-9
     assert atlas.get_args(["--epsilon", "16", "--val-step", "2"]).val_step == 2
+
+
+def test_validation_under_two_processes_is_one_models_accuracy_on_the_whole_set(
+    cifar_dir, tmp_path, monkeypatch, no_checksum
+):
+    """Under torchrun App. B's validation accuracy is one model's (the first process's BatchNorm statistics, saved
+    as model_last.pt) on the whole held-out set, what one process computes, and each process attacks its share of
+    the 33 images (16 and 17), not all of them. At ε 1/255 the PGD accuracy is near the clean one, neither 0 nor 1."""
+    from test_fgsm_rs import run_plan_under_torchrun, zero_start_pgd
+
+    out = tmp_path / "atlas"
+    argv = small_args(
+        cifar_dir, str(out), epochs=1, epsilon=1, ramp_epochs=0, val_size=33, val_iters=2
+    )
+    # each process writes the sizes of the image sets it runs PGD-2 on (the validation's: --val-iters 2)
+    spy = (
+        "pgd_correct = evaluation.pgd_correct\n"
+        "def spy(model, x, y, eps, step, iters, *a, **k):\n"
+        "    if iters == 2:\n"
+        f"        with open(os.path.join({str(tmp_path)!r}, f'rank{{common.rank()}}'), 'a') as f:\n"
+        "            f.write(f'{len(y)} ')\n"
+        "    return pgd_correct(model, x, y, eps, step, iters, *a, **k)\n"
+        "evaluation.pgd_correct = spy\n"
+    )
+    assert run_plan_under_torchrun([["atlas.py", argv]], tmp_path, spy) == [0]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["16 ", "17 "]
+    res = load_results(out)
+    model, _ = evaluate.load_model(str(out / "model_last.pt"))
+    args = atlas.get_args(argv)
+    data = common.get_data(args)
+    zero_start_pgd(monkeypatch)  # as in the two processes
+    x, y = data.val.images, data.val.labels
+    correct = evaluation.pgd_correct(model, x, y, 1 / 255, args.val_step / 255, 2).sum().item()
+    assert res["processes"] == 2 and len(y) == 33 and 0 < correct < 33
+    assert res["epochs"][0]["val_acc"] * 33 == pytest.approx(correct)

@@ -1,5 +1,7 @@
-"""fgsm_rs.py: its copyable core, the guard, the schedules, and the script end to end (subprocess, tiny CIFAR-10)."""
+"""fgsm_rs.py: its copyable core, the guard, the schedules, and the script end to end (subprocess, tiny CIFAR-10),
+also under torchrun (two CPU processes)."""
 
+import json
 import os
 
 import pytest
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from conftest import (
     check_outputs,
     check_resume,
+    comparable,
     copy_of,
     load_results,
     run_script,
@@ -15,9 +18,11 @@ from conftest import (
     write_cifar,
 )
 
+import common
 import evaluate
 import evaluation
 import fgsm_rs
+import imagenet
 
 
 def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
@@ -134,7 +139,9 @@ def test_the_early_stop_guard_steps_by_a_quarter_of_epsilon(
     assert steps == [(epsilon / 255, epsilon / 255 / 4)]
 
 
-@pytest.mark.parametrize("flags", [{}, {"optimizer": "adam"}])
+@pytest.mark.parametrize(
+    "flags", [{}, {"optimizer": "adam"}, {"optimizer": "adam", "lr_schedule": "piecewise"}]
+)
 def test_the_lr_schedule_completes_when_the_loader_drops_a_lone_sample(
     tmp_path, no_checksum, flags
 ):
@@ -155,3 +162,138 @@ def test_the_lr_schedule_completes_when_the_loader_drops_a_lone_sample(
     )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[-1] == 0 and max(lrs) > 0
+
+
+def test_each_recipe_names_its_lr_schedule():
+    """ImageNet's schedule is chosen by --lr-schedule imagenet (the ImageNet recipe's), as in the other scripts."""
+    assert (fgsm_rs.get_args([]).lr_schedule, fgsm_rs.get_args([]).optimizer) == ("cyclic", "sgd")
+    mnist = fgsm_rs.get_args(["--dataset", "mnist"])
+    assert (mnist.lr_schedule, mnist.optimizer) == ("piecewise", "adam")
+    assert fgsm_rs.get_args(["--dataset", "imagenet"]).lr_schedule == "imagenet"
+
+
+def test_lr_schedule_imagenet_is_wongs_schedule_without_decay_on_batchnorm(
+    cifar_dir, tmp_path, no_checksum
+):
+    out = str(tmp_path / "run")
+    fgsm_rs.main(small_args(cifar_dir, out, lr_schedule="imagenet", eval_iters=1))
+    opt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]["opt"]
+    decayed, not_decayed = opt["param_groups"]
+    model, _ = evaluate.load_model(os.path.join(out, "model_last.pt"))
+    batchnorm = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(not_decayed["params"]) == 2 * len(batchnorm) > 0  # their weights and biases
+    assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (5e-4, 0.0)
+    # the lr of imagenet.imagenet_lr after the run's 2 × 8 iterations, set every iteration
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    loader = type("Loader", (), {"batches": lambda self, e: 8})()
+    sched = imagenet.imagenet_lr(probe, loader, 2)
+    lrs = []
+    for _ in range(2):
+        for _ in range(8):
+            probe.step()
+            sched.step()
+        lrs.append(probe.param_groups[0]["lr"])
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx(lrs)
+
+
+# A launcher for torchrun (through tests/_launch.py): the scripts of a plan in turn, PGD from a zero start (the
+# attack is then the same in every process and in the test's own evaluation), and Ctrl-C right after epoch 1 of the
+# runs whose --out-dir is named "part".
+LAUNCHER = """
+import json, os, runpy, sys
+import torch.distributed
+import common, evaluation, harness
+attack_pgd = evaluation.attack_pgd
+evaluation.attack_pgd = lambda *a, **k: attack_pgd(*a, **{**k, "rand_init": False})
+end_epoch = harness.Run.end_epoch
+def end_epoch_then_interrupt(run, epoch, *a, **k):
+    end_epoch(run, epoch, *a, **k)
+    if epoch == 0 and os.path.basename(run.args.out_dir) == "part":
+        raise KeyboardInterrupt
+harness.Run.end_epoch = end_epoch_then_interrupt
+plan_file = sys.argv[1]
+codes = []
+for script, args in json.load(open(plan_file)):
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(os.path.join(os.path.dirname(common.__file__), script), run_name="__main__")
+        codes.append(0)
+    except SystemExit as err:
+        codes.append(err.code)
+    if common.world() > 1:  # as when the processes end: the first one's files are written
+        torch.distributed.barrier()
+if common.rank() == 0:
+    json.dump(codes, open(plan_file + ".out", "w"))
+"""
+
+
+def run_plan_under_torchrun(plan, folder, setup=""):
+    """Each [script, args] of `plan` in turn in two torchrun processes (one start); returns the exit codes. setup:
+    code the launcher runs first (after its imports: json, os, runpy, sys, torch.distributed, common, harness)."""
+    from test_distributed import torchrun
+
+    launcher = folder / "launcher.py"
+    launcher.write_text(
+        LAUNCHER.replace(
+            "import common, evaluation, harness\n", f"import common, evaluation, harness\n{setup}\n"
+        )
+    )
+    with open(folder / "plan.json", "w") as f:
+        json.dump(plan, f)
+    torchrun([str(launcher), str(folder / "plan.json")])
+    with open(folder / "plan.json.out") as f:
+        return json.load(f)
+
+
+def zero_start_pgd(monkeypatch):
+    """PGD from a zero start in this process, as the launcher makes it in the torchrun processes."""
+    pgd = evaluation.attack_pgd
+    monkeypatch.setattr(
+        evaluation, "attack_pgd", lambda *a, **k: pgd(*a, **{**k, "rand_init": False})
+    )
+
+
+@pytest.fixture(scope="module")
+def two_processes(cifar_dir, tmp_path_factory):
+    """In one torchrun start of two processes: --delta-init previous for 2 epochs, uninterrupted and interrupted
+    after epoch 1 then resumed; --early-stop for one epoch in batches of 65 (parts of 32 and 33 images), at ε 1/255
+    (its PGD-5 accuracy is then near the clean one, neither 0 nor 1)."""
+    root = tmp_path_factory.mktemp("fgsm_rs_two")
+    guard = small_args(
+        cifar_dir, str(root / "guard"), epochs=1, early_stop=True, batch_size=65, epsilon=1
+    )
+    plan = [
+        ["fgsm_rs.py", small_args(cifar_dir, str(root / "full"), delta_init="previous")],
+        ["fgsm_rs.py", small_args(cifar_dir, str(root / "part"), delta_init="previous")],
+        ["fgsm_rs.py", ["--resume", "--out-dir", str(root / "part")]],
+        ["fgsm_rs.py", guard],
+    ]
+    assert run_plan_under_torchrun(plan, root) == [0, 130, 0, 0]
+    return root, guard
+
+
+def test_previous_delta_resumes_exactly_under_two_processes(two_processes):
+    """Each process chains its own part of the batches' δ: the checkpoint keeps every process's, and the resumed
+    run ends with the numbers of the uninterrupted one."""
+    root, _ = two_processes
+    full, part = load_results(root / "full"), load_results(root / "part")
+    assert full["processes"] == 2 and full["args"]["delta_init"] == "previous"
+    assert comparable(full) == comparable(part)
+
+
+def test_the_guard_accuracy_of_two_processes_is_the_whole_first_batchs(
+    two_processes, monkeypatch, no_checksum
+):
+    """The guard's PGD-5 accuracy under torchrun: one model (the first process's BatchNorm statistics, saved as
+    model_last.pt) on that epoch's whole first batch, of which each process holds a part."""
+    root, guard = two_processes
+    res = load_results(root / "guard")
+    model, _ = evaluate.load_model(str(root / "guard" / "model_last.pt"))
+    data = common.get_data(fgsm_rs.get_args(guard))
+    x, y, _ = next(iter(data.train.epoch(0)))  # one process: the whole batch
+    zero_start_pgd(monkeypatch)
+    eps = 1 / 255
+    correct = evaluation.pgd_correct(model, x, y, eps, eps / 4, 5).sum().item()
+    # a count that neither the mean of the two parts' accuracies nor another model's would give
+    assert len(y) == 65 and res["processes"] == 2 and 0 < correct < 65
+    assert res["epochs"][0]["es_acc"] * 65 == pytest.approx(correct)

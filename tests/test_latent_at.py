@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 
 import common
+import imagenet
 import latent_at
 
 EXPECTED_LAYERS = {
@@ -352,3 +353,31 @@ def test_mnist_recipe_trains_its_cnn_in_fp32(mnist_dir, tmp_path, monkeypatch):
     # --epsilon alone keeps α = 0.9ε and η = ε
     args = latent_at.get_args(["--dataset", "mnist", "--epsilon", "51"])
     assert args.alpha == pytest.approx(0.9 * 51) and args.eta == pytest.approx(51)
+
+
+def test_lr_schedule_imagenet_is_the_imagenet_recipes_and_works_on_any_data(tmp_path, no_checksum):
+    """ImageNet's schedule is chosen by --lr-schedule imagenet (its recipe sets it), as in the other scripts."""
+    assert latent_at.get_args([]).lr_schedule == "cyclic"
+    assert latent_at.get_args(["--dataset", "mnist"]).lr_schedule == "cyclic"
+    assert latent_at.get_args(["--dataset", "imagenet"]).lr_schedule == "imagenet"
+    write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
+    out = str(tmp_path / "run")
+    small = dict(batch_size=128, monitor_size=8, eval_samples=8, eval_cw_iters=0, eval_iters=1)
+    latent_at.main(small_args(str(tmp_path / "d"), out, lr_schedule="imagenet", **small))
+    # one step per epoch; imagenet.imagenet_lr's lr after each
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = imagenet.imagenet_lr(probe, type("Loader", (), {"batches": lambda self, e: 1})(), 2)
+    lrs = []
+    for _ in range(2):
+        probe.step()
+        sched.step()
+        lrs.append(probe.param_groups[0]["lr"])
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx(lrs) and lrs[0] > 0
+
+
+def test_eta_is_checked_as_a_255_unit(capsys):
+    """--eta is in /255 units like ε: a [0, 1] value is refused with the value to write; 0 (no latent step) is not."""
+    assert latent_at.get_args(["--eta", "0"]).eta == 0
+    with pytest.raises(SystemExit) as err:
+        latent_at.get_args(["--eta", "0.5"])
+    assert err.value.code == 2 and "write --eta 127.5" in capsys.readouterr().err

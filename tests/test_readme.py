@@ -16,19 +16,20 @@ def _readme():
         return f.read()
 
 
-def test_the_copy_a_method_example_trains(tmp_path):
+def test_the_copy_a_method_example_trains_and_evaluates(tmp_path, capsys):
     section = _readme().split("## Copy a method into your project")[1].split("\n## ")[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     rng = np.random.default_rng(0)
-    for c in range(3):  # a tiny image folder of 32×32 colour images, 8 per class
-        os.makedirs(tmp_path / "train" / f"c{c}")
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "train" / f"c{c}" / f"{i}.png"
-            )
+    for split, n in (("train", 8), ("test", 4)):  # a tiny image folder of 32×32 colour images
+        for c in range(3):
+            os.makedirs(tmp_path / split / f"c{c}")
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / split / f"c{c}" / f"{i}.png"
+                )
     for old, new in (
         ("DATA_DIR", str(tmp_path)),
-        ("EPOCHS = 15", "EPOCHS = 1"),
+        ("EPOCHS = 15", "EPOCHS = 2"),
         ("batch_size=128", "batch_size=8"),
         ("num_workers=2", "num_workers=0"),
     ):
@@ -36,7 +37,15 @@ def test_the_copy_a_method_example_trains(tmp_path):
         code = code.replace(old, new)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["sched"].last_epoch == 3 and np.isfinite(namespace["loss"].item())
+    assert namespace["sched"].last_epoch == 6 and np.isfinite(namespace["loss"].item())
+    # one line per epoch with its mean training loss, then the PGD-10 accuracy of the 12 test images
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "PGD-10 accuracy"]
+    losses = [float(line.split()[-1]) for line in lines[:2]]
+    assert all(np.isfinite(losses)) and namespace["correct"] == round(
+        float(lines[2].split()[-1].rstrip("%")) / 100 * 12
+    )
+    assert 0 <= namespace["correct"] <= len(namespace["test"]) == 12
 
 
 def test_the_table_of_copyable_functions_names_real_signatures():

@@ -247,9 +247,14 @@ def test_milestones_at_or_past_the_end_are_refused(capsys):
         ["--dataset", "mnist"]
     ).milestones == [5, 8]
     for argv, words in (
-        (["--epochs", "8", "--milestones", "4", "8"], "--milestones 8"),
-        (["--epochs", "8"], "pass --milestones"),
-        (["--dataset", "mnist", "--epochs", "6"], "pass --milestones"),
+        (
+            ["--epochs", "8", "--milestones", "4", "8"],
+            "--milestones 4 8: 8 is not below --epochs 8",
+        ),
+        # the recipe's, with the code's drops (at 1/2 and 3/4 of the run) suggested for this run
+        (["--epochs", "8"], "the recipe's milestones 100 150: 100 is not below --epochs 8"),
+        (["--epochs", "8"], "e.g. --milestones 4 6;"),
+        (["--dataset", "mnist", "--epochs", "6"], "pass --milestones below 6"),
     ):
         with pytest.raises(SystemExit) as e:
             rmcla.get_args(argv)
@@ -325,14 +330,18 @@ def test_mnist_recipe_runs(mnist_dir, tmp_path):
     assert math.isfinite(res["epochs"][0]["loss"])
 
 
-def test_the_lr_steps_when_the_loader_drops_a_lone_sample(tmp_path, no_checksum):
-    """129 images in batches of 128 (one step per epoch): after both milestones the lr is lr × 0.01."""
+@pytest.mark.parametrize(
+    "milestones, lrs", [(["1", "2"], [0.1, 0.01, 0.001]), (["2", "2"], [0.1, 0.1, 0.001])]
+)
+def test_the_lr_steps_when_the_loader_drops_a_lone_sample(tmp_path, no_checksum, milestones, lrs):
+    """129 images in batches of 128 (one step per epoch): after both milestones the lr is lr × 0.01. Two milestones
+    on one epoch (a run too short to space them) drop it at once, and the log says so in one line."""
     write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
-    out = str(tmp_path / "run")
+    out = tmp_path / "run"
     rmcla.main(
         small_args(
             str(tmp_path / "d"),
-            out,
+            str(out),
             epochs=3,
             batch_size=128,
             monitor_size=8,
@@ -340,6 +349,14 @@ def test_the_lr_steps_when_the_loader_drops_a_lone_sample(tmp_path, no_checksum)
             eval_iters=1,
             eval_cw_iters=0,
         )
-        + ["--milestones", "1", "2"]
+        + ["--milestones", *milestones]
     )
-    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.1, 0.01, 0.001])
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx(lrs)
+    notes = [line for line in (out / "log.txt").read_text().splitlines() if "at once" in line]
+    if milestones[0] == milestones[1]:
+        assert notes == [
+            "# milestones 2 2: lr drops at once, 2 after epoch 2 (×0.1 each); the run is too "
+            "short to space them"
+        ]
+    else:
+        assert notes == []
