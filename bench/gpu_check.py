@@ -56,6 +56,10 @@ SCRIPTS = [
     ("las_at", [], 120),
     ("latent_at", [], 90),
     ("rmcla", ["--milestones"], 90),
+    ("free_at", [], 90),
+    ("grad_align", [], 120),
+    ("fgsm_ckpt", ["--milestones"], 90),
+    ("n_fgsm", [], 90),
 ]
 LAS_AT_BATCH = 128  # las_at.py's recipe batch size
 RESUME_LIMIT = 180

@@ -65,11 +65,15 @@ import flags  # noqa: E402
 PLAN = (
     ("plain", *paper_figures.VARIANTS["plain"][:2]),
     ("fgsm_rs", "fgsm_rs", ()),
+    ("n_fgsm", "n_fgsm", ()),
     ("latent_at", "latent_at", ()),
     ("fgsm_mep", "fgsm_mep", ()),
+    ("fgsm_ckpt", "fgsm_ckpt", ()),
     ("fgsm_sdi", "fgsm_sdi", ()),
     ("rmcla", "rmcla", ()),
+    ("grad_align", "grad_align", ()),
     ("atlas", "atlas", ()),
+    ("free_at", "free_at", ()),
     ("amata", "amata", ()),
     ("pgd10", *paper_figures.VARIANTS["pgd10"][:2]),
     ("las_at", "las_at", ()),
@@ -126,11 +130,14 @@ def run_flags(args, name, script, flags):
         return words, None
     epochs = shrink(recipe["epochs"], factor)
     words += ["--epochs", str(epochs)]
-    if "milestones" in recipe:  # amata.py, rmcla.py: milestones in epochs
+    if "milestones" in recipe:  # amata, rmcla, fgsm_ckpt, free_at: milestones in epochs
         shrunk = fit_milestones([shrink(m, factor) for m in recipe["milestones"]], epochs)
         words += ["--milestones", *map(str, shrunk)]
-    if "ramp_epochs" in recipe:  # atlas.py: ε ramp in epochs (a float)
-        words += ["--ramp-epochs", report.number(round(recipe["ramp_epochs"] / factor, 6))]
+    # ramps in epochs (floats): ATLAS's and N-FGSM's ε ramp, GradAlign's step ramp (SVHN)
+    for key in ("ramp_epochs", "alpha_ramp_epochs"):
+        if key in recipe:
+            ramp = report.number(round(recipe[key] / factor, 6))
+            words += [f"--{key.replace('_', '-')}", ramp]
     return words, factor
 
 

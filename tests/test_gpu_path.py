@@ -13,6 +13,7 @@ import common
 import harness
 
 SCRIPTS = ["fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"]
+SCRIPTS += ["free_at", "grad_align", "fgsm_ckpt", "n_fgsm"]
 # Small attacks: bf16 runs slowly on a CPU without bf16 units, and what is tested is the path, not the method.
 OWN_FLAGS = {
     "atlas": ["--val-size", "32", "--val-iters", "2", "--ramp-epochs", "0"],
