@@ -197,6 +197,10 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
         ],
         ["latent_at.py", flags("latent_at")],
         ["rmcla.py", flags("rmcla", "--milestones")],
+        ["free_at.py", flags("free_at", "--replays", "2")],
+        ["grad_align.py", flags("grad_align")],
+        ["fgsm_ckpt.py", flags("fgsm_ckpt", "--milestones")],
+        ["n_fgsm.py", flags("n_fgsm")],
         ["fgsm_mep.py", flags("fgsm_mep")],
     ]
     with open(tmp_path / "plan.json", "w") as f:
@@ -208,7 +212,7 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
     )
     with open(tmp_path / "plan.json.out") as f:
         codes = json.load(f)
-    assert codes == [0] * 7 + [2], proc.stderr[-3000:]
+    assert codes == [0] * 11 + [2], proc.stderr[-3000:]
     assert "fgsm_mep.py runs in one process" in proc.stderr
     for name, _ in plan[:-1]:
         res = load_results(tmp_path / name[:-3])
