@@ -172,6 +172,7 @@ def main(argv=None):
     data = common.get_data(args)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["K_t", "alpha_t"])
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     if note := flags.milestones(args):
         common.log(note)

@@ -147,8 +147,8 @@ def get_args(argv=None):
         "--stop-epochs",
         type=flags.pos_int,
         default=10,
-        help="epochs without a new best validation accuracy before training stops; counted only once "
-        "ε has reached its full value (the end of --ramp-epochs)",
+        help="epochs without a new best validation accuracy before training stops; counted only "
+        "once ε has reached its full value (the end of --ramp-epochs)",
     )
     # The multi-step variants have their own step and loss weights: pick the recipe table before filling defaults.
     # (-h is left out of this first look, so that the help shows the recipe values parse_args adds to it.)
@@ -338,6 +338,7 @@ def main(argv=None):
     model = common.get_model(args, data)
     used = [name for name, weight in (("jac", args.jac_alpha), ("kl", args.kl_beta)) if weight > 0]
     run = harness.Run(args, data, columns=["eps", "val_acc", "ce", *used])
+    # two views of one network, the same parameters: the attack's and the weight step's.
     # torch.compile has no double backward: with the Jacobian term the loss passes run eagerly (through DDP under
     # torchrun) and --compile only speeds up the attack.
     attack_model, train_model = run.models(model, double_backward=args.jac_alpha > 0)

@@ -170,6 +170,7 @@ def main(argv=None):
     data = common.get_data(args)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["at_clean", "at_full"])
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     eps, alpha, c = args.epsilon / 255, args.alpha / 255, args.checkpoints
     opt = torch.optim.SGD(

@@ -141,6 +141,7 @@ def main(argv=None):
     data = common.get_data(args)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["es_acc"] if args.early_stop else [])
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     eps = args.epsilon / 255
     alpha = args.alpha / 255

@@ -193,7 +193,9 @@ def main(argv=None):
     data = common.get_data(args)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["m", "step"])
-    _, train_model = run.models(model)  # the replays are weight steps: through DDP, compiled
+    # the weight step's view of the network (the same parameters; through DDP, compiled): every replay is
+    # one, its backward also giving δ's gradient
+    _, train_model = run.models(model)
     eps, alpha = args.epsilon / 255, args.alpha / 255
     m_min = args.replays_min or args.replays
     replays = [replays_at(t, args.epochs, m_min, args.replays) for t in range(args.epochs)]

@@ -259,6 +259,7 @@ def main(argv=None):
     model = common.get_model(args, data)
     used = ["ce", "cos"] if args.ga_lambda > 0 else []
     run = harness.Run(args, data, columns=used)
+    # two views of one network, the same parameters: the attack's and the weight step's.
     # torch.compile has no double backward: with λ > 0 the loss passes run eagerly (through DDP under torchrun), and
     # --compile only speeds up the FGSM pass at x when its gradient is a constant (not with --both-grads).
     attack_model, train_model = run.models(model, double_backward=args.ga_lambda > 0)

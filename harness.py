@@ -601,10 +601,10 @@ class Run:
             model, data.test_x, data.test_y, *attacks, data.eval_batch
         )
         cpu = self.device.type == "cpu" and dict(zip(flags.CPU_EVAL, attacks)) == flags.CPU_EVAL
+        note = flags.eval_note(args, "CPU default" if cpu else None)
         log(
             f"# evaluating {what} on {data.test_size} test images with "
-            f"{evaluation.protocol(*attacks, args.autoattack)}"
-            f"{flags.eval_note(args, 'CPU default' if cpu else None)}: {evaluation.duration(seconds)}"
+            f"{evaluation.protocol(*attacks, args.autoattack)}{note}: {evaluation.duration(seconds)}"
             + (" and AutoAttack's time" if args.autoattack else "")
         )
         return evaluation.evaluate(

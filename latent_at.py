@@ -236,6 +236,7 @@ def main(argv=None):
     model = common.get_model(args, data, dropout=args.dropout)
     latent = LatentPerturbation(model, latent_layers(args.model), args.eta / 255)
     run = harness.Run(args, data)
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     amp = None if args.model in FP32_MODELS else run.amp
     if run.amp is not None and amp is None:

@@ -138,6 +138,7 @@ def main(argv=None):
     data = common.get_data(args)
     model = common.get_model(args, data, dropout=args.dropout)
     run = harness.Run(args, data, columns=["delta_linf"])
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     alpha, k = args.alpha / 255, args.noise / 255
     opt = torch.optim.SGD(

@@ -246,6 +246,7 @@ def main(argv=None):
         )
     model = common.get_model(args, data)
     run = harness.Run(args, data)
+    # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
     if note := flags.milestones(args):
         common.log(note)
