@@ -602,11 +602,9 @@ class Run:
         )
         cpu = self.device.type == "cpu" and dict(zip(flags.CPU_EVAL, attacks)) == flags.CPU_EVAL
         note = flags.eval_note(args, "CPU default" if cpu else None)
-        log(
-            f"# evaluating {what} on {data.test_size} test images with "
-            f"{evaluation.protocol(*attacks, args.autoattack)}{note}: {evaluation.duration(seconds)}"
-            + (" and AutoAttack's time" if args.autoattack else "")
-        )
+        attacks_run = evaluation.protocol(*attacks, args.autoattack)
+        took = evaluation.duration(seconds) + (" and AutoAttack's time" if args.autoattack else "")
+        log(f"# evaluating {what} on {data.test_size} test images with {attacks_run}{note}: {took}")
         return evaluation.evaluate(
             model, data.test_x, data.test_y, args.epsilon / 255, *attacks, args.autoattack,
             data.num_classes, data.eval_batch, dataset=args.dataset, progress=args.progress_every,
