@@ -172,7 +172,8 @@ def main(argv=None):
     run = harness.Run(args, data, columns=["at_clean", "at_full"])
     # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
-    eps, alpha, c = args.epsilon / 255, args.alpha / 255, args.checkpoints
+    eps, alpha = args.epsilon / 255, args.alpha / 255
+    c = args.checkpoints
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )

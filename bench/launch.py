@@ -275,6 +275,9 @@ def comparable(res):
 
 
 def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     code = 0  # also when --profile ends the run after its window
     with contextlib.ExitStack() as stack:
         while argv and argv[0] in PATCHES:
