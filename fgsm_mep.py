@@ -34,9 +34,12 @@ than 5% of the training time, so an interrupted run resumes, exactly, from the l
 a few epochs back.
 """
 
+import contextlib
+import functools
 import os
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import common
@@ -190,11 +193,11 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
     12) and, kept, the logits of the regulariser (line 16): that is the "one extra forward" of the method's cost.
 
     model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it runs the
-        forward at x + δ_pgi in the mode it is in (train mode in the code) and that pass's graph is backpropagated
-        twice (the input gradient now, the weight step later), so it must be an eager module: a torch.compile'd
-        backward frees its saved buffers after the first backward.
+        forward at x + δ_pgi in the mode it is in (train mode in the code). With lam > 0 that pass's graph is
+        backpropagated twice (the input gradient now, the weight step later): a torch.compile'd model must then be
+        compiled without donated buffers (torch._functorch.config.donated_buffer = False, as main() does).
     adv_model: the module for the forward at x + δ_adv, the same network (default: model), e.g. its
-        torch.compile'd view; that pass is backpropagated once.
+        torch.compile'd view when model is an input-gradient view (lam = 0); that pass is backpropagated once.
     x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
         a RuntimeError on the CPU, a device-side assert on CUDA);
     y: labels N, int64.
@@ -241,11 +244,18 @@ def main(argv=None):
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["reg"])
     attack_model, train_model = run.models(model)
-    # The forward at x + δ_pgi keeps its graph for the regulariser's backward (line 16), a second backward that a
-    # torch.compile'd module cannot run (its first backward frees the saved buffers): with --compile it runs on the
-    # eager model, as atlas.py's double backward does, and only the forward at x + δ_adv is compiled. Without the
-    # regulariser it is an input-gradient pass like any attack's.
-    prior_model = model if args.lam > 0 else attack_model
+    # With the regulariser the forward at x + δ_pgi keeps its graph for line 16's weight step: it runs on the
+    # weight step's network (compiled with --compile). Not on the eager model: the compiled forward at x + δ_adv
+    # writes BatchNorm's running statistics in place with a version bump, and the eager pass's backward, which
+    # saved them, would refuse to run. Without the regulariser it is an input-gradient pass like any attack's.
+    prior_model = train_model if args.lam > 0 else attack_model
+    # A compiled backward runs twice (retain_graph for line 12) only if its graph was compiled without donated
+    # buffers (PyTorch's own advice in the error it raises); graphs compile at their first call, under this.
+    # Compiled, line 12's backward also computes the weight gradients (then dropped): a compiled backward
+    # computes every gradient its graph was traced with.
+    keep_buffers = contextlib.nullcontext
+    if args.compile and args.lam > 0 and hasattr(functorch_config, "donated_buffer"):
+        keep_buffers = functools.partial(functorch_config.patch, donated_buffer=False)
     eps, alpha = args.epsilon / 255, args.alpha / 255
 
     if args.optimizer == "sgd":
@@ -311,18 +321,19 @@ def main(argv=None):
             # Line 11; x + δ_pgi is clamped to [0, 1] (DECISIONS.md, 'Pixel range'; the code feeds it unclamped).
             delta_pgi = (x + memory["delta"][rows]).clamp(0, 1) - x
             # Lines 12, 14, 16.
-            loss, out, delta_adv, grad = mep_loss(
-                prior_model,
-                x,
-                y,
-                delta_pgi,
-                eps,
-                alpha,
-                args.lam,
-                run.amp,
-                smoothing,
-                adv_model=train_model,
-            )
+            with keep_buffers():
+                loss, out, delta_adv, grad = mep_loss(
+                    prior_model,
+                    x,
+                    y,
+                    delta_pgi,
+                    eps,
+                    alpha,
+                    args.lam,
+                    run.amp,
+                    smoothing,
+                    adv_model=train_model,
+                )
             # Lines 13, 15 (EP, BP: δ_adv).
             update_memory(
                 memory["delta"],

@@ -1,5 +1,5 @@
-"""fgsm_mep.py: its copyable core and memory update, the momentum forms, --compile, checkpoints of the memories, and
-the script end to end with resume."""
+"""fgsm_mep.py: its copyable core and memory update, the momentum forms, checkpoints of the memories, and the script
+end to end with resume (--compile: tests/test_compile.py)."""
 
 import os
 
@@ -17,7 +17,6 @@ from conftest import (
     write_cifar,
     write_mnist,
 )
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import fgsm_mep
 import harness
@@ -319,57 +318,6 @@ def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tm
     )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.1 * 0.01)
-
-
-def test_compile_gives_the_eager_gradients(tmp_path, monkeypatch):
-    """--compile: the prior's forward keeps its graph for the regulariser's second backward, which a compiled module
-    cannot run, so it runs on the eager model; the weight step's gradients equal eager's. One step of a tiny CNN
-    (33 images, batch 32); inductor's first compile on a CPU takes about a minute, a warm cache about 10 s."""
-    write_mnist(str(tmp_path / "d"), n_train=33, n_test=2)
-    grads, models = {}, {}
-    real = fgsm_mep.mep_loss
-
-    def spy(model, *args, adv_model=None, **kwargs):
-        models.setdefault(key, (model, adv_model))
-        return real(model, *args, adv_model=adv_model, **kwargs)
-
-    monkeypatch.setattr(fgsm_mep, "mep_loss", spy)
-
-    def first_gradients(opt, *_):
-        grads.setdefault(key, [p.grad.clone() for g in opt.param_groups for p in g["params"]])
-
-    handle = register_optimizer_step_pre_hook(first_gradients)
-    try:
-        for key in ("eager", "compile"):
-            fgsm_mep.main(
-                small_args(
-                    str(tmp_path / "d"),
-                    str(tmp_path / key),
-                    epochs=1,
-                    dataset="mnist",
-                    model="mnist-cnn",
-                    batch_size=32,
-                    monitor_size=2,
-                    eval_samples=2,
-                    eval_iters=1,
-                    eval_cw_iters=0,
-                    **({"compile": True} if key == "compile" else {}),
-                )
-            )
-    finally:
-        handle.remove()
-    prior_model, adv_model = models["compile"]
-    assert not isinstance(
-        prior_model, (torch._dynamo.eval_frame.OptimizedModule, harness.InputGradOnly)
-    )
-    assert isinstance(
-        adv_model, torch._dynamo.eval_frame.OptimizedModule
-    )  # the weight step's pass is compiled
-    assert all(
-        p.requires_grad for p in prior_model.parameters()
-    )  # the regulariser reaches them through it
-    for a, b in zip(grads["eager"], grads["compile"]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def mnist_run(data_dir, out, **extra):
