@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 # schedules' own checks satisfied.
 SCRIPTS = {
     "fgsm_rs": {},
-    "fgsm_sdi": {"gen_interval": 1},
+    "fgsm_sdi": {"gen_every": 1},
     "fgsm_mep": {},
     "atlas": {"ramp_epochs": 0},
     "amata": {"milestones": True},
