@@ -5,17 +5,17 @@ Jia, Zhang, Wei, Wu, Ma, Wang, Cao, "Prior-guided adversarial initialization for
 
     python fgsm_mep.py                                  # FGSM-MEP, CIFAR-10 recipe: PreActResNet18, 110 epochs
     python fgsm_mep.py --prior epoch                    # FGSM-EP (--prior batch: FGSM-BP)
-    python fgsm_mep.py --reset-every 40 --label-smoothing 0.6   # the authors' code's extras (CIFAR-100: 10)
+    python fgsm_mep.py --reset-every 40 --true-prob 0.6 # the authors' code's extras (CIFAR-100: 10)
     python fgsm_mep.py --dataset mnist --data-dir DIR   # MNIST: Wong's CNN and MNIST recipe (our choice)
 
 Paper (ResNet18, CIFAR-10, best epoch, 73 min each): MEP 81.72% clean, 55.18% PGD-10, 54.17% PGD-50, 50.75% C&W,
 49.00% AutoAttack; BP 83.15 / 54.59 / 53.2 / 50.24 / 47.47; EP 82.75 / 54.8 / 53.27 / 49.86 / 47.94. CIFAR-100 MEP:
-58.78 / 31.88 / 31.14 / 28.06 / 25.67. Measured here: see README.md.
+58.78 / 31.88 / 31.14 / 28.06 / 25.67. Measured here: bench/RESULTS.md (every number next to its command).
 
 Algorithm 3 "FGSM-MEP" of arXiv:2207.08859 (the box with lines 1-19 as on the authors' ECCV poster, FGSM-PGI repo
 Material/Potser_1780.pdf, which we follow: we could not check the box's number against the paper's PDF), per batch
-with sample indices i
-(DECISIONS.md, 'MEP momentum form', 'MEP regulariser' and 'MEP initialisation'):
+with sample indices i (DECISIONS.md, 'MEP momentum form', 'MEP regulariser', 'MEP initialisation', 'SDI and PGI
+input normalisation'):
     δ_pgi = D^δ_i                           (first epoch: U(−ε, ε))                          lines 4, 11
     g_c = ∇_x L(f(x + δ_pgi), y)            (the box takes sign(): see update_memory)        line 12
     D^m_i = μ·D^m_i + g_c                                                                    line 13
@@ -34,9 +34,12 @@ than 5% of the training time, so an interrupted run resumes, exactly, from the l
 a few epochs back.
 """
 
+import contextlib
+import functools
 import os
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 import common
@@ -80,52 +83,56 @@ def get_args(argv=None):
     p = flags.base_parser(
         __doc__,
         lr="initial learning rate (multistep) or peak (cyclic)",
-        label_smoothing="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
-        "the rest spread evenly, on the attack's and the training loss (code: 0.6). Between 1/C (C "
-        "classes: uniform labels) and 1 (hard labels)",
+        true_prob="the authors' code's soft labels, off by default: the true class gets "
+        "probability F and every other class (1 − F)/(C − 1) (PyTorch's label_smoothing is another "
+        "parametrisation), in the attack's and the training loss (code: 0.6). 1/C < F ≤ 1 (C "
+        "classes)",
     )
     p.add_argument(
         "--prior",
         choices=["batch", "epoch", "momentum"],
         default="momentum",
-        help="where δ_pgi comes from: the previous batch's δ_adv (FGSM-BP), the sample's δ_adv of the "
-        "previous epoch (FGSM-EP), or the sample's momentum prior (FGSM-MEP)",
+        help="where δ_pgi comes from: the previous batch's δ_adv (FGSM-BP), the sample's δ_adv of "
+        "the previous epoch (FGSM-EP), or the sample's momentum prior (FGSM-MEP)",
     )
     p.add_argument(
         "--lam",
         type=flags.nonneg_float,
         default=10.0,
-        help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes, used by "
-        "every --prior (0: off). For BP and EP that is our assumption: the sources show it with "
-        "MEP only",
+        help="λ of the regulariser λ·mean((f(x+δ_adv) − f(x+δ_pgi))²) over batch × classes, used "
+        "by every --prior (0: off). For BP and EP that is our assumption: the sources show it "
+        "with MEP only",
     )
     p.add_argument(
         "--mu",
         type=flags.nonneg_float,
         default=None,
-        help=f"μ, decay of the momentum memory (--prior momentum only; default {MOMENTUM_DEFAULTS['mu']})",
+        help="μ, decay of the momentum memory (--prior momentum only; default "
+        f"{MOMENTUM_DEFAULTS['mu']})",
     )
     p.add_argument(
         "--momentum-form",
         choices=["norm", "sign"],
         default=None,
-        help="what the momentum accumulates (--prior momentum only): norm = ∇/‖∇‖₁ with one L1 norm over "
-        "the batch (the code; default); sign = sign(∇) (the algorithm box's formula, which makes MEP "
-        "equal to EP for μ < 1/2)",
+        help="what the momentum accumulates (--prior momentum only): norm = ∇/‖∇‖₁ with one L1 "
+        "norm over the batch (the code; default); sign = sign(∇) (the algorithm box's formula, "
+        "which makes MEP equal to EP for μ < 1/2)",
     )
     p.add_argument(
         "--reset-every",
         type=flags.nonneg_int,
         default=0,
-        help="the code's trick, off (0) by default: every N epochs (from the first) restart the prior "
-        "memory at random ±min(α, ε) and the momentum at zero (code: 40; CIFAR-100: 10)",
+        metavar="N",
+        help="the code's trick, off (0) by default: every N epochs (from the first) restart the "
+        "prior memory at random ±min(α, ε) and the momentum at zero (code: 40; CIFAR-100: 10)",
     )
     p.add_argument(
         "--lr-schedule",
         choices=["multistep", "cyclic", "imagenet"],
         default=None,
-        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-        "cyclic: one triangle 0 → lr → 0 over the run; imagenet: Wong et al.'s ImageNet schedule",
+        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of "
+        "110); cyclic: one triangle 0 → lr → 0 over the run; imagenet: Wong et al.'s ImageNet "
+        "schedule",
     )
     p.add_argument(
         "--optimizer",
@@ -134,21 +141,22 @@ def get_args(argv=None):
         help="sgd (momentum 0.9, CIFAR recipe) or adam (MNIST recipe)",
     )
     args = flags.parse_args(p, RECIPES, argv, script="fgsm_mep")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun
+    # WORLD_SIZE: started by torchrun.
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         p.error(
-            "fgsm_mep.py runs in one process: its per-sample memories (and BP's batch slot) would have to "
-            "follow each sample to the process that gets it next; start it without torchrun"
+            "fgsm_mep.py runs in one process: its per-sample memories (and BP's batch slot) would "
+            "have to follow each sample to the process that gets it next; start it without torchrun"
         )
     if args.dataset == "imagenet" and args.prior != "batch":
         p.error(
-            f"--prior {args.prior} keeps two memories of the training set's size (2 × 770 GB on ImageNet); "
-            f"--prior batch (FGSM-BP, what the paper ran on ImageNet) keeps one batch"
+            f"--prior {args.prior} keeps two memories of the training set's size (2 × 770 GB on "
+            f"ImageNet); --prior batch (FGSM-BP, what the paper ran on ImageNet) keeps one batch"
         )
     given = [f"--{k.replace('_', '-')}" for k in MOMENTUM_DEFAULTS if getattr(args, k) is not None]
     if args.prior != "momentum" and given:
         p.error(
-            f"{' and '.join(given)}: only --prior momentum (FGSM-MEP) has a momentum memory, not --prior "
-            f"{args.prior}"
+            f"{' and '.join(given)}: only --prior momentum (FGSM-MEP) has a momentum memory, not "
+            f"--prior {args.prior}"
         )
     if args.prior == "momentum":
         for key, value in MOMENTUM_DEFAULTS.items():
@@ -172,8 +180,8 @@ def update_memory(
         sign(μ·D^m + g_c) is always sign(g_c), line 15 then stores exactly δ_adv of line 14, and MEP is EP. The
         authors' code accumulates ∇/‖∇‖₁ instead, one L1 norm over the whole batch ("norm", the default here:
         DECISIONS.md, 'MEP momentum form'), so old directions can outvote a weak current gradient.
-    The stored prior is clamped so that x + D^δ_i is in [0, 1] for this view of the image (as the code). Returns None.
-    """
+    The stored prior is clamped so that x + D^δ_i is in [0, 1] for this view of the image (as the code; DECISIONS.md,
+    'SDI and PGI pixel-range clamps'). Returns None."""
     if momentum_memory is None:
         delta_memory[rows] = delta_adv  # EP: the next epoch's prior; BP: the next batch's
         return
@@ -189,23 +197,18 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
     as on the authors' poster; code: FGSM_MEP.py). One forward at x + δ_pgi gives the attack gradient g_c (line
     12) and, kept, the logits of the regulariser (line 16): that is the "one extra forward" of the method's cost.
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it runs the
-        forward at x + δ_pgi in the mode it is in (train mode in the code) and that pass's graph is backpropagated
-        twice (the input gradient now, the weight step later), so it must be an eager module: a torch.compile'd
-        backward frees its saved buffers after the first backward.
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, alpha: ε and α in [0, 1] units (8/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: run in the mode it is in (train mode in the code). With lam > 0 the graph of its forward at x + δ_pgi is
+        backpropagated twice (the input gradient now, the weight step later): a torch.compile'd model must then be
+        compiled without donated buffers (torch._functorch.config.donated_buffer = False, as main() does).
     adv_model: the module for the forward at x + δ_adv, the same network (default: model), e.g. its
-        torch.compile'd view; that pass is backpropagated once.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
+        torch.compile'd view when model is an input-gradient view (lam = 0); that pass is backpropagated once.
     delta_pgi: the prior, N×C×H×W with |δ| ≤ ε and x + δ in [0, 1] (no gradient of it is kept).
-    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both). lam: λ of the regulariser (code: 10;
-        0: none, and the forward at x + δ_pgi keeps no graph). smoothing: PyTorch's label_smoothing of both cross
-        entropies (the code's soft labels; 0: hard labels).
-    autocast: None (fp32, default) or the torch.autocast dtype of the forward passes (torch.bfloat16 or
-        torch.float16; under float16 the loss is multiplied by 2^10 before the input gradient so that it does not
-        underflow; the returned grad is then 2^10 times ∇, which leaves its sign and ∇/‖∇‖₁, all update_memory
-        uses, unchanged).
+    lam: λ of the regulariser (code: 10; 0: none, and the forward at x + δ_pgi keeps no graph). smoothing: PyTorch's
+        label_smoothing of both cross entropies (the code's soft labels; 0: hard labels).
+    Under float16 the returned grad is 2^10 times ∇ (the scaling below), which leaves its sign and ∇/‖∇‖₁, all
+    update_memory uses, unchanged.
     Returns (loss, logits, delta_adv, grad): the scalar loss of line 16, CE(f(x + δ_adv), y) + λ·mean over batch ×
     classes of (f(x + δ_adv) − f(x + δ_pgi))² (the code's MSELoss, in fp32), with its graph through both forward
     passes (call loss.backward() for the weight step); the logits f(x + δ_adv), N×classes; δ_adv of line 14,
@@ -213,6 +216,7 @@ def mep_loss(model, x, y, delta_pgi, eps, alpha, lam, autocast=None, smoothing=0
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
+    # fp16: the loss × 2^10 before the input gradient, so that it does not underflow.
     scale = 1024.0 if autocast == torch.float16 else 1.0
     delta_pgi = delta_pgi.detach().requires_grad_(True)
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
@@ -236,17 +240,25 @@ def main(argv=None):
     args = get_args(argv)
     harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
-    # The code's soft labels (true class TRUE_PROB, the others (1 − TRUE_PROB)/(C − 1)) as PyTorch's label_smoothing.
-    smoothing = flags.label_smoothing(args.label_smoothing, data.num_classes)
+    # The code's soft labels (true class F, the others (1 − F)/(C − 1)) as PyTorch's label_smoothing.
+    smoothing = flags.smoothing_of(args.true_prob, data.num_classes)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["reg"])
     attack_model, train_model = run.models(model)
-    # The forward at x + δ_pgi keeps its graph for the regulariser's backward (line 16), a second backward that a
-    # torch.compile'd module cannot run (its first backward frees the saved buffers): with --compile it runs on the
-    # eager model, as atlas.py's double backward does, and only the forward at x + δ_adv is compiled. Without the
-    # regulariser it is an input-gradient pass like any attack's.
-    prior_model = model if args.lam > 0 else attack_model
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    # With the regulariser the forward at x + δ_pgi keeps its graph for line 16's weight step: it runs on the
+    # weight step's network (compiled with --compile). Not on the eager model: the compiled forward at x + δ_adv
+    # writes BatchNorm's running statistics in place with a version bump, and the eager pass's backward, which
+    # saved them, would refuse to run. Without the regulariser it is an input-gradient pass like any attack's.
+    prior_model = train_model if args.lam > 0 else attack_model
+    # A compiled backward runs twice (retain_graph for line 12) only if its graph was compiled without donated
+    # buffers (PyTorch's own advice in the error it raises); graphs compile at their first call, under this.
+    # Compiled, line 12's backward also computes the weight gradients (then dropped): a compiled backward
+    # computes every gradient its graph was traced with.
+    keep_buffers = contextlib.nullcontext
+    if args.compile and args.lam > 0 and hasattr(functorch_config, "donated_buffer"):
+        keep_buffers = functools.partial(functorch_config.patch, donated_buffer=False)
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
 
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(
@@ -259,12 +271,17 @@ def main(argv=None):
         # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (imagenet.imagenet_lr).
         sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
-        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
-        # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
-        # float milestones fire only when they happen to be whole numbers.
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1
-        )
+        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs
+        # scales the milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step
+        # count, so the code's float milestones fire only when they happen to be whole numbers.
+        milestones = [round(steps * 100 / 110), round(steps * 105 / 110)]
+        if milestones[0] == milestones[1]:
+            common.log(
+                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
+                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
+                f"{args.lr * 0.1:g}; a longer run separates them"
+            )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).
         sched = torch.optim.lr_scheduler.CyclicLR(
@@ -301,28 +318,30 @@ def main(argv=None):
         model.train()
         total_loss = total_correct = total_n = total_reg = 0
         for x, y, idx in data.train.epoch(epoch):
-            rows = (
-                slice(0, len(y)) if args.prior == "batch" else idx
-            )  # the last batch may be smaller
-            if (
-                memory["delta"].shape[2:] != x.shape[2:]
-            ):  # BP at a new ImageNet phase: the crop changed
-                memory["delta"] = torch.empty_like(x).uniform_(-eps, eps)  # line 4 again
-            # Line 11; x + δ_pgi is clamped to [0, 1] (DECISIONS.md, 'Pixel range'; the code feeds it unclamped).
+            # BP's slot holds one batch; the last batch may be smaller.
+            rows = idx
+            if args.prior == "batch":
+                rows = slice(0, len(y))
+            # BP at a new ImageNet phase: the crop changed, so line 4 again.
+            if memory["delta"].shape[2:] != x.shape[2:]:
+                memory["delta"] = torch.empty_like(x).uniform_(-eps, eps)
+            # Line 11; x + δ_pgi is clamped to [0, 1] (DECISIONS.md, 'Pixel range'; the code feeds it
+            # unclamped).
             delta_pgi = (x + memory["delta"][rows]).clamp(0, 1) - x
             # Lines 12, 14, 16.
-            loss, out, delta_adv, grad = mep_loss(
-                prior_model,
-                x,
-                y,
-                delta_pgi,
-                eps,
-                alpha,
-                args.lam,
-                run.amp,
-                smoothing,
-                adv_model=train_model,
-            )
+            with keep_buffers():
+                loss, out, delta_adv, grad = mep_loss(
+                    prior_model,
+                    x,
+                    y,
+                    delta_pgi,
+                    eps,
+                    alpha,
+                    args.lam,
+                    run.amp,
+                    smoothing,
+                    adv_model=train_model,
+                )
             # Lines 13, 15 (EP, BP: δ_adv).
             update_memory(
                 memory["delta"],
@@ -350,9 +369,9 @@ def main(argv=None):
             total_correct += (out.argmax(1) == y).sum()
             total_n += len(y)
 
-        # A checkpoint holds the memories (2 × 614 MB on CIFAR-10), whose save can cost more than a fast GPU's
-        # epoch: it is skipped while the saves have cost more than 5% of the training time. common always saves the
-        # last epoch and a stop; an interrupted run resumes exactly from the last checkpoint written.
+        # A checkpoint holds the memories (2 × 614 MB on CIFAR-10), whose save can cost more than a fast
+        # GPU's epoch: it is skipped while the saves have cost more than 5% of the training time. The last
+        # epoch and a stop are always saved; an interrupted run resumes exactly from the last checkpoint.
         save = run.save_seconds <= 0.05 * run.train_time
         run.end_epoch(
             epoch,

@@ -4,17 +4,18 @@ Jia, Zhang, Wu, Wang, Cao, "Boosting fast adversarial training with learnable ad
 2022, arXiv:2110.05007. Authors' code: github.com/jiaxiaojunQAQ/FGSM-SDI (FGSM_SDI.py, FGSM_SDI_loss.py,
 attacker.py).
 
-    python fgsm_sdi.py                                  # CIFAR-10 recipe: PreActResNet18, 110 epochs
-    python fgsm_sdi.py --lr-schedule cyclic --epochs 30 # the paper's cyclic-lr variant (the epoch count: our choice)
-    python fgsm_sdi.py --dataset mnist --data-dir DIR   # MNIST: Wong's CNN and MNIST recipe (our choice)
+    python fgsm_sdi.py                                   # CIFAR-10 recipe: PreActResNet18, 110 epochs
+    python fgsm_sdi.py --lr-schedule cyclic --epochs 30  # the paper's cyclic-lr variant (epochs: our choice)
+    python fgsm_sdi.py --true-prob 0.5                   # the authors' code's soft labels (off by default)
+    python fgsm_sdi.py --dataset mnist --data-dir DIR    # MNIST: Wong's CNN and MNIST recipe (our choice)
 
 Paper (ResNet18, CIFAR-10, best epoch): 84.86% clean, 53.73% PGD-10, 52.18% PGD-50, 51.00% C&W, 48.50% AutoAttack,
 83 min (FGSM-RS: 51 min in the same table). CIFAR-100: 60.67 / 31.5 / 30.6 / 27.15 / 25.23 (AA), 99 min.
-Measured here: see README.md (only numbers from commands shown there).
+Measured here: bench/RESULTS.md (every number next to the command that gave it).
 
-The FGSM-SDI algorithm (arXiv:2110.05007; its equations (5)-(7) as the authors present them, not checked against the
-paper's PDF; code:
-FGSM_SDI.py and FGSM_SDI_loss.py), per iteration i of an epoch (DECISIONS.md, 'SDI step cap' and 'SDI generator'):
+The FGSM-SDI algorithm (arXiv:2110.05007, its eqs. (5)-(7) as the authors present them, not checked against the
+paper's PDF; code: FGSM_SDI.py and FGSM_SDI_loss.py), per iteration i of an epoch (DECISIONS.md, 'SDI step cap',
+'SDI generator', 'SDI and PGI input normalisation'):
     s_x = sign(∇_x L(f(x), y))                                   signed clean gradient, eq. (5)
     if i mod k == 0: θ ← θ + ∇_θ L(f(x + δ_g(θ)), y)            the generator update (it maximises the loss)
     η_g = ε·g(x, s_x; θ)                                         generated initialisation, eq. (6)
@@ -63,35 +64,41 @@ RECIPES = {
     "imagenet": dict(lr_schedule="imagenet", optimizer="sgd"),
 }
 
+TRUE_PROB_HELP = (
+    "the authors' code's soft labels, off by default: the true class gets probability F and "
+    "every other class (1 − F)/(C − 1) (PyTorch's label_smoothing is another parametrisation), "
+    "in the final loss of the generator's and of the target's update. The code's default was 0.9 "
+    "when the paper appeared (first release, July 2022) and is 0.5 since August 2023. 1/C < F ≤ 1 "
+    "(C classes)"
+)
+
 
 def get_args(argv=None):
     p = flags.base_parser(
         __doc__,
         lr="initial learning rate (multistep) or peak (cyclic)",
-        weight_decay="L2 weight decay of the target's and the generator's optimiser (one value for both, as in "
-        "the code)",
-        label_smoothing="authors' code-only trick, off by default: soft labels with TRUE_PROB on the true class and "
-        "the rest spread evenly, on the final loss of the generator's and the target's update. The "
-        "code's default was 0.9 when the paper appeared (first release, July 2022) and is 0.5 today "
-        "(since August 2023). Between 1/C (C classes: uniform labels) and 1 (hard labels)",
+        weight_decay="L2 weight decay of the target's and the generator's optimiser (one value for "
+        "both, as in the code)",
+        true_prob=TRUE_PROB_HELP,
     )
     p.add_argument(
-        "--gen-interval",
+        "--gen-every",
         type=flags.pos_int,
         default=20,
-        help="k, the generator-update interval of FGSM-SDI (the code's --att_num): the generator is "
-        "updated on iterations 0, k, 2k, ... of every epoch",
+        metavar="K",
+        help="k of FGSM-SDI (the code's --att_num): the generator is updated on iterations 0, k, "
+        "2k, ... of every epoch",
     )
     p.add_argument(
-        "--gen-lr", type=flags.pos_float, default=1e-3, help="generator Adam learning rate"
+        "--gen-lr", type=flags.pos_float, default=1e-3, help="the generator's Adam learning rate"
     )
     p.add_argument(
         "--lr-schedule",
         choices=["multistep", "cyclic", "imagenet"],
         default=None,
-        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of 110); "
-        "cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant); imagenet: "
-        "Wong et al.'s ImageNet schedule (imagenet.imagenet_lr)",
+        help="multistep: ×0.1 after 100/110 and 105/110 of the iterations (epochs 100, 105 of "
+        "110); cyclic: one triangle 0 → lr → 0 over the run (the paper's cyclic-lr variant); "
+        "imagenet: Wong et al.'s ImageNet schedule (imagenet.imagenet_lr)",
     )
     p.add_argument(
         "--optimizer",
@@ -143,24 +150,19 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
     fgsm_sdi_delta (eqs. (5)-(7)). θ gets its gradient through η_g only: the FGSM direction of eq. (7) is taken at a
     detached copy of x + η_g, a constant for θ (sign() has no useful gradient anyway).
 
-    model: the target network; takes images in [0, 1] and returns logits (normalisation inside). It runs in the
-        mode it is in (train in main(), as in the code: its BN statistics see these passes) and its weights get no
-        gradient: backward(inputs=θ) never forms them, so nothing of this pass leaks into the target's step.
-    generator: a Generator; put in train mode for the update (the code's attacker.train()) and handed back in the
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, alpha: ε and α in [0, 1] units (8/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: the target, run in the mode it is in (train in main(), as in the code: its BN statistics see these
+        passes); its weights get no gradient (backward(inputs=θ) never forms them).
+    generator: a Generator, put in train mode for the update (the code's attacker.train()) and handed back in the
         mode it was found in. gen_opt: its optimiser (Adam, lr 1e-3 in the code).
-    x: images N×C×H×W in [0, 1] (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
-    autocast: None (fp32, default) or the torch.autocast dtype (torch.bfloat16 / torch.float16). Under float16 the
-        losses are multiplied by 2^10 before each backward so that no gradient underflows; the input gradients are
-        only used through their sign, and θ's gradients are divided back before the step.
     smoothing: PyTorch's label_smoothing of the final loss (the code's soft labels; 0: hard labels).
     Returns (L, s_x): the loss before the step (detached scalar) and s_x = sign(∇_x L(f(x), y)) (N×C×H×W), which
     fgsm_sdi_delta can reuse in the same iteration (the code computes it once per iteration)."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
+    # fp16: losses × 2^10 before each backward, so that no gradient underflows; θ's divided back below.
     scale = 1024.0 if autocast == torch.float16 else 1.0
     was_training = generator.training
     generator.train()
@@ -171,13 +173,13 @@ def generator_step(model, generator, gen_opt, x, y, eps, alpha, autocast=None, s
             loss_clean = F.cross_entropy(model(x_clean), y)
         (grad,) = torch.autograd.grad(loss_clean * scale, x_clean)
         signed_grad = grad.sign()
-        # η_g, eq. (6), keeping its graph to θ; x + η_g clamped to [0, 1] (the code does not; DECISIONS.md,
-        # 'Pixel range').
+        # η_g, eq. (6), keeping its graph to θ; x + η_g clamped to [0, 1] (the code does not;
+        # DECISIONS.md, 'Pixel range' and 'SDI and PGI pixel-range clamps').
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             eta = eps * generator(x, signed_grad)
         eta = (x + eta).clamp(0, 1) - x
-        # δ_g, eq. (7), the FGSM step capped at ε as in the code (DECISIONS.md, 'SDI step cap'); its direction is a
-        # constant for θ.
+        # δ_g, eq. (7), the FGSM step capped at ε as in the code (DECISIONS.md, 'SDI step cap'); its
+        # direction is a constant for θ.
         x_init = (x + eta).detach().requires_grad_(True)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             loss_init = F.cross_entropy(model(x_init), y)
@@ -204,23 +206,18 @@ def fgsm_sdi_delta(model, generator, x, y, eps, alpha, autocast=None, signed_gra
     generated, sample-dependent initialisation η_g = ε·g(x, s_x), with the step capped at ε before it is added to η_g
     as in the authors' code (the paper's formula has no cap; both agree for α ≤ ε: DECISIONS.md, 'SDI step cap').
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it runs in the
-        mode it is in (train mode in the code, so BatchNorm sees these passes), and only input gradients are taken.
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, alpha: ε and α in [0, 1] units (8/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: run in the mode it is in (train mode in the code, so BatchNorm sees these passes); input gradients only.
     generator: a module (x, s_x) → N×C×H×W in [−1, 1] (Generator); run without gradients, in the mode it is in
         (eval mode for the target's step, as in the code).
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the step size α in [0, 1] units (CIFAR-10: 8/255 both).
-    autocast: None (fp32, default) or the torch.autocast dtype of the forward passes (torch.bfloat16 or
-        torch.float16; under float16 each loss is multiplied by 2^10 before its input gradient so that the gradient
-        does not underflow: its sign, all that is used, is unchanged).
     signed_grad: s_x of eq. (5) if it was computed already this iteration (generator_step returns it); None
         computes it here.
     Returns δ_g, detached, N×C×H×W: |δ_g| ≤ ε and x + δ_g in [0, 1]."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
     )
+    # fp16: losses × 2^10 before each input gradient, so that it does not underflow (its sign is used).
     scale = 1024.0 if autocast == torch.float16 else 1.0
     if signed_grad is None:
         # s_x, eq. (5): the signed gradient of the plain CE at the clean image.
@@ -229,8 +226,8 @@ def fgsm_sdi_delta(model, generator, x, y, eps, alpha, autocast=None, signed_gra
             loss_clean = F.cross_entropy(model(x_clean), y)
         (grad,) = torch.autograd.grad(loss_clean * scale, x_clean)
         signed_grad = grad.sign()
-    # η_g, eq. (6): no graph to θ is needed for the target's step. x + η_g clamped to [0, 1] (the code does not;
-    # DECISIONS.md, 'Pixel range').
+    # η_g, eq. (6): no graph to θ is needed for the target's step. x + η_g clamped to [0, 1] (the code does
+    # not; DECISIONS.md, 'Pixel range' and 'SDI and PGI pixel-range clamps').
     with (
         torch.no_grad(),
         torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
@@ -250,18 +247,18 @@ def main(argv=None):
     args = get_args(argv)
     harness.setup(args)  # torchrun's process group, the seeds
     data = common.get_data(args)
-    # The code's soft labels (true class TRUE_PROB, the others (1 − TRUE_PROB)/(C − 1)) as PyTorch's label_smoothing.
-    smoothing = flags.label_smoothing(args.label_smoothing, data.num_classes)
+    # The code's soft labels (true class F, the others (1 − F)/(C − 1)) as PyTorch's label_smoothing.
+    smoothing = flags.smoothing_of(args.true_prob, data.num_classes)
     model = common.get_model(args, data)
     run = harness.Run(args, data, columns=["gen_loss"])
     attack_model, train_model = run.models(model)
-    generator = (
-        Generator(data.shape[0]).to(args.device).eval()
-    )  # eval mode except while it is updated
+    # Eval mode except while it is updated (generator_step).
+    generator = Generator(data.shape[0]).to(args.device).eval()
     if common.uses_channels_last(args):
         generator = generator.to(memory_format=torch.channels_last)
     gen_net = run.wrap_for_training(generator)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
 
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(
@@ -274,12 +271,17 @@ def main(argv=None):
         # No ImageNet recipe in the paper (Jia et al.'s tables give none): Wong et al.'s (imagenet.imagenet_lr).
         sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
-        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs scales the
-        # milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step count, so the code's
-        # float milestones fire only when they happen to be whole numbers.
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1
-        )
+        # Stepped per iteration at 100/110 and 105/110 of training, as the code does; a shorter --epochs
+        # scales the milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step
+        # count, so the code's float milestones fire only when they happen to be whole numbers.
+        milestones = [round(steps * 100 / 110), round(steps * 105 / 110)]
+        if milestones[0] == milestones[1]:
+            common.log(
+                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
+                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
+                f"{args.lr * 0.1:g}; a longer run separates them"
+            )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).
         sched = torch.optim.lr_scheduler.CyclicLR(
@@ -290,9 +292,9 @@ def main(argv=None):
             step_size_down=steps / 2,
             cycle_momentum=args.optimizer == "sgd",
         )
-    # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its milestones
-    # (counted in target iterations) are never reached: a constant lr is the same thing. The generator's Adam gets
-    # the target's --weight-decay (5e-4 in the CIFAR recipe), as in the code.
+    # The code also builds a MultiStepLR for the generator, but steps it only on generator updates, so its
+    # milestones (counted in target iterations) are never reached: a constant lr is the same thing. The
+    # generator's Adam gets the target's --weight-decay (5e-4 in the CIFAR recipe), as in the code.
     gen_opt = torch.optim.Adam(
         generator.parameters(), lr=args.gen_lr, weight_decay=args.weight_decay
     )
@@ -306,16 +308,16 @@ def main(argv=None):
         gen_steps = 0
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             signed_grad = None
-            if i % args.gen_interval == 0:
-                # The generator update on iterations 0, k, 2k, ... of the epoch (the code's batch_idx % att_num),
-                # before this iteration's δ_g. Its passes need input gradients only (attack_model); it hands back
-                # s_x, which δ_g reuses: one clean pass per iteration, as in the code.
+            if i % args.gen_every == 0:
+                # The generator update on iterations 0, k, 2k, ... of the epoch (the code's batch_idx %
+                # att_num), before this iteration's δ_g. Its passes need input gradients only
+                # (attack_model); it hands back s_x, which δ_g reuses: one clean pass per iteration.
                 loss_g, signed_grad = generator_step(
                     attack_model, gen_net, gen_opt, x, y, eps, alpha, run.amp, smoothing
                 )
                 gen_loss += loss_g
                 gen_steps += 1
-            # s_x, η_g, δ_g (eqs. (5)-(7)), the generator in eval mode, the target in train mode (as the code).
+            # s_x, η_g, δ_g (eqs. (5)-(7)); the generator in eval mode, the target in train mode (code).
             delta = fgsm_sdi_delta(attack_model, gen_net, x, y, eps, alpha, run.amp, signed_grad)
             # The target's weight step on the loss at x + δ_g.
             with run.autocast():

@@ -98,10 +98,11 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default {_show(action.default)})".lstrip()
 
 
-def base_parser(doc, label_smoothing=None, **helps):
+def base_parser(doc, true_prob=None, **helps):
     """The flags every method shares. A flag left at None is filled from the method's recipe by
     parse_args(). helps: a method's own help text for a shared flag (lr="...", alpha="...");
-    label_smoothing: the help of --label-smoothing, for the methods that have it."""
+    true_prob: the help of --true-prob (the soft labels of the Jia et al. authors' code), for the
+    methods that have it."""
     p = argparse.ArgumentParser(description=doc, formatter_class=_Help)
 
     def a(flag, help=None, **kw):
@@ -135,14 +136,8 @@ def base_parser(doc, label_smoothing=None, **helps):
       help="L∞ radius of training and of the evaluation, /255 units")  # fmt: skip
     a("--alpha", type=per255("--alpha", zero=True), default=None,
       help="attack step size, /255 units (keeps its ratio to ε when only --epsilon is given)")  # fmt: skip
-    if label_smoothing:
-        a(
-            "--label-smoothing",
-            type=pos_float,
-            default=None,
-            metavar="TRUE_PROB",
-            help=label_smoothing,
-        )
+    if true_prob:
+        a("--true-prob", type=true_probability, default=None, metavar="F", help=true_prob)
     a("--seed", type=seed, default=0,
       help="random seed (under torchrun each process adds its rank)")  # fmt: skip
     a(
@@ -440,16 +435,33 @@ def milestones(args, parser=None, argv=None, fractions=()):
     )
 
 
-def label_smoothing(true_prob, num_classes):
-    """PyTorch's label_smoothing s for the soft labels of the SDI/PGI/LAS-AT authors' code (true class f,
-    every other (1 − f)/(C − 1)): 1 − s + s/C = f, so s = (1 − f)·C/(C − 1). f outside [1/C, 1] is
-    refused (s would exceed 1) with FastatError."""
+def true_probability(text):
+    """argparse type for --true-prob: a probability of the true class, 0 < F ≤ 1 (whether it is above
+    1/C, C classes, is checked once the data is known: smoothing_of)."""
+    v = pos_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"a probability is at most 1, got {text}")
+    return v
+
+
+def smoothing_of(true_prob, num_classes):
+    """PyTorch's label_smoothing s that gives the soft labels of the SDI/PGI/LAS-AT authors' code: the
+    true class gets probability F = true_prob, each other class (1 − F)/(C − 1). PyTorch's target is
+    (1 − s)·onehot + s/C, so 1 − s + s/C = F, s = (1 − F)·C/(C − 1). None (no --true-prob): 0, hard
+    labels. FastatError for F ≤ 1/C (uniform or worse labels: no signal left) and for a one-class
+    dataset (C − 1 = 0 other classes)."""
     if true_prob is None:
         return 0.0
-    if not 1 / num_classes <= true_prob <= 1:
+    if num_classes < 2:
         raise FastatError(
-            f"--label-smoothing {true_prob}: the true class's probability must lie between 1/C = "
-            f"{1 / num_classes:.4g} (this dataset has {num_classes} classes) and 1"
+            f"--true-prob {true_prob:g}: this dataset has one class, so there is no other class "
+            f"to give probability to; leave --true-prob out"
+        )
+    if true_prob <= 1 / num_classes:
+        raise FastatError(
+            f"--true-prob {true_prob:g}: the true class's probability must be above 1/C = "
+            f"{1 / num_classes:.4g} (this dataset has {num_classes} classes; 1/C is the uniform "
+            f"label, which says nothing of the class)"
         )
     return (1 - true_prob) * num_classes / (num_classes - 1)
 

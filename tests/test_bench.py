@@ -749,12 +749,12 @@ def test_report_recipe_values_derived_from_the_data(tmp_path):
             "cpu",
             "--out-dir",
             os.devnull,
-            "--label-smoothing",
+            "--true-prob",
             "0.9",
         ],
     )
     assert report.recipe_diff("fgsm_sdi", "cifar10", sdi["model"], sdi, train_images=50000) == {
-        "label_smoothing": 0.9
+        "true_prob": 0.9
     }
 
 

@@ -764,11 +764,14 @@ def test_alpha_follows_epsilon_unless_given():
     assert "--alpha 20.0" in flags.command_line(fgsm_rs.get_args(["--epsilon", "16"]))
 
 
-def test_label_smoothing_is_converted_and_checked_once(capsys):
-    assert flags.label_smoothing(None, 10) == 0
-    assert math.isclose(flags.label_smoothing(0.5, 10), 0.5 * 10 / 9)  # 1 − s + s/C = 0.5
-    with pytest.raises(common.FastatError, match="1/C = 0.1"):
-        flags.label_smoothing(0.05, 10)
+def test_true_prob_is_converted_and_checked_once(capsys):
+    assert flags.smoothing_of(None, 10) == 0
+    assert math.isclose(flags.smoothing_of(0.5, 10), 0.5 * 10 / 9)  # 1 − s + s/C = 0.5
+    assert flags.smoothing_of(1.0, 10) == 0  # hard labels
+    # 1/C (uniform labels) and below leave no signal; one class leaves no other class (C − 1 = 0)
+    for true_prob, classes in ((0.05, 10), (0.1, 10), (0.5, 2), (1.0, 1)):
+        with pytest.raises(common.FastatError, match="--true-prob"):
+            flags.smoothing_of(true_prob, classes)
 
 
 # ------------------------------------------------------------------------------ runs

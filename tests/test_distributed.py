@@ -179,7 +179,7 @@ def test_every_script_runs_one_epoch_under_two_processes(cifar_dir, tmp_path):
 
     plan = [
         ["fgsm_rs.py", flags("fgsm_rs")],
-        ["fgsm_sdi.py", flags("fgsm_sdi", "--gen-interval", "4")],
+        ["fgsm_sdi.py", flags("fgsm_sdi", "--gen-every", "4")],
         ["atlas.py", flags("atlas", "--ramp-epochs", "0", "--val-size", "32", "--val-iters", "2")],
         ["amata.py", flags("amata", "--k-min", "2", "--k-max", "2", "--milestones")],
         [

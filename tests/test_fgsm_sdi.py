@@ -60,12 +60,10 @@ def test_the_core_copies_and_equals_eqs_5_to_7_written_out():
     x, y = batch()
     delta = fgsm_sdi_delta(model, gen, x, y, EPS, ALPHA)
     assert delta.abs().max() <= EPS + 1e-6 and (x + delta).min() >= 0 and (x + delta).max() <= 1
-    assert all(
-        p.grad is None for p in [*model.parameters(), *gen.parameters()]
-    )  # input gradients only
-    assert (
-        not model.training and not gen.training
-    )  # both used in the mode they were in: in eval mode,
+    # input gradients only
+    assert all(p.grad is None for p in [*model.parameters(), *gen.parameters()])
+    # both used in the mode they were in: in eval mode,
+    assert not model.training and not gen.training
     for m, state in zip((model, gen), states):  # their weights and BN statistics are left alone
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
     s_x = clean_sign(model, x, y)  # eq. (5)
@@ -98,9 +96,8 @@ def test_the_generators_output_is_inside_the_ball_whatever_its_weights():
     gen = generator()
     with torch.no_grad():
         for p in gen.parameters():
-            p.mul_(
-                50
-            )  # saturate the tanh: the bound must come from the architecture, not small weights
+            # saturate the tanh: the bound must come from the architecture, not small weights
+            p.mul_(50)
     x, s = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 16, 16).sign() * 1e3
     raw = EPS * gen(x, s)
     assert raw.abs().max() <= EPS * (1 + 1e-6) and raw.abs().max() > 0.9 * EPS
@@ -121,9 +118,8 @@ def test_generator_step_ascends_through_eta_only_and_restores_the_generators_mod
     # The same written out, in train mode: the FGSM direction taken at a detached x + η, a constant for θ.
     gen.train()
     eta = (x + EPS * gen(x, s_x)).clamp(0, 1) - x
-    delta = fgsm_capped(
-        model, x, y, eta, EPS, ALPHA
-    )  # its FGSM direction is a constant: θ acts through η only
+    # its FGSM direction is a constant: θ acts through η only
+    delta = fgsm_capped(model, x, y, eta, EPS, ALPHA)
     expected_loss = F.cross_entropy(model(x + delta), y)
     expected = torch.autograd.grad(-expected_loss, list(gen.parameters()))
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
@@ -202,17 +198,43 @@ def test_the_fgsm_step_is_capped_at_eps_before_it_is_added_to_eta():
     assert (uncapped - capped).abs().max() > EPS / 10
 
 
-def test_label_smoothing_under_one_over_c_fails_before_the_run_starts(
-    cifar_dir, tmp_path, capsys, no_checksum
+@pytest.mark.parametrize("true_prob", [0.05, 0.1])
+def test_a_true_prob_at_or_under_one_over_c_fails_before_the_run_starts(
+    true_prob, cifar_dir, tmp_path, capsys, no_checksum
 ):
+    """--true-prob F is the true class's probability: F = 1/C (here 0.1) is the uniform label, below it the true
+    class is the least likely; both leave no signal and are refused in one line before the run folder exists."""
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
         harness.main_guard(
-            lambda: fgsm_sdi.main(small_args(cifar_dir, str(out), label_smoothing=0.05))
+            lambda: fgsm_sdi.main(small_args(cifar_dir, str(out), true_prob=true_prob))
         )
-    assert (
-        err.value.code == 2 and "--label-smoothing" in capsys.readouterr().err and not out.exists()
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and message.count("\n") == 1 and "--true-prob" in message
+    assert not out.exists()
+
+
+def test_true_prob_is_the_true_class_probability_of_the_final_loss(
+    monkeypatch, cifar_dir, tmp_path, no_checksum
+):
+    """--true-prob 0.5 on 10 classes: PyTorch's label_smoothing s with 1 − s + s/10 = 0.5, i.e. s = 5/9, reaches
+    both losses that the code smooths (the generator's and the target's); above 1 it is refused at parse time."""
+    seen = []
+    real = F.cross_entropy
+
+    def spy(*args, label_smoothing=0.0, **kwargs):
+        seen.append(label_smoothing)
+        return real(*args, label_smoothing=label_smoothing, **kwargs)
+
+    monkeypatch.setattr(fgsm_sdi.F, "cross_entropy", spy)
+    fgsm_sdi.main(
+        small_args(cifar_dir, str(tmp_path / "run"), epochs=1, true_prob=0.5, eval_iters=1)
     )
+    # 256 images in batches of 32: 8 target steps, and the generator's update on iteration 0
+    smoothed = [s for s in seen if s]
+    assert smoothed == [pytest.approx(5 / 9)] * 9
+    with pytest.raises(SystemExit):
+        fgsm_sdi.get_args(["--true-prob", "1.5"])
 
 
 def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(
@@ -242,7 +264,7 @@ def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(
             mnist_dir,
             out,
             epochs=2,
-            gen_interval=3,
+            gen_every=3,
             dataset="mnist",
             model="mnist-cnn",
             weight_decay=1e-3,
@@ -252,9 +274,8 @@ def test_generator_updates_on_iterations_0_k_2k_with_the_targets_weight_decay(
     )
     assert seen["batches"] == 7 and seen["updates"] == [0, 3, 6, 0, 3, 6]
     objects = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["objects"]
-    assert (
-        objects["gen_opt"]["param_groups"][0]["weight_decay"] == 1e-3
-    )  # the code's shared weight decay
+    # the code's shared weight decay
+    assert objects["gen_opt"]["param_groups"][0]["weight_decay"] == 1e-3
     assert objects["opt"]["param_groups"][0]["weight_decay"] == 1e-3
     assert all("gen_loss" in r for r in load_results(out)["epochs"])
 
@@ -283,10 +304,16 @@ def test_the_multistep_schedule_completes_when_the_loader_drops_a_lone_sample(tm
     )
     lrs = [r["lr"] for r in load_results(out)["epochs"]]
     assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(0.1 * 0.01)
+    # both milestones on one iteration: the lr never runs at 0.01, and the log says so
+    with open(os.path.join(out, "log.txt")) as f:
+        assert (
+            "# both lr milestones fall on iteration 2 of 2: the lr drops from 0.1 to 0.001 at once"
+            in f.read()
+        )
 
 
 def test_end_to_end_and_resume_include_the_generator(cifar_dir, tmp_path):
-    a, _ = check_resume("fgsm_sdi.py", cifar_dir, tmp_path, gen_interval=3)
+    a, _ = check_resume("fgsm_sdi.py", cifar_dir, tmp_path, gen_every=3)
     check_outputs(str(tmp_path / "full"), epochs=2)
     assert (
         a["method"] == "fgsm_sdi"

@@ -1,6 +1,7 @@
 """las_at.py: the copyable pieces (strategy network, per-sample PGD, reward, REINFORCE step, the core), the flags,
 the update and lr schedules (in-process runs), and end to end with --resume (subprocess, tiny CIFAR-10)."""
 
+import argparse
 import inspect
 import os
 import textwrap
@@ -136,7 +137,7 @@ def test_flags_that_do_not_fit_are_refused_at_parse_time(capsys):
     "flags, words",
     [
         ({"strategy_model": "mnist-cnn"}, "--strategy-model mnist-cnn does not fit 32x32"),
-        ({"label_smoothing": 0.05}, "--label-smoothing 0.05"),
+        ({"true_prob": 0.1}, "--true-prob 0.1: the true class's probability must be above 1/C"),
         # 231 training images in batches of 32: 8 iterations per epoch, 16 in the run
         ({"strategy_every": 17}, "--strategy-every 17: this run has 16 iterations"),
     ],
@@ -263,9 +264,8 @@ def test_the_core_samples_attacks_and_hands_both_networks_back():
             model, strategy, x, y, 8 / 255, update=update
         )
         assert model.training == model_mode and strategy.training == strategy_mode
-        assert all(
-            torch.equal(a, b) for a, b in zip(target_stats, bn_stats(model))
-        )  # target attacked in eval mode
+        # target attacked in eval mode
+        assert all(torch.equal(a, b) for a, b in zip(target_stats, bn_stats(model)))
         # the strategy samples in train mode (its BN statistics move) only for an update, and only then with a graph
         moved = not all(torch.equal(a, b) for a, b in zip(strategy_stats, bn_stats(strategy)))
         assert moved == update and log_prob.requires_grad == update and log_prob.shape == (8,)
@@ -277,9 +277,8 @@ def test_the_core_samples_attacks_and_hands_both_networks_back():
         assert (
             iters.dtype == torch.long and ((3 / 255 - 1e-6 <= eps) & (eps <= 15 / 255 + 1e-6)).all()
         )
-    with pytest.raises(
-        RuntimeError, match=r"\[0, 1\]"
-    ):  # normalised images would make the pixel clamp wrong
+    # normalised images would make the pixel clamp wrong
+    with pytest.raises(RuntimeError, match=r"\[0, 1\]"):
         las_at_delta(model, strategy, (x - 0.5) / 0.25, y, 8 / 255)
 
 
@@ -294,9 +293,8 @@ def test_strategy_net_takes_any_classifier_module_and_strips_its_last_linear():
         nn.Linear(7, 10),
     )
     strategy = StrategyNet(backbone, *CIFAR10_SETS)
-    assert isinstance(backbone[5], nn.Identity) and isinstance(
-        backbone[3], nn.Linear
-    )  # only the last one
+    # only the last one
+    assert isinstance(backbone[5], nn.Identity) and isinstance(backbone[3], nn.Linear)
     assert strategy.heads["iters"].in_features == 7 and strategy(torch.rand(2, 3, 32, 32))[
         "iters"
     ].shape == (2, 12)
@@ -304,17 +302,49 @@ def test_strategy_net_takes_any_classifier_module_and_strips_its_last_linear():
         StrategyNet(nn.Sequential(nn.Flatten(), nn.Linear(12, 10)), *CIFAR10_SETS, grid=2)
 
 
+@pytest.mark.parametrize("shape,grid", [((3, 32, 32), 1), ((3, 64, 64), 2)])
+def test_the_authors_strategy_is_their_cifar_resnet18_on_raw_pixels(shape, grid):
+    """--strategy-model resnet18-authors: the authors' ResNet18_Strategy (LAS_PGD_AT/StrategyNet.py, pytorch-cifar's
+    ResNet18): 11,173,962 parameters with a 10-class classifier, a 3×3 stride-1 stem and no max-pool, 512·G²
+    features (their avg_pool2d(out, 4): 1×1 on 32×32, 2×2 on 64×64), and it reads raw pixels: its actions' logits
+    do not change with the dataset's mean and std, which a normalising backbone's do."""
+    argv = ["--strategy-model", "ResNet18-Authors", "--strategy-grid", str(grid)]
+    args = las_at.get_args(argv)
+    assert args.strategy_model == "resnet18-authors"
+    assert sum(p.numel() for p in las_at.AuthorsResNet18(10).parameters()) == 11_173_962
+    x = torch.rand(2, *shape)
+    logits = {}
+    for model in ("resnet18-authors", "preact18"):
+        for mean in (0.0, 0.5):
+            data = argparse.Namespace(
+                num_classes=10, shape=shape, mean=(mean,) * 3, std=(1 - mean,) * 3
+            )
+            torch.manual_seed(0)
+            backbone, net_grid = las_at.strategy_backbone(
+                argparse.Namespace(strategy_model=model, strategy_grid=grid), data
+            )
+            strategy = copy_of(las_at.StrategyNet)(backbone, *CIFAR10_SETS, grid=net_grid).eval()
+            logits[model, mean] = strategy(x)["eps"]
+            if model == "resnet18-authors":
+                stem = backbone.conv1
+                assert (stem.kernel_size, stem.stride) == ((3, 3), (1, 1))
+                assert not any(isinstance(m, nn.MaxPool2d) for m in backbone.modules())
+                assert strategy.heads["eps"].in_features == 512 * grid**2
+    assert torch.equal(logits["resnet18-authors", 0.0], logits["resnet18-authors", 0.5])
+    assert not torch.allclose(logits["preact18", 0.0], logits["preact18", 0.5])
+
+
 def test_tiny_imagenet_recipe_is_the_codes_tiny_imagenet_script():
     t, c = las_at.get_args(["--dataset", "tiny-imagenet"]), las_at.get_args([])
     # code (LAS_AT_train_TinyImageNet.py): k = 1, target gradient clipped at 10, 2×2-pooled strategy features;
     # its label smoothing 0.8 stays off, as on every dataset here
-    assert (t.strategy_every, t.clip_grad_norm, t.strategy_grid, t.label_smoothing) == (
+    assert (t.strategy_every, t.clip_grad_norm, t.strategy_grid, t.true_prob) == (
         1,
         10,
         2,
         None,
     )
-    assert (c.strategy_every, c.clip_grad_norm, c.strategy_grid, c.label_smoothing) == (
+    assert (c.strategy_every, c.clip_grad_norm, c.strategy_grid, c.true_prob) == (
         20,
         0,
         1,
@@ -326,9 +356,8 @@ def test_tiny_imagenet_recipe_is_the_codes_tiny_imagenet_script():
     )
     torch.manual_seed(0)
     strategy = strategy_net("wrn-10-1", (3, 64, 64), grid=2).eval()
-    assert (
-        strategy.heads["eps"].in_features == 4 * 64
-    )  # wrn-10-1 ends in 64 channels; code: 4 × 512 = 2048
+    # wrn-10-1 ends in 64 channels; code: 4 × 512 = 2048
+    assert strategy.heads["eps"].in_features == 4 * 64
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         features = strategy.features(x).view(3, 64, 2, 2)
@@ -416,9 +445,8 @@ def test_reward_attacks_w_hat_in_train_mode_then_scores_it_in_eval_mode():
     shadow = calls[1][0]
     assert shadow is not model and all(c[0] is shadow for c in calls[1:])
     assert [c[1] for c in calls[1:]] == [True] * 23 + [False] * 2
-    assert all(
-        not torch.equal(a[4], b[4]) for a, b in zip(calls[1:23], calls[2:24])
-    )  # train mode moves the stats
+    # train mode moves the stats
+    assert all(not torch.equal(a[4], b[4]) for a, b in zip(calls[1:23], calls[2:24]))
     for restart in range(2):
         attack = calls[2 + 11 * restart : 2 + 11 * restart + 11]
         for before, after in zip(attack, attack[1:]):
@@ -459,7 +487,7 @@ def test_k_1_clips_the_target_and_steps_the_strategy_lr_with_the_code_milestones
 ):
     """One epoch of 4 iterations with k = 1 (the Tiny ImageNet recipe's) and a clip small enough to act: every
     target step is clipped to that norm (the strategy's to 1.0), and the strategy's lr, stepped per update at the
-    target's milestones (int(4·99/110) = int(4·104/110) = 3), ends at 1e-4 × 0.01. --label-smoothing 0.7 reaches
+    target's milestones (int(4·99/110) = int(4·104/110) = 3), ends at 1e-4 × 0.01. --true-prob 0.7 reaches
     ŵ's step as PyTorch's smoothing (1 − 0.7)·10/9."""
     clips, smoothings = [], []
     real_clip, real_reward = torch.nn.utils.clip_grad_norm_, las_at.compute_reward
@@ -492,13 +520,14 @@ def test_k_1_clips_the_target_and_steps_the_strategy_lr_with_the_code_milestones
             eval_samples=8,
             eval_iters=1,
             monitor_size=8,
-            label_smoothing=0.7,
+            true_prob=0.7,
         )
     )
+    # per iteration: strategy update, then target step
     assert [m for m, _, _ in clips] == [
         1.0,
         0.001,
-    ] * 4  # per iteration: strategy update, then target step
+    ] * 4
     for max_norm, after, before in clips:
         assert after <= max_norm * (1 + 1e-4) + 1e-6
     assert any(before > 0.001 for m, _, before in clips if m == 0.001)  # the clip did act
@@ -591,6 +620,12 @@ def test_the_multistep_milestones_are_reached_when_the_loader_drops_a_lone_image
     res = load_results(out)
     assert [r["updates"] for r in res["epochs"]] == [0, 1]
     assert res["epochs"][-1]["lr"] == pytest.approx(0.1 * 0.01)
+    # both milestones on one iteration: the lr never runs at 0.01, and the log says so
+    with open(os.path.join(out, "log.txt")) as f:
+        assert (
+            "# both lr milestones fall on iteration 1 of 2: the lr drops from 0.1 to 0.001 at once"
+            in f.read()
+        )
 
 
 def test_end_to_end_with_resume(cifar_dir, tmp_path):
