@@ -27,6 +27,10 @@ SCRIPTS = {
     "las_at": {"strategy_every": 1, "strategy_model": "wrn-10-1", "iters_set": 2},
     "latent_at": {},
     "rmcla": {"milestones": True},
+    "free_at": {"replays": 2},
+    "grad_align": {},
+    "fgsm_ckpt": {"milestones": True},
+    "n_fgsm": {},
 }
 
 
