@@ -281,8 +281,6 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
     --resume the flags come from the run's checkpoint, and one given with it that would change the
     training is refused (FastatError). The evaluation's attacks left out are the device's (eval_defaults).
     Starts nothing: harness.setup(args) does."""
-    from imagenet import IMAGENET, linear_lr
-
     _show_recipes(parser, recipes)
     args = parser.parse_args(argv)
     marked = argparse.Namespace(**{a.dest: _GIVEN for a in parser._actions})
@@ -296,8 +294,10 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
         model = "mnist-cnn" if args.dataset == "mnist" else "preact18"
         recipe = {"val_size": 0, "phases": None, "model": model, **recipes.get("default", {})}
         layers = [recipes.get(args.dataset, {})]
-        if args.dataset == "imagenet":
-            layers.insert(0, IMAGENET)
+        if args.dataset == "imagenet":  # Wong et al.'s configuration under the method's own
+            import imagenet
+
+            layers.insert(0, imagenet.IMAGENET)
         if args.epsilon is not None:
             layers.append({"epsilon": args.epsilon})
         for layer in layers:
@@ -311,7 +311,7 @@ def parse_args(parser, recipes, argv=None, script=None, eps_relative=("alpha",))
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
         if args.dataset == "imagenet" and "lr" not in given:  # the recipe's lr is for its batch
-            args.lr = linear_lr(args.lr, args.batch_size, recipe["batch_size"])
+            args.lr = imagenet.linear_lr(args.lr, args.batch_size, recipe["batch_size"])
         args.method = script
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
