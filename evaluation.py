@@ -108,8 +108,8 @@ def pgd_correct(model, x, y, eps, step, iters, restarts=1, loss="ce", batch_size
                 meter.update(0, at, partial=n * done)
 
             watch = inside if meter.every else None
-            out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss, True, watch,
-                                  generator)[1])  # fmt: skip
+            kw = dict(progress=watch, generator=generator)
+            out.append(attack_pgd(model, xb, yb, eps, step, iters, restarts, loss, **kw)[1])
             meter.update(len(yb))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
 

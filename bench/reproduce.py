@@ -9,11 +9,12 @@ the report: the one runner of bench/.
         --jobs 2 --threads 1 --out runs/real-data     # every method on an image folder, a 2-core CPU
 
 Runs, cheapest first: plain (`fgsm_rs.py --alpha 0 --delta-init zero`: a zero step from a zero start is
-training on clean images, exactly), fgsm_rs, latent_at, fgsm_mep, fgsm_sdi, rmcla, atlas, amata, pgd10
-(`amata.py --k-min 10 --k-max 10 --tau 20 --random-start`: PGD-10 AT with step 2/255 on Amata's recipe) and
-las_at, each into OUT/NAME (default OUT: runs/reproduce-DATASET, or runs/reproduce-DATASET-quick with --quick or
---epochs, so that a quick set is never taken for the full one). Each run's output goes to OUT/NAME/stdout.txt, and
-to the terminal when one run goes at a time. At the end, bench/report.py writes OUT/report.md and OUT/report.png.
+training on clean images, exactly), fgsm_rs, n_fgsm, latent_at, fgsm_mep, fgsm_ckpt, fgsm_sdi, rmcla, grad_align,
+atlas, free_at, amata, pgd10 (`amata.py --k-min 10 --k-max 10 --tau 20 --random-start`: PGD-10 AT with step
+2/255 on Amata's recipe) and las_at, each into OUT/NAME (default OUT: runs/reproduce-DATASET, or
+runs/reproduce-DATASET-quick with --quick or --epochs, so that a quick set is never taken for the full one).
+Each run's output goes to OUT/NAME/stdout.txt, and to the terminal when one run goes at a time. At the end,
+bench/report.py writes OUT/report.md and OUT/report.png.
 
 Safe to interrupt and run again with the same command: a finished run (results.json with its final numbers) is
 skipped, an interrupted one continues with --resume from its last completed epoch (or evaluates again). A run that
@@ -21,9 +22,10 @@ fails is reported and the others go on; the exit code is then 1. --jobs N runs N
 --threads threads (OMP_NUM_THREADS): two single-threaded runs on a 2-core machine.
 
 --quick [FACTOR] divides every recipe's length by FACTOR (default 10; at least one epoch): --epochs, the
-milestones of amata.py and rmcla.py (in epochs; a milestone that would fall at or past the shortened run's last
-epoch is moved to the epoch before it, duplicates merged, none left when the run has one epoch), ATLAS's
---ramp-epochs and its epoch upper bound. fgsm_sdi, fgsm_mep, las_at, fgsm_rs and latent_at place their lr
+milestones of amata.py, rmcla.py, fgsm_ckpt.py and free_at.py (in epochs; a milestone that would fall at or past
+the shortened run's last epoch is moved to the epoch before it, duplicates merged, none left when the run has one
+epoch), the ramps of atlas.py and n_fgsm.py (ε) and grad_align.py (its step, SVHN), and ATLAS's epoch upper
+bound. fgsm_sdi, fgsm_mep, las_at, fgsm_rs and latent_at place their lr
 schedules at fractions of --epochs already. --epochs N [NAME=N ...] instead sets the number of epochs of every run
 (N) or of one (NAME=N), its recipe shrunk in the same way by the factor that gives N epochs. A quick run is also
 evaluated quickly: PGD-20 with 1 restart and CW-20 (QUICK_EVAL) instead of the scripts' PGD-50-10, on every test

@@ -342,9 +342,9 @@ def test_quick_evaluates_quickly_unless_told_otherwise():
     assert record == {"iters": 20, "restarts": 1, "cw_iters": 20, "samples": None}
     given, record = flags(quick=10.0, eval_iters=7, eval_cw_iters=0)
     assert given == {"--eval-iters": "7", "--eval-restarts": "1", "--eval-cw-iters": "0"}
-    given, record = flags("device", "cuda")
+    given, record = flags(device="cuda")
     assert given == {} and record == {"iters": 50, "restarts": 10, "cw_iters": 20, "samples": None}
-    given, record = flags("device", "cpu")  # the scripts' CPU default
+    given, record = flags(device="cpu")  # the scripts' CPU default
     assert given == {} and record == {"iters": 20, "restarts": 1, "cw_iters": 20, "samples": None}
 
 
@@ -780,6 +780,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     steps = {s["name"]: s for s in summary["steps"]}
     assert proc.returncode == 0, proc.stdout + proc.stderr + json.dumps(summary, indent=1)[-3000:]
     scripts = ["fgsm_rs", "fgsm_sdi", "fgsm_mep", "atlas", "amata", "las_at", "latent_at", "rmcla"]
+    scripts += ["free_at", "grad_align", "fgsm_ckpt", "n_fgsm"]
     others = ["resume fgsm_rs", "compile fgsm_rs", "compile fgsm_mep", "epoch_time fgsm_rs"]
     assert list(steps) == scripts + others
     for name, step in steps.items():

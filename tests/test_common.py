@@ -624,7 +624,7 @@ def test_worst_case_is_the_per_sample_and_of_every_attack(trained, monkeypatch):
         "cw": torch.tensor([True, True, False, True]),
     }
     monkeypatch.setattr(
-        common,
+        evaluation,
         "pgd_correct",
         lambda m, x, y, e, s, iters, r=1, loss="ce", **k: (
             torch.ones(4, dtype=torch.bool) if iters == 0 else fake[loss]
@@ -908,7 +908,9 @@ def test_a_one_class_model_is_never_the_best(tmp_path):
 def test_the_monitor_runs_in_ordinary_batches_and_has_its_own_column(tmp_path, monkeypatch):
     sizes, real = [], evaluation.pgd_correct
     monkeypatch.setattr(
-        common, "pgd_correct", lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k)
+        evaluation,
+        "pgd_correct",
+        lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k),
     )
     run = harness.Run(_run_args(tmp_path, epochs=1, batch_size=4), _tiny_data())  # eval_batch 4
     run.start_epoch()
@@ -1023,7 +1025,7 @@ def test_plot_has_a_panel_per_numeric_column(tmp_path):
     from PIL import Image
 
     w, h = Image.open(tmp_path / "c.png").size
-    assert math.isclose(w / h, 12 / 5.6, rel_tol=0.05)  # 4 panels on a 2×3 grid
+    assert math.isclose(w / h, 13 / 6.4, rel_tol=0.05)  # 4 panels on a 2×3 grid
 
 
 def test_autoattack_without_the_package_is_refused_before_training(monkeypatch, capsys):

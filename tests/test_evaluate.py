@@ -206,6 +206,7 @@ def test_a_checkpoint_by_subprocess_is_one_line(run):
 LAUNCH = """import os, runpy, sys
 sys.path.insert(0, {root!r})
 import common
+import evaluation
 real = evaluation.pgd_correct
 def counted(model, x, y, *a, **k):  # the images each process attacks
     with open(os.path.join({out!r}, f"rank{{common.rank()}}.txt"), "a") as f:
@@ -307,14 +308,16 @@ def test_autoattack_runs_batch_by_batch_with_the_seed(monkeypatch):
 
 
 def _clock(monkeypatch, seconds):
-    """common's clock, advancing `seconds` at every reading."""
+    """The clock of the progress lines (common) and of the estimate (evaluation), advancing `seconds` at
+    every reading."""
     now = [0.0]
 
     def tick():
         now[0] += seconds
         return now[0]
 
-    monkeypatch.setattr(common, "time", SimpleNamespace(time=tick))
+    for module in (common, evaluation):
+        monkeypatch.setattr(module, "time", SimpleNamespace(time=tick))
 
 
 def test_progress_lines_come_from_inside_a_batchs_attack(monkeypatch, logged):
@@ -346,7 +349,9 @@ def test_the_duration_estimate_counts_every_step_of_the_protocol(monkeypatch):
 def test_the_run_says_what_it_evaluates_and_how_long_before_it_starts(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(
-        common, "evaluate", lambda *a, **k: seen.append((tmp_path / "log.txt").read_text()) or {}
+        evaluation,
+        "evaluate",
+        lambda *a, **k: seen.append((tmp_path / "log.txt").read_text()) or {},
     )
     model = common.make_model("wrn-10-1", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     args = _run_args(tmp_path, epochs=1, eval_iters=20, eval_restarts=1, eval_cw_iters=20)

@@ -19,6 +19,7 @@ OWN_FLAGS = {
     "atlas": ["--val-size", "32", "--val-iters", "2", "--ramp-epochs", "0"],
     "amata": ["--k-min", "2", "--k-max", "2", "--milestones"],
     "rmcla": ["--milestones"],
+    "fgsm_ckpt": ["--milestones"],
     "las_at": ["--strategy-model", "wrn-10-1", "--iters-set", "1", "2", "--strategy-every", "8"],
 }
 
