@@ -131,19 +131,31 @@ def check_same_data(run, data, where):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=flags.Help)
     p.add_argument("--weights", required=True, help="a run's model_last.pt or model_best.pt")
     p.add_argument("--dataset", choices=common.DATASET_NAMES, help="default: the run's")
     p.add_argument("--data-dir", help="default: the run's")
     p.add_argument("--epsilon", type=flags.epsilon, help="/255 units (default: the run's)")
     flags.eval_flags(p, default="the run's")
     p.add_argument("--batch-size", type=flags.pos_int, help="default: the run's evaluation batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=flags.nonneg_int, default=min(8, os.cpu_count() or 1))
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to evaluate"
+    )
+    workers = min(8, os.cpu_count() or 1)
+    p.add_argument(
+        "--workers",
+        type=flags.nonneg_int,
+        default=workers,
+        help="processes that decode image files",
+    )
     p.add_argument("--seed", type=flags.seed, default=None, help="default: the run's")
-    p.add_argument("--progress-every", type=flags.nonneg_float, default=10, metavar="SECONDS")
+    p.add_argument(
+        "--progress-every",
+        type=flags.nonneg_float,
+        default=10,
+        metavar="SECONDS",
+        help="a progress line this often (0: none)",
+    )
     p.add_argument("--out", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     model, res = load_model(args.weights)

@@ -87,13 +87,19 @@ def model_name(text):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
+class Help(argparse.RawDescriptionHelpFormatter):
     """-h keeps the docstring's layout and shows every flag's default (a recipe's values are shown by
     parse_args: the flags whose default is None)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text:
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or "(default" in text
+        ):
             return text
         return f"{text} (default {_show(action.default)})".lstrip()
 
@@ -103,7 +109,7 @@ def base_parser(doc, true_prob=None, **helps):
     parse_args(). helps: a method's own help text for a shared flag (lr="...", alpha="...");
     true_prob: the help of --true-prob (the soft labels of the Jia et al. authors' code), for the
     methods that have it."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=_Help)
+    p = argparse.ArgumentParser(description=doc, formatter_class=Help)
 
     def a(flag, help=None, **kw):
         p.add_argument(flag, help=helps.pop(flag[2:].replace("-", "_"), help), **kw)
@@ -128,7 +134,7 @@ def base_parser(doc, true_prob=None, **helps):
       help="ImageNet: a copy of --data-dir per phase, resized for faster decoding "
       "(bench/resize_folder.py; Wong et al.: 160 px, 352 px, full size)")  # fmt: skip
     a("--model", type=model_name, default=None, help=common.MODELS)
-    a("--epochs", type=pos_int, default=None)
+    a("--epochs", type=pos_int, default=None, help="passes over the training images")
     a("--batch-size", type=batch_size, default=None, help="the batch of all the processes together")
     a("--lr", type=pos_float, default=None, help="peak learning rate")
     a("--weight-decay", type=nonneg_float, default=None, help="L2 weight decay of the optimiser")
@@ -265,9 +271,18 @@ _GIVEN = object()  # marks the flags that were not on the command line
 
 
 def _show_recipes(parser, recipes):
-    """-h shows each recipe's value beside a flag whose default comes from the recipes."""
+    """-h shows each recipe's value beside a flag whose default comes from the recipes: parse_args's base
+    (PreActResNet18, Wong's MNIST CNN, no held-out images), the method's recipes, ImageNet's layer."""
+    import imagenet
+
+    layers = {"default": {"model": "preact18", "val_size": 0, **recipes.get("default", {})}}
+    layers["mnist"] = {"model": "mnist-cnn"}
+    for name, recipe in recipes.items():
+        layers[name] = {**layers.get(name, {}), **recipe}
+    image_net = {k: v for k, v in imagenet.IMAGENET.items() if k != "phases"}
+    layers["imagenet"] = {**image_net, **recipes.get("imagenet", {})}
     for action in parser._actions:
-        values = [(k, r[action.dest]) for k, r in recipes.items() if r.get(action.dest) is not None]
+        values = [(k, r[action.dest]) for k, r in layers.items() if r.get(action.dest) is not None]
         if not values or action.default is not None:
             continue
         shown = [f"{'default' if k == 'default' else k + ' recipe'} {_show(v)}" for k, v in values]
@@ -364,9 +379,10 @@ def _recorded(out):
 
 def _resumed_args(out, given, script):
     """--resume: the folder's own flags, with the given ones that may change (FREE_ON_RESUME); None when
-    the folder holds no run yet and the command gives one (a cluster's restart repeats the whole
-    command). Raises Finished for a finished run, FastatError for a folder without a run and a command
-    that gives none, another script's run, or a flag that would change the training."""
+    the folder holds no run yet and the command gives one, its --dataset named (a cluster's restart
+    repeats the whole command). Raises Finished for a finished run, FastatError for a folder without a
+    run and a command that names no --dataset, another script's run, or a flag that would change the
+    training."""
     changed = [k for k in given if k not in FREE_ON_RESUME]
     with contextlib.suppress(OSError, ValueError), open(os.path.join(out, "results.json")) as f:
         if json.load(f).get("final"):
@@ -385,13 +401,15 @@ def _resumed_args(out, given, script):
             f"{out} was trained by {processes} process(es): resume it with as many (this start has "
             f"{started})"
         )
-    if saved is None and not changed:
-        where = (
-            "does not exist" if not os.path.isdir(out) else "holds no checkpoint.pt or args.json"
-        )
+    # A folder without a run starts one only when the command names its data: a mistyped --out-dir
+    # with a flag or two must not start the default recipe somewhere new.
+    if saved is None and "dataset" not in given:
+        where = "holds no checkpoint.pt or args.json"
+        if not os.path.isdir(out):
+            where = "does not exist"
         raise FastatError(
             f"--resume: {os.path.abspath(out)} {where}: there is no run to resume. To start one "
-            f"there, give its flags (at least --dataset) with --resume, or leave --resume out"
+            f"there, give its flags (--dataset at least) with --resume, or leave --resume out"
         )
     if saved is None:
         return None

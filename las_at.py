@@ -53,7 +53,6 @@ Copyable pieces (torch only): StrategyNet, per_sample_pgd (g), compute_reward (R
 las_at_delta (sample a, then g), which needs per_sample_pgd.
 """
 
-import argparse
 
 import torch
 import torch.nn as nn
@@ -140,16 +139,6 @@ TRUE_PROB_HELP = (
 )
 
 
-def action_value(text):
-    """argparse type for the ε and step sets (/255 units): under 1/255 is a [0, 1]-unit value written by mistake."""
-    v = flags.pos_float(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text} is in /255 units, i.e. {v:g}/255; for {text} in [0, 1] units write {255 * v:g}"
-        )
-    return v
-
-
 def strategy_model_name(text):
     """argparse type for --strategy-model: a --model name (flags.model_name) or resnet18-authors."""
     if text.lower() == AUTHORS_RESNET18:
@@ -199,11 +188,15 @@ def get_args(argv=None):
         "code's R3_param; 1 for --reward loss, our choice)",
     )
     p.add_argument(
-        "--eps-set", type=action_value, nargs="+", default=None, help="the ε actions, /255 units"
+        "--eps-set",
+        type=flags.per255("--eps-set"),
+        nargs="+",
+        default=None,
+        help="the ε actions, /255 units",
     )
     p.add_argument(
         "--step-set",
-        type=action_value,
+        type=flags.per255("--step-set"),
         nargs="+",
         default=None,
         help="the step-size actions, /255 units",

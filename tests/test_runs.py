@@ -14,7 +14,6 @@ from conftest import ROOT, load_results, run_script, small_args
 
 import common
 import fgsm_rs
-import flags
 import harness
 
 pytestmark = pytest.mark.usefixtures("no_checksum")  # in-process runs on test-made CIFAR files
@@ -67,11 +66,17 @@ def test_a_killed_holder_leaves_the_folder_free(tmp_path):
 
 
 def test_resume_alone_on_an_empty_or_mistyped_folder_refuses(tmp_path, capsys):
-    for folder in (tmp_path / "nowhere", tmp_path):
-        assert _guarded(["--resume", "--out-dir", str(folder)]) == 2
+    """Also with a flag or two that are not the whole run: only a command that names its data starts
+    a run in a folder that holds none."""
+    for folder, extra in (
+        (tmp_path / "nowhere", []),
+        (tmp_path, []),
+        (tmp_path / "typo", ["--seed", "1"]),
+    ):
+        assert _guarded(["--resume", "--out-dir", str(folder), *extra]) == 2
         line = capsys.readouterr().err.strip()
         assert "there is no run to resume" in line and str(folder) in line and "\n" not in line
-    assert not (tmp_path / "nowhere").exists() and os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_interrupted_before_its_first_checkpoint_a_run_restarts_as_itself(
@@ -248,6 +253,22 @@ def test_every_255_value_is_checked_like_epsilon(argv, what, capsys):
     assert fgsm_rs.get_args(["--alpha", "0", "--delta-init", "zero"]).alpha == 0  # plain training
 
 
+@pytest.mark.parametrize(
+    "argv,what",
+    [
+        (["--eps-set", "4", "0.03"], "--eps-set 7.65"),
+        (["--eps-set", "300"], "more than the whole pixel range"),
+        (["--step-set", "0.5"], "--step-set 127.5"),
+    ],
+)
+def test_las_at_action_sets_are_checked_like_epsilon(argv, what, capsys):
+    import las_at
+
+    with pytest.raises(SystemExit) as err:
+        las_at.get_args(argv)
+    assert err.value.code == 2 and what in capsys.readouterr().err
+
+
 def test_the_monitor_is_a_small_share_of_the_training_images_by_default():
     args = fgsm_rs.get_args([])
     assert args.monitor_size is None
@@ -257,15 +278,23 @@ def test_the_monitor_is_a_small_share_of_the_training_images_by_default():
     assert common.monitor_size(args, 50_000) == 7
 
 
-def test_help_shows_every_default(capsys):
-    parser = flags.base_parser("doc")
+@pytest.mark.parametrize("script", ["fgsm_rs", "n_fgsm", "evaluate"])
+def test_help_shows_every_default(script, capsys):
+    """Every flag with a default shows it (0 and 0.0 too), and the flags the recipes fill show each
+    recipe's value, parse_args's base (the network, the held-out images) and ImageNet's included."""
+    import importlib
+
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit):
-        parser.parse_args(["-h"])
+        (module.main if script == "evaluate" else module.get_args)(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    for action in parser._actions:
-        if action.default not in (None, False, "==SUPPRESS=="):
-            shown = flags._show(action.default)
-            assert f"(default {shown})" in text, action.dest
+    assert "(default" in text
+    if script == "evaluate":
+        assert "where to evaluate (default " in text and "(0: none) (default 10)" in text
+        return
+    assert "random seed (under torchrun each process adds its rank) (default 0)" in text
+    assert "(default preact18; mnist recipe mnist-cnn; imagenet recipe resnet50)" in text
+    assert "passes over the training images (default" in text and "imagenet recipe 0.4" in text
 
 
 def test_a_command_line_is_logged_once_per_run_and_the_lock_is_recorded(cifar_dir, tmp_path):
