@@ -113,6 +113,7 @@ def setup(args, training=True):
     them, or the run folder is held by another run. training False: evaluate.py, whose processes take
     whole evaluation batches and write no run folder."""
     _end_previous_run()
+    Run.current = None  # until this run's Run exists, an interruption names no folder
     logger = common.logger
     logger.propagate = False  # its lines go to stdout here, not through the root logger as well
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # torchrun
@@ -130,18 +131,33 @@ def setup(args, training=True):
         logger.addHandler(_Early())
     flags.check_processes(args, training)
     if training and not rank() and os.path.isdir(args.out_dir):
-        # refused now, not after loading the data, if another run holds it
+        # refused now, not after loading the data: a folder held by another run, or one that holds a
+        # run when --resume is not given
         hold(args.out_dir).close()
+        refuse_a_second_run(args)
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(args.seed + rank())
+
+
+def refuse_a_second_run(args):
+    """FastatError if args.out_dir holds a run (its checkpoint.pt) and --resume is not given."""
+    if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
+        raise FastatError(
+            f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue it, "
+            f"or choose another --out-dir"
+        )
 
 
 def hold(folder):
     """This process's hold on a run folder: an exclusive lock on folder/run.lock, with the holder written
     in it. A POSIX record lock (fcntl.lockf): the system releases it when the process ends, even killed,
     and DataLoader workers forked from the process do not inherit it. Returns the open lock file (keep
-    it open). Raises FastatError naming the holder if another process has it."""
-    f = open(os.path.join(folder, "run.lock"), "a+")
+    it open). Raises FastatError naming the holder if another process has it, or the folder if it is
+    not writable."""
+    try:
+        f = open(os.path.join(folder, "run.lock"), "a+")
+    except OSError as err:  # read-only: permissions, a read-only file system
+        raise FastatError(f"--out-dir {folder}: not writable ({err.strerror})") from None
     if fcntl is None:  # not a POSIX system: no lock
         return f
     try:
@@ -221,11 +237,7 @@ class Run:
         self.stopped = False
         self.train_time = 0.0
         self.save_seconds = 0.0
-        if os.path.exists(self.ckpt_path) and not args.resume:
-            raise FastatError(
-                f"{args.out_dir} already holds a run (checkpoint.pt): pass --resume to continue "
-                f"it, or choose another --out-dir"
-            )
+        refuse_a_second_run(args)
         _end_previous_run()
         self.lock = None
         self.log_file = None
@@ -260,10 +272,11 @@ class Run:
         """What the per-epoch monitor costs, in forward-backward passes, beside an FGSM epoch's."""
         monitor = len(self.data.monitor[1])
         train = self.data.train_images
+        images = "held-out" if self.data.val_size else "training"
         log(
-            f"# monitor: PGD-10 (step ε/4) on {monitor} of the {train} training images after every "
-            f"epoch, about {10.5 * monitor:.0f} forward-backward passes (an FGSM epoch makes about "
-            f"{2 * train}); --monitor-size sets it"
+            f"# monitor: PGD-10 (step ε/4) on {monitor} {images} images after every epoch, about "
+            f"{10.5 * monitor:.0f} forward-backward passes (an FGSM epoch on the {train} training "
+            f"images makes about {2 * train}); --monitor-size sets it"
         )
 
     def _open_folder(self):
@@ -283,9 +296,7 @@ class Run:
         except (FileExistsError, NotADirectoryError):
             raise FastatError(f"--out-dir {out}: a file of that name is in the way") from None
         except PermissionError as err:
-            raise FastatError(
-                f"--out-dir {out}: not writable ({err.strerror}: {err.filename})"
-            ) from None
+            raise FastatError(f"--out-dir {out}: not writable ({err.strerror})") from None
 
     def _precision(self):
         """--precision as an autocast dtype: auto is bf16 on GPUs that compute it natively, fp16 on older
@@ -565,20 +576,16 @@ class Run:
             _atomic_save(best, os.path.join(out, "model_best.pt"))
             _write_json(results, os.path.join(out, "results.json"))
         final = {}
-        for name, weights, epoch in (
-            ("last", last, len(self.rows)),
-            ("best", best, results["best_epoch"]),
-        ):
+        models = [("last", last, len(self.rows)), ("best", best, results["best_epoch"])]
+        for name, weights, epoch in models:
             if name == "best" and all(torch.equal(best[k], last[k]) for k in last):
                 log(f"# the best model is the last one (epoch {epoch}): the same numbers")
                 final[name] = final["last"]
                 continue
             model.load_state_dict(weights)
             final[name] = self.evaluate(model, f"the {name} model (epoch {epoch})")
-            log(
-                f"# {name} model: "
-                + "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items())
-            )
+            numbers = "  ".join(f"{k} {100 * v:.2f}%" for k, v in final[name].items())
+            log(f"# {name} model: {numbers}")
         model.load_state_dict(last)
         if not rank():
             _write_json({**results, "final": final}, os.path.join(out, "results.json"))
@@ -689,7 +696,5 @@ def _where_it_stands(run):
     out = run.args.out_dir
     again = f"python {run.args.method}.py --resume --out-dir {out}"
     if run.saved_epoch:
-        return (
-            f"the checkpoint of epoch {run.saved_epoch} in {out} is intact: continue with {again}"
-        )
+        return f"the checkpoint of epoch {run.saved_epoch} in {out} is intact: {again} continues it"
     return f"no epoch was checkpointed yet: {again} starts the run again with its own flags"

@@ -921,7 +921,8 @@ def test_the_monitor_runs_in_ordinary_batches_and_has_its_own_column(tmp_path, m
     first_row = next(i for i, line in enumerate(lines) if line.split()[0] == "1")
     assert header < first_row  # the header, before the first row, after the monitor's cost
     assert any(
-        line.startswith("# monitor: PGD-10 (step ε/4) on 8 of the 8") for line in lines[:header]
+        line.startswith("# monitor: PGD-10 (step ε/4) on 8 training images")
+        for line in lines[:header]
     )
 
 

@@ -118,7 +118,8 @@ def test_interrupted_after_a_checkpoint_the_message_names_the_epoch_and_the_fold
     monkeypatch.setattr(harness.Run, "end_epoch", interrupted)
     assert _guarded(small_args(cifar_dir, out, epochs=2)) == 130
     err = capsys.readouterr().err
-    assert f"the checkpoint of epoch 1 in {out} is intact: continue with python fgsm_rs.py " in err
+    again = f"python fgsm_rs.py --resume --out-dir {out} continues it"
+    assert f"the checkpoint of epoch 1 in {out} is intact: {again}" in err
 
 
 def test_resume_into_an_empty_folder_starts_the_run_the_command_gives(cifar_dir, tmp_path, capsys):
@@ -219,6 +220,22 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_last_checkpoint_stays(
     assert "the disk is full" in line and "checkpoint.pt" in line and "\n" not in line
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert ckpt["epoch"] == 1 and not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+
+
+def test_an_existing_out_dir_that_is_not_writable_is_one_line(
+    cifar_dir, tmp_path, monkeypatch, capsys
+):
+    """A folder on a read-only file system, or another user's (the tests run as root, whom permissions
+    do not stop: the refusal of the system is simulated where the run folder is first written)."""
+
+    def read_only(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(harness, "open", read_only, raising=False)
+    assert _guarded(small_args(cifar_dir, str(tmp_path / "run"), epochs=1)) == 2
+    line = capsys.readouterr().err.strip()
+    assert "not writable (Permission denied)" in line and "\n" not in line
 
 
 def test_an_out_dir_that_is_a_file_is_one_line(cifar_dir, tmp_path, capsys):
