@@ -362,8 +362,8 @@ class DeviceLoader:
         self.label = label
 
     def _sizes(self):
-        n, b = len(self.labels), self.batch_size
-        sizes = [min(b, n - start) for start in range(0, n, b)]
+        n = len(self.labels)
+        sizes = [min(self.batch_size, n - start) for start in range(0, n, self.batch_size)]
         if self.shuffle and sizes:
             # the last batch: the same share for every process (DDP averages their gradients with
             # equal weights), at least two images each

@@ -232,8 +232,8 @@ def eval_flags(p, default=None):
     p.add_argument("--autoattack", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{aa} (default: {default})")  # fmt: skip
     p.add_argument("--eval-step", type=per255("--eval-step"), default=None,
-                   help="PGD step, /255 units (default: 2/255 at ε = 8/255, MNIST 0.01 at ε = 0.3, "
-                   "in proportion to ε, as the run)")  # fmt: skip
+                   help="PGD step, /255 units (default: as the run: 2 at ε = 8, MNIST 2.55 at ε = "
+                   "76.5, in proportion to ε, and at least 1.5ε/iterations)")  # fmt: skip
 
 
 def eval_defaults(device):

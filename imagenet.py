@@ -83,8 +83,9 @@ class StreamLoader:
     def batches(self, epoch):
         """The batches of `epoch`: the last one keeps what splits evenly over the processes, and is
         dropped if that cannot give each of them two images."""
-        n, b = len(self.indices), self.phase(epoch)[1]
-        return n // b + (n % b - n % b % world() >= 2 * world())
+        n = len(self.indices)
+        last = n % self.phase(epoch)[1]  # the images of a partial last batch
+        return n // self.phase(epoch)[1] + (last - last % world() >= 2 * world())
 
     def __len__(self):
         return self.batches(0)

@@ -53,7 +53,6 @@ Copyable pieces (torch only): StrategyNet, per_sample_pgd (g), compute_reward (R
 las_at_delta (sample a, then g), which needs per_sample_pgd.
 """
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

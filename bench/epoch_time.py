@@ -245,7 +245,8 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, (spec, n) in enumerate((s, n) for s in args.specs for n in args.nproc):
-            label = spec if args.nproc == [1] else f"{spec} [{n} process{'es' if n > 1 else ''}]"
+            processes = f"{n} processes" if n > 1 else "1 process"
+            label = spec if args.nproc == [1] else f"{spec} [{processes}]"
             rows.append({**measure(spec, shared, os.path.join(tmp, str(k)), n), "spec": label})
             rows[-1]["base"] = spec
             done = rows[-1]["status"] == "ok"
