@@ -670,13 +670,36 @@ def collect(paths):
     return runs
 
 
+def other_figures(runs):
+    """The papers' figures for the methods and datasets of these runs that no run stands beside (another
+    recipe, or one the papers do not state: Jia et al.'s re-runs of the baselines), as a markdown table."""
+    shown = {id(f) for r in runs for f in r["info"]["figures"]}
+    pairs = {(r["res"]["method"], r["res"]["args"].get("dataset")) for r in runs}
+    rows = [
+        f"| `{f.label()}` | {f.network} | {f.reported} | {f.when() or '–'} | {f.cite()} |"
+        if f.flags is not None
+        else f"| {f.script}.py, recipe not stated | {f.network} | {f.reported} | {f.when() or '–'} | "
+        f"{f.cite()} |"
+        for f in paper_figures.FIGURES
+        if (f.script, f.dataset) in pairs and id(f) not in shown
+    ]
+    head = "| variant | network | reported (%) | training time | source |\n|---|---|---|---|---|"
+    return "\n".join([head, *rows]) if rows else ""
+
+
 def write_report(runs, out_dir, sources):
     os.makedirs(out_dir, exist_ok=True)
     table = build_table(runs)
+    others = other_figures(runs)
+    if others:
+        others = (
+            "The papers' other figures for these methods and datasets (no run above has their recipe, "
+            f"or the papers do not state it):\n\n{others}\n\n"
+        )
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(
             f"# fastat report\n\nRuns below {', '.join(f'`{s}`' for s in sources)}; written by "
-            f"`python bench/report.py`.\n\n{table}\n\n{NOTES}\n\n![report](report.png)\n"
+            f"`python bench/report.py`.\n\n{table}\n\n{others}{NOTES}\n\n![report](report.png)\n"
         )
     plot(runs, os.path.join(out_dir, "report.png"))
     return table

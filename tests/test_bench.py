@@ -77,13 +77,33 @@ def write_run(
         f.write(log or "# python ...\n")
 
 
-def table_rows(markdown):
-    """The report's markdown table as {run label: {column header: cell}}."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+def table_rows(markdown, which=0):
+    """The report's markdown table (its first, or `which`) as {first cell: {column header: cell}}."""
+    tables = [[]]
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    lines = [line for line in [t for t in tables if t][which] if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split(" | ")]
     rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
     assert all(len(r) == len(header) for r in rows)
     return header, {r[0]: dict(zip(header, r)) for r in rows}
+
+
+def test_the_papers_figures_without_a_matching_run_are_listed_beside_the_runs(tmp_path):
+    """Jia et al. do not state their baselines' recipes: no run stands beside those figures, but the report
+    lists them for the methods and datasets it has runs of, and only those."""
+    runs = tmp_path / "runs"
+    final = {"clean": 0.8, "pgd50_10": 0.45, "cw20": 0.44, "worst_case": 0.43}
+    write_run(runs / "ga", "grad_align", [], {"last": final, "best": final}, 30)
+    assert report.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    _, others = table_rows((tmp_path / "out" / "report.md").read_text(), which=1)
+    listed = " ".join(others)
+    assert "grad_align.py, recipe not stated" in listed
+    assert all("grad_align" in label for label in others)  # no other method's figures
+    assert any("83.96 clean" in row["reported (%)"] for row in others.values())
 
 
 def test_report_table_attack_columns_paper_figures_and_skipped_runs(tmp_path, capsys):
