@@ -88,17 +88,12 @@ def get_args(argv=None):
         nargs="*",
         default=None,
         help="multistep: epochs after which the lr is multiplied by 0.1, each under --epochs "
-        "(none: a constant lr)",
+        "(--milestones alone: a constant lr)",
     )
     args = flags.parse_args(p, RECIPES, argv, script="fgsm_ckpt")
-    late = [m for m in args.milestones if m >= args.epochs]
-    if args.lr_schedule == "multistep" and late:
-        # MultiStepLR steps once per epoch: a milestone m ≥ --epochs would act after the last epoch, i.e. never.
-        p.error(
-            f"--milestones {' '.join(map(str, late))}: at or past --epochs {args.epochs}, never "
-            f"takes effect; pass --milestones for this run, in epochs (--milestones alone: a "
-            f"constant lr), or --lr-schedule cyclic"
-        )
+    if args.lr_schedule == "multistep":
+        # the recipe's drops: after epochs 60, 120 and 160 of 200
+        flags.milestones(args, p, argv, fractions=(0.3, 0.6, 0.8))
     return args
 
 
@@ -106,19 +101,13 @@ def fgsm_ckpt_input(model, x, y, eps, alpha, c=3, delta=None, autocast=None):
     """FGSM-CKPT's training input (Kim, Lee, Lee, AAAI 2021, Algorithm 1; the authors' co_adv_trainer.py): the FGSM
     step from a random start, then per sample the smallest of c checkpoints x + k·p/c that the model misclassifies.
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model). Every pass here
-        runs in eval mode (BatchNorm's running statistics and dropout are left alone, as torchattacks does for the
-        authors' attack); the model is handed back in the mode it was found in. Only input gradients are taken.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the FGSM step size α in [0, 1] units (the paper's CIFAR-10 values: 8/255 and 10/255).
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, alpha: ε and α in [0, 1] units (8/255, 10/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: every pass here runs in eval mode (BatchNorm's running statistics and dropout are left alone, as
+        torchattacks does for the authors' attack); the model is handed back in the mode it was found in.
     c: the number of checkpoints (paper: 3); the full step is checkpoint c and needs no forward pass.
     delta: the random start, N×C×H×W with |δ| ≤ ε (default: uniform in [−ε, ε]; the authors' code draws
         randn_like(x) first and throws it away, which only shifts the random stream).
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward passes (torch.bfloat16 or
-        torch.float16; under float16 the attack's loss is scaled by 2^10 so that its input gradient does not
-        underflow, which leaves its sign unchanged).
     Returns (x', k), detached: x' N×C×H×W, the input of the weight step, and k (N, int64) in 0 … c: x' = x where the
     prediction at the random start x + η is wrong (k = 0), else x + k·p/c for the smallest k < c whose checkpoint is
     misclassified, else x + p (k = c), the FGSM point: p = clamp(x + clamp(x₀ + α·sign(∇) − x, −ε, ε), 0, 1) − x with
@@ -172,7 +161,10 @@ def main(argv=None):
     run = harness.Run(args, data, columns=["at_clean", "at_full"])
     # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    if args.lr_schedule == "multistep" and (note := flags.milestones(args)):
+        common.log(note)
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     c = args.checkpoints
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
@@ -214,9 +206,8 @@ def main(argv=None):
             total_n += len(y)
             at_clean += (k == 0).sum()
             at_full += (k == c).sum()
-        lr = opt.param_groups[0][
-            "lr"
-        ]  # multistep: the epoch's lr; cyclic: the lr after its last step
+        # multistep: the epoch's lr; cyclic: the lr after its last step
+        lr = opt.param_groups[0]["lr"]
         if not per_iteration:
             sched.step()
         run.end_epoch(

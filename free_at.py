@@ -119,19 +119,13 @@ def get_args(argv=None):
         "--epochs (--milestones alone: none)",
     )
     args = flags.parse_args(p, RECIPES, argv, script="free_at")
-    given = p.parse_known_args(argv)[0]
     if args.replays_min is not None and args.replays_min > args.replays:
         p.error(f"--replays-min {args.replays_min} is larger than --replays {args.replays}")
-    if args.lr_schedule == "cyclic" and given.milestones:
+    if args.lr_schedule == "cyclic" and p.parse_known_args(argv)[0].milestones:
         p.error("--milestones are the drops of --lr-schedule step; add --lr-schedule step")
-    late = [m for m in args.milestones if m >= args.epochs]
-    if args.lr_schedule == "step" and late:
-        where = "--milestones" if given.milestones is not None else "the recipe's milestones"
-        p.error(
-            f"{where}: {late[0]} is not below --epochs {args.epochs}, so the lr would never drop "
-            f"during training; pass --milestones with epochs below {args.epochs} (--milestones "
-            f"alone: no drop)"
-        )
+    if args.lr_schedule == "step":
+        # the ImageNet recipe's drops: after epochs 8 and 16 of 23
+        flags.milestones(args, p, argv, fractions=(8 / 23, 16 / 23))
     return args
 
 
@@ -149,20 +143,16 @@ def free_replay(model, opt, x, y, delta, eps, step, autocast=None, scaler=None):
     forward pass at clamp(x + δ, 0, 1) and ONE backward that gives both the weight gradient (then `opt` steps) and
     δ's gradient (then δ ← clip(δ + step·sign(∇_δ), −ε, ε), in place). Call it m times per minibatch.
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model), in train mode
-        as in the authors' code (BatchNorm sees every replay); opt: the optimiser of its parameters (their
-        gradients are zeroed here, before the backward).
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, step: ε and δ's ascent step in [0, 1] units (8/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: used in the mode it is in (train mode in the authors' code: BatchNorm sees every replay); opt: the
+        optimiser of its parameters (their gradients are zeroed here, before the backward).
     delta: the perturbation carried across replays and minibatches, B×C×H×W with B ≥ N (the batch size; zeros
         before the first batch), in [−ε, ε]: rows 0:N are this batch's, by position, and are updated in place;
         rows N: (a smaller last batch) are left for the next batch, as the authors' buffer does.
-    eps, step: ε and δ's ascent step in [0, 1] units (the authors: step = ε = 4/255 on ImageNet, 8/255 on CIFAR).
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward pass. Under torch.float16 pass
-        `scaler`, the torch.amp.GradScaler that steps `opt`: its loss scale keeps δ's gradient from underflowing
-        (its sign is unchanged), and where an overflow makes the gradient NaN δ keeps its value (the scaler
-        skips that weight step).
+    scaler: under torch.float16, the torch.amp.GradScaler that steps `opt`, in place of the 2^10 factor (one backward
+        gives both gradients): its loss scale keeps δ's gradient from underflowing, and where an overflow makes the
+        gradient NaN δ keeps its value (the scaler skips that weight step).
     Returns (loss, logits), detached: the batch's mean cross-entropy and logits at clamp(x + δ, 0, 1) before
     this replay's updates."""
     torch._assert_async(
@@ -196,7 +186,10 @@ def main(argv=None):
     # the weight step's view of the network (the same parameters; through DDP, compiled): every replay is
     # one, its backward also giving δ's gradient
     _, train_model = run.models(model)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    if args.lr_schedule == "step" and (note := flags.milestones(args)):
+        common.log(note)
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     m_min = args.replays_min or args.replays
     replays = [replays_at(t, args.epochs, m_min, args.replays) for t in range(args.epochs)]
     opt = torch.optim.SGD(
@@ -246,8 +239,9 @@ def main(argv=None):
             loss=(total_loss / total_n).item(),
             acc=(total_correct / total_n).item(),
             m=m,
+            # in /255 units, as --alpha
             step=step * 255,
-        )  # step in /255 units
+        )
     run.finish(model)
 
 

@@ -190,25 +190,19 @@ def grad_align_loss(
     The cosine is per sample over C×H×W, averaged over the samples whose two gradients are both non-zero (the
     authors' code; a zero gradient has no direction); none such: Ω = 0.
 
-    model: takes images in [0, 1] and returns logits (normalisation inside the model). The passes at x+δ and x+η
-        (and at x with both_grads) run through it, so it must support double backward (an eager module:
-        torch.compile has none).
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; eps, alpha: ε and the FGSM step in [0, 1] units (8/255);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: the passes at x+δ and x+η (and at x with both_grads) run through it, so it must support double backward
+        (an eager module: torch.compile has none).
+    alpha: CIFAR-10's 10/255 = 1.25ε, which the projection onto the ε-ball makes ε.
+    lam: λ ≥ 0; 0 is plain FGSM training: no η is drawn and no pass at x+η is made.
+    both_grads: Ω reaches θ through both gradients, the exact gradient of Ω. Default False: g₁ = ∇_x CE(x) is a
+        constant and Ω reaches θ through g₂ only, as the authors' train.py (their README: no substantial difference).
+    clamp_eta: x+η is clamped to [0, 1] (default); False: not, as the authors' code.
     attack_model: the network the FGSM pass at x runs through when its gradient is a constant of the loss
         (both_grads False, or λ = 0); default: model. The same parameters, e.g. a view that computes input
         gradients only. Both are used in the mode they are in: in train mode (training here, and the authors' code)
         BatchNorm's running statistics take the three passes, x, x+δ and x+η, in that order.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    eps, alpha: ε and the FGSM step in [0, 1] units (CIFAR-10: 8/255 and 10/255 = 1.25ε, which the projection
-        makes ε).
-    lam: λ ≥ 0; 0 is plain FGSM training: no η is drawn and no pass at x+η is made.
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward passes (torch.bfloat16 or
-        torch.float16; under float16 the CE of the gradient passes is scaled by 2^10 before the gradients, which
-        leaves the FGSM signs and the cosines unchanged).
-    both_grads: Ω reaches θ through both gradients, the exact gradient of Ω. Default False: g₁ = ∇_x CE(x) is a
-        constant and Ω reaches θ through g₂ only, as the authors' train.py (their README: no substantial difference).
-    clamp_eta: x+η is clamped to [0, 1] (default); False: not, as the authors' code.
     Returns (loss, logits, terms): loss, a scalar with its graph to θ (backpropagate it); logits at x+δ, N×C, with
     graph; terms: the batch means, detached: 'ce' (at x+δ), and 'cos' (the mean cosine) when λ > 0."""
     torch._assert_async(
@@ -263,7 +257,8 @@ def main(argv=None):
     # torch.compile has no double backward: with λ > 0 the loss passes run eagerly (through DDP under torchrun), and
     # --compile only speeds up the FGSM pass at x when its gradient is a constant (not with --both-grads).
     attack_model, train_model = run.models(model, double_backward=args.ga_lambda > 0)
-    eps, alpha = args.epsilon / 255, args.alpha / 255
+    eps = args.epsilon / 255
+    alpha = args.alpha / 255
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
@@ -275,10 +270,15 @@ def main(argv=None):
         sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     elif args.lr_schedule == "multistep":
         # Jia et al.'s 110-epoch schedule (their FGSM_SDI.py, as fgsm_sdi.py): ×0.1 after 100/110 and 105/110 of the
-        # iterations, stepped per iteration.
-        sched = torch.optim.lr_scheduler.MultiStepLR(
-            opt, [round(steps * 100 / 110), round(steps * 105 / 110)], 0.1
-        )
+        # iterations, stepped per iteration; a shorter --epochs scales the milestones with it.
+        milestones = [round(steps * 100 / 110), round(steps * 105 / 110)]
+        if milestones[0] == milestones[1]:
+            common.log(
+                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
+                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
+                f"{args.lr * 0.1:g}; a longer run separates them"
+            )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         sched = cyclic_lr(opt, data.train, args.epochs)
     checkpoint = dict(model=model, opt=opt, sched=sched)
@@ -292,9 +292,8 @@ def main(argv=None):
         batches = data.train.batches(epoch)
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             step = alpha
-            if (
-                args.alpha_ramp_epochs
-            ):  # the authors' SVHN runs: the step grows from 0, per iteration
+            # the authors' SVHN runs: the step grows from 0, per iteration
+            if args.alpha_ramp_epochs:
                 step = alpha * min(1.0, (epoch + i / batches) / args.alpha_ramp_epochs)
             loss, logits, terms = grad_align_loss(
                 train_model,

@@ -45,6 +45,7 @@ RECIPES = {
         alpha=8,
         noise=16,
         weight_decay=5e-4,
+        lr_schedule="cyclic",
         lr_peak=0.5,
         ramp_epochs=0.0,
     ),
@@ -52,15 +53,15 @@ RECIPES = {
     # scaled by min(iteration / (5 epochs' iterations), 1).
     "svhn": dict(lr=0.05, lr_peak=0.4, ramp_epochs=5.0),
     # The authors' ImageNet runs (Imagenet/experiments.sh: ε 2, α 2, --unif 1) on Wong et al.'s ImageNet
-    # configuration (imagenet.IMAGENET, the phases and imagenet.imagenet_lr): k = ε there.
-    "imagenet": dict(alpha=2, noise=2),
+    # configuration (imagenet.IMAGENET, the phases and its lr schedule, imagenet.imagenet_lr): k = ε there.
+    "imagenet": dict(alpha=2, noise=2, lr_schedule="imagenet"),
 }
 
 
 def get_args(argv=None):
     p = flags.base_parser(
         __doc__,
-        lr="peak of the cyclic lr",
+        lr="the peak lr of either --lr-schedule",
         alpha="FGSM step size α, /255 units (paper: α = ε; keeps its ratio to ε when only "
         "--epsilon is given)",
     )
@@ -73,11 +74,20 @@ def get_args(argv=None):
         "code's --unif 2; keeps its ratio to ε when only --epsilon is given; 0: plain FGSM from x)",
     )
     p.add_argument(
+        "--lr-schedule",
+        choices=["cyclic", "imagenet"],
+        default=None,
+        help="set every iteration. cyclic: one triangle 0 → lr → 0 peaking at --lr-peak (the "
+        "authors' CyclicLR; the momentum cycles 0.9 → 0.8 → 0.9 against it); imagenet: Wong et "
+        "al.'s ImageNet schedule (imagenet.imagenet_lr), as the authors' ImageNet runs",
+    )
+    p.add_argument(
         "--lr-peak",
         type=flags.pos_float,
         default=None,
         metavar="FRACTION",
-        help="where the lr triangle peaks, as a fraction of the run (the code: 1/2; SVHN 2/5)",
+        help="cyclic: where the lr triangle peaks, as a fraction of the run (the code: 1/2; SVHN "
+        "2/5)",
     )
     p.add_argument(
         "--ramp-epochs",
@@ -105,18 +115,11 @@ def n_fgsm_delta(model, x, y, alpha, k, noise=None, autocast=None):
     step of the cross-entropy from uniform noise of magnitude k, clamped to the pixel range but NOT projected onto
     the ε-ball (the paper's point: no clipping).
 
-    model: a module that takes images in [0, 1] and returns logits (normalisation inside the model); it is used in
-        the mode it is in (train mode in the authors' code, so BatchNorm sees this pass). Only the input gradient is
-        taken.
-    x: images N×C×H×W in [0, 1], not normalised (checked without a host sync:
-        a RuntimeError on the CPU, a device-side assert on CUDA);
-    y: labels N, int64.
-    alpha, k: the step size α and the noise magnitude k in [0, 1] units (the paper's defaults: α = ε, k = 2ε).
+    x: N×C×H×W images in [0, 1] (checked), y: N labels; alpha, k: α and k in [0, 1] units (paper: α = ε, k = 2ε);
+    autocast: None (fp32) or a torch.autocast dtype. The shared contract: README.md, 'Copy a method into your project'.
+    model: used in the mode it is in (train mode in the authors' code, so BatchNorm sees this pass).
     noise: the noise η, N×C×H×W with |η| ≤ k (default: uniform in [−k, k] per pixel; the authors' code draws it one
         channel at a time, which only reorders the random stream).
-    autocast: None (fp32, default) or the dtype of torch.autocast for the forward pass (torch.bfloat16 or
-        torch.float16; under float16 the loss is scaled by 2^10 so that the input gradient does not underflow,
-        which leaves its sign unchanged).
     Returns δ, detached, N×C×H×W: x + δ in [0, 1] and |δ| ≤ k + α (3ε by default: more than ε, by design)."""
     torch._assert_async(
         (x.min() >= 0) & (x.max() <= 1), "images must be in [0, 1]: normalise inside the model"
@@ -140,12 +143,13 @@ def main(argv=None):
     run = harness.Run(args, data, columns=["delta_linf"])
     # two views of one network, the same parameters: the attack's (input gradients) and the weight step's
     attack_model, train_model = run.models(model)
-    alpha, k = args.alpha / 255, args.noise / 255
+    alpha = args.alpha / 255
+    k = args.noise / 255
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
     steps = data.train.steps(args.epochs)  # the batches the run yields
-    if args.dataset == "imagenet":
+    if args.lr_schedule == "imagenet":
         sched = imagenet.imagenet_lr(opt, data.train, args.epochs)
     else:
         # The code's CyclicLR(0, lr) over all iterations; with SGD it also cycles momentum 0.9 → 0.8 → 0.9, and its
@@ -162,9 +166,8 @@ def main(argv=None):
         run.start_epoch()
         model.train()
         total_loss = total_correct = total_n = total_linf = 0
-        done = sum(
-            data.train.batches(e) for e in range(epoch)
-        )  # the run's iterations before this epoch
+        # the run's iterations before this epoch
+        done = sum(data.train.batches(e) for e in range(epoch))
         for i, (x, y, _) in enumerate(data.train.epoch(epoch)):
             # SVHN's warm-up: ε, hence α and k, times min(iteration / ramp, 1), from 0 at the first iteration.
             ramp = min((done + i) / ramp_steps, 1.0) if ramp_steps else 1.0

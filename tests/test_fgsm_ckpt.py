@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 
 import common
 import evaluation
@@ -167,11 +167,44 @@ def test_recipe_is_the_authors_stepwise_run():
     assert (cyclic.lr_schedule, cyclic.epochs, cyclic.lr) == ("cyclic", 30, 0.3)
 
 
-def test_milestones_past_the_run_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        fgsm_ckpt.get_args(["--epochs", "30"])  # the recipe's 60, 120, 160 would never act
-    assert "--milestones 60 120 160" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # the recipe's 60, 120, 160 would never act in 30 epochs: flags.milestones' one wording, suggesting the
+        # recipe's drops (0.3, 0.6 and 0.8 of the run) for this run
+        (
+            ["--epochs", "30"],
+            "the recipe's milestones 60 120 160: 60 is not below --epochs 30, so the lr would",
+        ),
+        (["--epochs", "30"], "e.g. --milestones 9 18 24;"),
+        (["--epochs", "30", "--milestones", "10", "30"], "--milestones 10 30: 30 is not below"),
+    ],
+)
+def test_milestones_past_the_run_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        fgsm_ckpt.get_args(argv)
+    assert err.value.code == 2 and message in " ".join(capsys.readouterr().err.split())
     assert fgsm_ckpt.get_args(["--epochs", "30", "--milestones"]).milestones == []
+    # the cyclic schedule has no drops: the recipe's milestones are not checked
+    assert fgsm_ckpt.get_args(["--epochs", "30", "--lr-schedule", "cyclic"])
+
+
+def test_milestones_on_one_epoch_drop_the_lr_at_once_and_say_so(tmp_path, no_checksum):
+    """--milestones 1 1 in 2 epochs: both drops come after epoch 1 (×0.01), and the log says so in flags.milestones'
+    one line (129 images in batches of 128: one batch per epoch)."""
+    write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
+    out = tmp_path / "run"
+    short = dict(batch_size=128, checkpoints=2, monitor_size=8, eval_samples=8)
+    fgsm_ckpt.main(
+        small_args(str(tmp_path / "d"), str(out), eval_iters=1, eval_cw_iters=0, **short)
+        + ["--milestones", "1", "1"]
+    )
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.01, 0.0001])
+    notes = [line for line in (out / "log.txt").read_text().splitlines() if "at once" in line]
+    assert notes == [
+        "# milestones 1 1: lr drops at once, 2 after epoch 1 (×0.1 each); the run is too short "
+        "to space them"
+    ]
 
 
 def test_end_to_end_cyclic(cifar_dir, tmp_path, no_checksum):

@@ -10,7 +10,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_outputs, check_resume, comparable, copy_of, load_results, small_args
+from conftest import (
+    check_outputs,
+    check_resume,
+    comparable,
+    copy_of,
+    load_results,
+    small_args,
+    write_cifar,
+)
 
 import amata
 import free_at
@@ -167,14 +175,43 @@ def test_the_recipes():
     [
         (["--replays", "2", "--replays-min", "3"], "--replays-min 3 is larger"),
         (["--milestones", "3"], "--lr-schedule step"),
-        (["--dataset", "imagenet", "--epochs", "4"], "the recipe's milestones: 8 is not below"),
-        (["--lr-schedule", "step", "--milestones", "2", "10"], "--milestones: 10 is not below"),
+        # a milestone at or past the last epoch never lowers the lr: the recipe's (8 16) under a shorter --epochs,
+        # or given; flags.milestones' one wording, suggesting the recipe's drops (8 and 16 of 23) for this run
+        (
+            ["--dataset", "imagenet", "--epochs", "4"],
+            "the recipe's milestones 8 16: 8 is not below --epochs 4, so the lr would never drop",
+        ),
+        (["--dataset", "imagenet", "--epochs", "12"], "e.g. --milestones 4 8;"),
+        (
+            ["--lr-schedule", "step", "--milestones", "2", "10"],
+            "--milestones 2 10: 10 is not below --epochs 10",
+        ),
     ],
 )
 def test_flags_refused(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as err:
         free_at.get_args(argv)
-    assert message in capsys.readouterr().err
+    assert err.value.code == 2 and message in " ".join(capsys.readouterr().err.split())
+    # the cyclic schedule has no drops: the ImageNet recipe's milestones are not checked against a short run
+    assert free_at.get_args(["--dataset", "imagenet", "--epochs", "4", "--lr-schedule", "cyclic"])
+
+
+def test_milestones_on_one_epoch_drop_the_lr_at_once_and_say_so(tmp_path, no_checksum):
+    """--lr-schedule step --milestones 1 1 in 2 epochs: both drops come after epoch 1 (×0.01), and the log says so in
+    flags.milestones' one line (129 images in batches of 128: one batch per epoch, one replay)."""
+    write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
+    out = tmp_path / "run"
+    short = dict(batch_size=128, replays=1, monitor_size=8, eval_samples=8, lr_schedule="step")
+    free_at.main(
+        small_args(str(tmp_path / "d"), str(out), eval_iters=1, eval_cw_iters=0, **short)
+        + ["--milestones", "1", "1"]
+    )
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.04, 0.0004])
+    notes = [line for line in (out / "log.txt").read_text().splitlines() if "at once" in line]
+    assert notes == [
+        "# milestones 1 1: lr drops at once, 2 after epoch 1 (×0.1 each); the run is too short "
+        "to space them"
+    ]
 
 
 def test_amata_free_schedule_of_m_and_step():

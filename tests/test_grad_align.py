@@ -13,6 +13,7 @@ from conftest import (
     load_results,
     run_script,
     small_args,
+    write_mnist,
 )
 from torch.func import functional_call, grad, vmap
 
@@ -353,6 +354,35 @@ def test_end_to_end_writes_every_output(cifar_dir, tmp_path):
     res = check_outputs(out, epochs=2)
     assert res["method"] == "grad_align" and res["args"]["ga_lambda"] == 0.2
     assert all(0 < r["cos"] <= 1 and r["loss"] >= r["ce"] for r in res["epochs"])
+
+
+def test_multistep_milestones_on_one_iteration_are_logged(tmp_path, no_checksum):
+    """Jia et al.'s 100/110 and 105/110 of the iterations, planned for a run of 2 iterations (129 MNIST images in
+    batches of 128: the loader drops the lone one), both fall on iteration 2: the lr drops ×0.01 at once, and the log
+    says so in one line, as fgsm_sdi.py's, fgsm_mep.py's and las_at.py's multistep schedules do."""
+    write_mnist(str(tmp_path / "d"), n_train=129, n_test=8)  # MNIST's CNN: the cheapest network
+    out = tmp_path / "run"
+    grad_align.main(
+        small_args(
+            str(tmp_path / "d"),
+            str(out),
+            dataset="mnist",
+            model="mnist-cnn",
+            batch_size=128,
+            lr_schedule="multistep",
+            lr=0.1,
+            monitor_size=8,
+            eval_samples=8,
+            eval_iters=1,
+            eval_cw_iters=0,
+        )
+    )
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx([0.1, 0.001])
+    notes = [line for line in (out / "log.txt").read_text().splitlines() if "at once" in line]
+    assert notes == [
+        "# both lr milestones fall on iteration 2 of 2: the lr drops from 0.1 to 0.001 at once, "
+        "never running at 0.01; a longer run separates them"
+    ]
 
 
 def test_resume_equals_uninterrupted_run(cifar_dir, tmp_path):

@@ -4,9 +4,10 @@ recipes, the lr triangle and the SVHN ramp, and the script end to end (in-proces
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_outputs, check_resume, copy_of, load_results, small_args
+from conftest import check_outputs, check_resume, copy_of, load_results, small_args, write_cifar
 
 import common
+import imagenet
 import n_fgsm
 
 EPS = 8 / 255
@@ -104,6 +105,7 @@ def test_recipes():
             "preact18",
         )
         assert (a.epsilon, a.alpha, a.noise, a.lr_peak, a.ramp_epochs) == (8, 8, 16, 0.5, 0)
+        assert a.lr_schedule == "cyclic"
     # k = 2ε and α = ε follow ε (experiments.sh: --epsilon E --alpha E --unif 2)
     a = n_fgsm.get_args(["--epsilon", "16"])
     assert (a.alpha, a.noise) == (16, 32)
@@ -112,6 +114,30 @@ def test_recipes():
     assert n_fgsm.get_args(["--dataset", "svhn", "--epsilon", "12", "--noise", "36"]).alpha == 12
     imnet = n_fgsm.get_args(["--dataset", "imagenet"])
     assert (imnet.epsilon, imnet.alpha, imnet.noise, imnet.model) == (2, 2, 2, "resnet50")
+    # the lr schedule is the recipes' --lr-schedule: the authors' CyclicLR, Wong et al.'s on ImageNet
+    assert imnet.lr_schedule == "imagenet"
+    for argv in (["--dataset", "svhn"], ["--dataset", "imagenet", "--lr-schedule", "cyclic"]):
+        assert n_fgsm.get_args(argv).lr_schedule == "cyclic"
+
+
+def test_lr_schedule_imagenet_works_on_any_data(tmp_path, no_checksum):
+    """ImageNet's schedule is chosen by --lr-schedule imagenet (its recipe sets it), not by the dataset, as in the
+    other scripts: on CIFAR-10 it gives imagenet.imagenet_lr's lr (129 images in batches of 128: one step per
+    epoch)."""
+    write_cifar(str(tmp_path / "d"), n_train=129, n_test=8)
+    out = str(tmp_path / "run")
+    small = dict(batch_size=128, monitor_size=8, eval_samples=8, eval_cw_iters=0, eval_iters=1)
+    n_fgsm.main(small_args(str(tmp_path / "d"), out, lr_schedule="imagenet", **small))
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = imagenet.imagenet_lr(probe, type("Loader", (), {"batches": lambda self, e: 1})(), 2)
+    lrs = []
+    for _ in range(2):
+        probe.step()
+        sched.step()
+        lrs.append(probe.param_groups[0]["lr"])
+    # the cyclic triangle would end at 0; Wong et al.'s schedule ends at lr/1000
+    assert [r["lr"] for r in load_results(out)["epochs"]] == pytest.approx(lrs)
+    assert lrs[-1] == pytest.approx(0.2 / 1000)
 
 
 @pytest.mark.parametrize(
