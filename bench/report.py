@@ -675,14 +675,12 @@ def other_figures(runs):
     recipe, or one the papers do not state: Jia et al.'s re-runs of the baselines), as a markdown table."""
     shown = {id(f) for r in runs for f in r["info"]["figures"]}
     pairs = {(r["res"]["method"], r["res"]["args"].get("dataset")) for r in runs}
-    rows = [
-        f"| `{f.label()}` | {f.network} | {f.reported} | {f.when() or '–'} | {f.cite()} |"
-        if f.flags is not None
-        else f"| {f.script}.py, recipe not stated | {f.network} | {f.reported} | {f.when() or '–'} | "
-        f"{f.cite()} |"
-        for f in paper_figures.FIGURES
-        if (f.script, f.dataset) in pairs and id(f) not in shown
-    ]
+    rows = []
+    for f in paper_figures.FIGURES:
+        if (f.script, f.dataset) not in pairs or id(f) in shown:
+            continue
+        variant = f"`{f.label()}`" if f.flags is not None else f"{f.script}.py, recipe not stated"
+        rows.append(f"| {variant} | {f.network} | {f.reported} | {f.when() or '–'} | {f.cite()} |")
     head = "| variant | network | reported (%) | training time | source |\n|---|---|---|---|---|"
     return "\n".join([head, *rows]) if rows else ""
 
@@ -692,9 +690,9 @@ def write_report(runs, out_dir, sources):
     table = build_table(runs)
     others = other_figures(runs)
     if others:
+        why = "no run above has their recipe, or the papers do not state it"
         others = (
-            "The papers' other figures for these methods and datasets (no run above has their recipe, "
-            f"or the papers do not state it):\n\n{others}\n\n"
+            f"The papers' other figures for these methods and datasets ({why}):\n\n{others}\n\n"
         )
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(
