@@ -10,8 +10,9 @@ the report: the one runner of bench/.
 
 Runs, cheapest first: plain (`fgsm_rs.py --alpha 0 --delta-init zero`: a zero step from a zero start is
 training on clean images, exactly), fgsm_rs, n_fgsm, latent_at, fgsm_mep, fgsm_ckpt, fgsm_sdi, rmcla, grad_align,
-atlas, free_at, amata, pgd10 (`amata.py --k-min 10 --k-max 10 --tau 20 --random-start`: PGD-10 AT with step
-2/255 on Amata's recipe) and las_at, each into OUT/NAME (default OUT: runs/reproduce-DATASET, or
+atlas, free_at, amata_free (`free_at.py --replays-min 2`: Amata's annealing of Free's replays), amata, pgd10
+(`amata.py --k-min 10 --k-max 10 --tau 20 --random-start`: PGD-10 AT with step 2/255 on Amata's recipe) and
+las_at, each into OUT/NAME (default OUT: runs/reproduce-DATASET, or
 runs/reproduce-DATASET-quick with --quick or --epochs, so that a quick set is never taken for the full one).
 Each run's output goes to OUT/NAME/stdout.txt, and to the terminal when one run goes at a time. At the end,
 bench/report.py writes OUT/report.md and OUT/report.png.
@@ -76,6 +77,7 @@ PLAN = (
     ("grad_align", "grad_align", ()),
     ("atlas", "atlas", ()),
     ("free_at", "free_at", ()),
+    ("amata_free", *paper_figures.VARIANTS["amata_free"][:2]),
     ("amata", "amata", ()),
     ("pgd10", *paper_figures.VARIANTS["pgd10"][:2]),
     ("las_at", "las_at", ()),
