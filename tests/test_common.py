@@ -664,7 +664,7 @@ def test_recipe_defaults_help_and_mnist_recipe(capsys):
     with pytest.raises(SystemExit):
         fgsm_rs.get_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default 15; mnist recipe 10)" in text and "recipe default" not in text
+    assert "(default 15; mnist recipe 10; imagenet recipe 15)" in text and "recipe default" not in text
 
 
 @pytest.mark.parametrize(
@@ -813,6 +813,7 @@ def _tiny_data(x=None, y=None):
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         train_images=len(y),
+        val_size=0,
         eval_batch=4,
     )
 
@@ -835,6 +836,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     )
     log = (tmp_path / "log.txt").read_text()
     assert "training loss is nan" in log and "new run with a lower --lr" in log
+    assert "the checkpoint of epoch 1 is intact" in log  # the one there is
 
 
 def test_non_finite_loss_by_subprocess(cifar_dir, tmp_path):
@@ -842,6 +844,8 @@ def test_non_finite_loss_by_subprocess(cifar_dir, tmp_path):
     proc = run_script("fgsm_rs.py", small_args(cifar_dir, out, epochs=2, lr=1e30), expect=3)
     assert "training loss is" in proc.stdout and "Traceback" not in proc.stderr
     assert not os.path.exists(os.path.join(out, "results.json"))
+    # the loss is not finite in epoch 1: no checkpoint exists, and the line says so (not "epoch 0's")
+    assert "no checkpoint was written" in proc.stdout and "epoch 0" not in proc.stdout
 
 
 def test_checkpoints_are_flushed_to_the_disk_before_they_replace_the_last_one(

@@ -116,7 +116,7 @@ def test_flags_that_do_not_fit_are_refused_at_parse_time(capsys):
         (["--iters-set", "0"], "--iters-set"),
         (["--reward", "bogus"], "--reward"),
         (["--dataset", "mnist", "--strategy-grid", "2"], "--strategy-grid"),
-        (["--eps-set", "0.05", "0.1"], "write 12.75"),
+        (["--eps-set", "0.05", "0.1"], "write --eps-set 12.75"),
         (["--eps-set", "3", "4", "3"], "each value once"),
         (["--strategy-momentum", "1"], "below 1"),
     ):
