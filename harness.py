@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -86,17 +87,6 @@ def shard(xy):
     return xy[0][mine], xy[1][mine]
 
 
-class _Early(logging.Handler):
-    """The lines logged before the run's log.txt is open (the data's counts): written into it then."""
-
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
 class _Print(logging.Handler):
     """common.log's lines on stdout (the one sys.stdout is now), flushed."""
 
@@ -125,10 +115,10 @@ def setup(args, training=True):
             dist.init_process_group("gloo")
     if not rank() and not any(isinstance(h, _Print) for h in logger.handlers):
         logger.addHandler(_Print())
-    for handler in [h for h in logger.handlers if isinstance(h, _Early)]:
+    for handler in [h for h in logger.handlers if isinstance(h, logging.handlers.BufferingHandler)]:
         logger.removeHandler(handler)
-    if not rank():
-        logger.addHandler(_Early())
+    if not rank():  # the lines logged before the run's log.txt is open (the data's counts), kept
+        logger.addHandler(logging.handlers.BufferingHandler(capacity=10**6))
     flags.check_processes(args, training)
     if training and not rank() and os.path.isdir(args.out_dir):
         # refused now, not after loading the data: a folder held by another run, or one that holds a
@@ -242,9 +232,10 @@ class Run:
         self.lock = None
         self.log_file = None
         self.early = []  # the lines logged before log.txt was open
-        for handler in [h for h in common.logger.handlers if isinstance(h, _Early)]:
-            common.logger.removeHandler(handler)
-            self.early = handler.lines
+        for handler in list(common.logger.handlers):
+            if isinstance(handler, logging.handlers.BufferingHandler):
+                common.logger.removeHandler(handler)
+                self.early = [handler.format(record) for record in handler.buffer]
         if not rank():  # the first process writes every file of the run
             self._open_folder()
         Run.current = self
@@ -687,6 +678,8 @@ def main_guard(main):
         sys.exit(1)
     finally:
         _end_previous_run()
+        if dist.is_initialized():  # else gloo's threads can abort the process at its exit (SIGABRT)
+            dist.destroy_process_group()
 
 
 def _where_it_stands(run):

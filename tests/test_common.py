@@ -664,7 +664,8 @@ def test_recipe_defaults_help_and_mnist_recipe(capsys):
     with pytest.raises(SystemExit):
         fgsm_rs.get_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default 15; mnist recipe 10; imagenet recipe 15)" in text and "recipe default" not in text
+    assert "(default 15; mnist recipe 10; imagenet recipe 15)" in text
+    assert "recipe default" not in text
 
 
 @pytest.mark.parametrize(

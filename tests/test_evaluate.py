@@ -215,6 +215,8 @@ def counted(model, x, y, *a, **k):  # the images each process attacks
 evaluation.pgd_correct = counted
 sys.argv = ["evaluate.py", *sys.argv[1:]]
 runpy.run_path(os.path.join({root!r}, "evaluate.py"), run_name="__main__")
+import torch.distributed as dist
+assert not dist.is_initialized()  # gloo's threads would abort the process at exit
 """
 
 
