@@ -19,6 +19,7 @@ A method script's main() (fgsm_rs.py is the shortest example; `common.` marks th
     run.finish(model)                              # the weights, then the evaluation of last and best
 """
 
+import atexit
 import contextlib
 import errno
 import json
@@ -87,6 +88,13 @@ def shard(xy):
     return xy[0][mine], xy[1][mine]
 
 
+def _end_process_group():
+    """At the process's exit (one group for all its runs): gloo's threads outlive a group left standing
+    and can abort the ending process (SIGABRT, "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _Print(logging.Handler):
     """common.log's lines on stdout (the one sys.stdout is now), flushed."""
 
@@ -113,6 +121,7 @@ def setup(args, training=True):
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
+        atexit.register(_end_process_group)
     if not rank() and not any(isinstance(h, _Print) for h in logger.handlers):
         logger.addHandler(_Print())
     for handler in [h for h in logger.handlers if isinstance(h, logging.handlers.BufferingHandler)]:
@@ -678,8 +687,6 @@ def main_guard(main):
         sys.exit(1)
     finally:
         _end_previous_run()
-        if dist.is_initialized():  # else gloo's threads can abort the process at its exit (SIGABRT)
-            dist.destroy_process_group()
 
 
 def _where_it_stands(run):

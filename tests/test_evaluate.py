@@ -214,9 +214,13 @@ def counted(model, x, y, *a, **k):  # the images each process attacks
     return real(model, x, y, *a, **k)
 evaluation.pgd_correct = counted
 sys.argv = ["evaluate.py", *sys.argv[1:]]
-runpy.run_path(os.path.join({root!r}, "evaluate.py"), run_name="__main__")
 import torch.distributed as dist
-assert not dist.is_initialized()  # gloo's threads would abort the process at exit
+real_end = dist.destroy_process_group
+def end(*a, **k):  # the group must end before the process does: gloo's threads abort it otherwise
+    open(os.path.join({out!r}, f"ended{{dist.get_rank()}}"), "w").close()
+    real_end(*a, **k)
+dist.destroy_process_group = end
+runpy.run_path(os.path.join({root!r}, "evaluate.py"), run_name="__main__")
 """
 
 
@@ -233,6 +237,7 @@ def test_two_processes_attack_their_shares_and_give_one_processs_numbers(run, tm
     attacked = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert attacked == [["24"] * 3, ["16"] * 3]  # clean, PGD, CW: each its share
     assert proc.stdout.count("worst_case") == 1  # one process prints
+    assert (tmp_path / "ended0").exists() and (tmp_path / "ended1").exists()
 
 
 def torchrun_script(script, args):
