@@ -275,12 +275,8 @@ def main(argv=None):
         # scales the milestones with it. Rounded: MultiStepLR only fires on a milestone equal to the step
         # count, so the code's float milestones fire only when they happen to be whole numbers.
         milestones = [round(steps * 100 / 110), round(steps * 105 / 110)]
-        if milestones[0] == milestones[1]:
-            common.log(
-                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
-                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
-                f"{args.lr * 0.1:g}; a longer run separates them"
-            )
+        if note := flags.collapsed_milestones(milestones, steps, args.lr):
+            common.log(note)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # The code's CyclicLR; with SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (its default).

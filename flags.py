@@ -453,6 +453,19 @@ def milestones(args, parser=None, argv=None, fractions=()):
     )
 
 
+def collapsed_milestones(milestones, steps, lr):
+    """The line a run logs when the two milestones of a per-iteration MultiStepLR (×0.1 at each, `steps`
+    iterations in all) fall on one iteration, as in a short run: the lr then skips its middle value.
+    Else None."""
+    if milestones[0] != milestones[1]:
+        return None
+    return (
+        f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
+        f"from {lr:g} to {lr * 0.01:g} at once, never running at {lr * 0.1:g}; a longer run "
+        f"separates them"
+    )
+
+
 def true_probability(text):
     """argparse type for --true-prob: a probability of the true class, 0 < F ≤ 1 (whether it is above
     1/C, C classes, is checked once the data is known: smoothing_of)."""

@@ -272,12 +272,8 @@ def main(argv=None):
         # Jia et al.'s 110-epoch schedule (their FGSM_SDI.py, as fgsm_sdi.py): ×0.1 after 100/110 and 105/110 of the
         # iterations, stepped per iteration; a shorter --epochs scales the milestones with it.
         milestones = [round(steps * 100 / 110), round(steps * 105 / 110)]
-        if milestones[0] == milestones[1]:
-            common.log(
-                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
-                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
-                f"{args.lr * 0.1:g}; a longer run separates them"
-            )
+        if note := flags.collapsed_milestones(milestones, steps, args.lr):
+            common.log(note)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         sched = cyclic_lr(opt, data.train, args.epochs)

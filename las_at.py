@@ -682,12 +682,8 @@ def main(argv=None):
     elif args.lr_schedule == "multistep":
         # Stepped per iteration at int(99/110) and int(104/110) of all iterations, as the code does; a
         # shorter --epochs scales the milestones with it.
-        if milestones[0] == milestones[1]:
-            common.log(
-                f"# both lr milestones fall on iteration {milestones[0]} of {steps}: the lr drops "
-                f"from {args.lr:g} to {args.lr * 0.01:g} at once, never running at "
-                f"{args.lr * 0.1:g}; a longer run separates them"
-            )
+        if note := flags.collapsed_milestones(milestones, steps, args.lr):
+            common.log(note)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     else:
         # With SGD it also cycles momentum 0.9 → 0.8 → 0.9 against the lr (PyTorch's default, Wong's code).
